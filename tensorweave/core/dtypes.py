@@ -1,0 +1,96 @@
+"""The dtypes tensorweave moves between devices: float32, float16, bfloat16 (ml_dtypes), float64, int32.
+
+Everything is a numpy dtype underneath so host code, backends and communicators agree on one vocabulary.
+Reduced-precision floats accumulate in float32 and are rounded once at the end (never bf16 + bf16 chains).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+
+from ..errors import UnsupportedError
+
+float32 = np.dtype(np.float32)
+float16 = np.dtype(np.float16)
+bfloat16 = np.dtype(ml_dtypes.bfloat16)
+float64 = np.dtype(np.float64)
+int32 = np.dtype(np.int32)
+
+# Canonical name -> dtype, and every alias a user may type.
+DTYPES: dict[str, np.dtype[Any]] = {
+    "float32": float32,
+    "float16": float16,
+    "bfloat16": bfloat16,
+    "float64": float64,
+    "int32": int32,
+}
+_ALIASES = {
+    "f32": "float32",
+    "fp32": "float32",
+    "f16": "float16",
+    "fp16": "float16",
+    "half": "float16",
+    "bf16": "bfloat16",
+    "f64": "float64",
+    "fp64": "float64",
+    "double": "float64",
+    "i32": "int32",
+}
+_SHORT = {"float32": "f32", "float16": "f16", "bfloat16": "bf16", "float64": "f64", "int32": "i32"}
+
+# Default comparison tolerances (rtol, atol), as PyTorch's testing defaults.
+TOLERANCES: dict[str, tuple[float, float]] = {
+    "float64": (1e-7, 1e-7),
+    "float32": (1.3e-6, 1e-5),
+    "float16": (1e-3, 1e-5),
+    "bfloat16": (1.6e-2, 1e-5),
+    "int32": (0.0, 0.0),
+}
+
+
+def to_dtype(x: Any) -> np.dtype[Any]:
+    """Resolve a name ("bf16", "float32"), a numpy dtype or scalar type into one of DTYPES.
+
+    Raises UnsupportedError naming the dtype when it is not one tensorweave handles.
+    """
+    if isinstance(x, str):
+        name = _ALIASES.get(x.lower(), x.lower())
+        if name in DTYPES:
+            return DTYPES[name]
+        raise UnsupportedError(f"unsupported dtype {x!r}; known: {', '.join(DTYPES)}")
+    try:
+        dt: np.dtype[Any] = np.dtype(x)
+    except TypeError:
+        raise UnsupportedError(f"unsupported dtype {x!r}; known: {', '.join(DTYPES)}") from None
+    if dt not in DTYPES.values():
+        raise UnsupportedError(f"unsupported dtype {dt.name}; known: {', '.join(DTYPES)}")
+    return dt
+
+
+def name(x: Any) -> str:
+    """Canonical name of a dtype: name(ml_dtypes.bfloat16) == "bfloat16"."""
+    dt = to_dtype(x)
+    return next(k for k, v in DTYPES.items() if v == dt)
+
+
+def short_name(x: Any) -> str:
+    """Short name used in test ids and tables: "bf16", "f32"."""
+    return _SHORT[name(x)]
+
+
+def accumulator(x: Any) -> np.dtype[Any]:
+    """The dtype reductions over x accumulate in: float32 for 16-bit floats, else x itself."""
+    dt = to_dtype(x)
+    return float32 if dt in (float16, bfloat16) else dt
+
+
+def finfo(x: Any) -> Any:
+    """Machine limits (eps, tiny, max) of a float dtype; unlike np.finfo it knows bfloat16."""
+    return ml_dtypes.finfo(to_dtype(x))  # type: ignore[no-untyped-call]
+
+
+def is_float(x: Any) -> bool:
+    return to_dtype(x) != int32
