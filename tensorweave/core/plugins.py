@@ -1,0 +1,188 @@
+"""The plugin manager: loads the ``tensorweave`` entry points, collects what they register, lists them.
+
+Rules (documented for users in plugins.md):
+- every entry point of group ``tensorweave`` is a plugin; the built-ins (this package's own entry points) always load;
+- ``TENSORWEAVE_PLUGINS``, when set, is a comma list of the third-party plugins to load (empty: built-ins only);
+  the others are *blocked* and listed as such;
+- a plugin that fails to import, implements an unknown hook, or registers something invalid produces a
+  warning naming it and is dropped; the others keep working.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata as md
+import os
+import threading
+import warnings
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import pluggy
+
+from ..errors import PluginError
+from . import hookspecs
+
+if TYPE_CHECKING:
+    from .communicator import Communicator
+    from .device import Backend
+
+ENV_SELECT = "TENSORWEAVE_PLUGINS"
+
+
+@dataclass
+class PluginInfo:
+    """One discovered entry point and what became of it."""
+
+    name: str
+    module: str
+    distribution: str
+    version: str
+    builtin: bool
+    status: str = "loaded"  # loaded | blocked | failed
+    error: str = ""
+    hooks: list[str] = field(default_factory=list)
+    backends: list[str] = field(default_factory=list)
+    communicators: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+class Registry:
+    """Backends and communicators contributed by the loaded plugins."""
+
+    def __init__(self) -> None:
+        self.pm = pluggy.PluginManager(hookspecs.PROJECT)
+        self.pm.add_hookspecs(hookspecs)
+        self.plugins: list[PluginInfo] = []
+        self.backends: dict[str, Backend] = {}
+        self.communicators: dict[str, type[Communicator]] = {}
+
+    def load_entry_points(self, group: str = hookspecs.PROJECT) -> None:
+        selected = _selected_plugins()
+        eps = sorted(md.entry_points(group=group), key=lambda ep: (not _is_builtin(ep), ep.name))
+        if not any(_is_builtin(ep) for ep in eps):
+            raise PluginError(
+                "tensorweave's own entry points were not found: the package is not installed "
+                "(run `pip install -e .` in the source tree)"
+            )
+        for ep in eps:
+            dist = ep.dist
+            info = PluginInfo(
+                name=ep.name,
+                module=ep.value,
+                distribution=dist.name if dist else "?",
+                version=dist.version if dist else "?",
+                builtin=_is_builtin(ep),
+            )
+            self.plugins.append(info)
+            if not info.builtin and selected is not None and ep.name not in selected:
+                info.status = "blocked"
+                self.pm.set_blocked(ep.name)
+                continue
+            try:
+                self._register(info, ep.load())
+            except Exception as e:  # a broken plugin must not take the others down
+                info.status, info.error = "failed", f"{type(e).__name__}: {e}"
+                warnings.warn(
+                    f"tensorweave plugin {ep.name!r} ({info.module}) failed to load: {info.error}",
+                    stacklevel=2,
+                )
+        if selected:
+            for missing in sorted(selected - {p.name for p in self.plugins}):
+                warnings.warn(f"{ENV_SELECT} names plugin {missing!r}, which is not installed", stacklevel=2)
+
+    def _register(self, info: PluginInfo, module: object) -> None:
+        self.pm.register(module, name=info.name)
+        try:
+            self.pm.check_pending()
+            info.hooks = sorted(c.name for c in self.pm.get_hookcallers(module) or [])
+            # Call this plugin's own implementations (not the whole hook) so that everything registered is
+            # attributed to the plugin that registered it, and one plugin's failure is contained to it.
+            for impl in self.pm.hook.tensorweave_register_backends.get_hookimpls():
+                if impl.plugin is module:
+                    impl.function(register=lambda b: self._add_backend(info, b))
+            for impl in self.pm.hook.tensorweave_register_communicators.get_hookimpls():
+                if impl.plugin is module:
+                    impl.function(register=lambda c: self._add_communicator(info, c))
+        except BaseException:
+            self.pm.unregister(module)
+            for n in info.backends:
+                self.backends.pop(n, None)
+            for n in info.communicators:
+                self.communicators.pop(n, None)
+            info.backends, info.communicators = [], []
+            raise
+
+    def _add_backend(self, info: PluginInfo, backend: Backend) -> None:
+        from .device import Backend
+
+        if not isinstance(backend, Backend):
+            raise PluginError(f"register() expects a Backend instance, got {backend!r}")
+        _claim(self.backends, backend.name, backend, info, "backend")
+        info.backends.append(backend.name)
+
+    def _add_communicator(self, info: PluginInfo, cls: type[Communicator]) -> None:
+        from .communicator import Communicator
+
+        if not (isinstance(cls, type) and issubclass(cls, Communicator)):
+            raise PluginError(f"register() expects a Communicator subclass, got {cls!r}")
+        _claim(self.communicators, cls.name, cls, info, "communicator")
+        info.communicators.append(cls.name)
+
+    def backend(self, name: str) -> Backend:
+        try:
+            return self.backends[name]
+        except KeyError:
+            raise PluginError(
+                f"unknown backend {name!r}; registered: {', '.join(sorted(self.backends)) or 'none'}"
+            ) from None
+
+    def communicator(self, name: str) -> type[Communicator]:
+        try:
+            return self.communicators[name]
+        except KeyError:
+            raise PluginError(
+                f"unknown communicator {name!r}; registered: {', '.join(sorted(self.communicators)) or 'none'}"
+            ) from None
+
+
+def _claim(table: dict[str, Any], name: str, value: Any, info: PluginInfo, kind: str) -> None:
+    if not isinstance(name, str) or not name:
+        raise PluginError(f"plugin {info.name!r} registered a {kind} without a name")
+    if name in table:
+        raise PluginError(f"plugin {info.name!r} registered {kind} {name!r}, which another plugin already provides")
+    table[name] = value
+
+
+def _is_builtin(ep: md.EntryPoint) -> bool:
+    return ep.dist is not None and ep.dist.name.lower() == hookspecs.PROJECT
+
+
+def _selected_plugins() -> set[str] | None:
+    raw = os.environ.get(ENV_SELECT)
+    if raw is None:
+        return None
+    return {p.strip() for p in raw.split(",") if p.strip()}
+
+
+_registry: Registry | None = None
+_lock = threading.Lock()
+
+
+def registry() -> Registry:
+    """The process-wide registry, loaded on first use."""
+    global _registry
+    with _lock:
+        if _registry is None:
+            reg = Registry()
+            reg.load_entry_points()
+            _registry = reg
+        return _registry
+
+
+def reset() -> None:
+    """Forget the loaded plugins so the next registry() call rediscovers them (tests, notebooks)."""
+    global _registry
+    with _lock:
+        _registry = None
