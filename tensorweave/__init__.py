@@ -1,0 +1,27 @@
+"""tensorweave: run transformer models split across devices of any vendor (tensor parallelism).
+
+Public API::
+
+    import tensorweave as tw
+    devs = tw.devices("cpu-sim:4,mem=512MiB,peer=ring")
+    comm = tw.communicator(devs)            # the backend's default, or name="peer" / "local" / ...
+    comm.allreduce(buffers)                 # one buffer per local rank
+
+Plugin authors: ``tw.hookimpl`` marks hook implementations (see plugins.md); errors live in ``tw.errors``.
+"""
+
+from __future__ import annotations
+
+from importlib.metadata import PackageNotFoundError, version
+
+from . import errors
+from .core.communicator import open_communicator as communicator
+from .core.device import open_devices as devices
+from .core.hookspecs import hookimpl
+
+try:
+    __version__ = version("tensorweave")
+except PackageNotFoundError:  # running from a source tree that was never installed
+    __version__ = "0+unknown"
+
+__all__ = ["__version__", "communicator", "devices", "errors", "hookimpl"]
