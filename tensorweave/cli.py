@@ -1,0 +1,214 @@
+"""The ``tensorweave`` command. stdout carries only what was asked for (tables or --json); warnings and
+progress go to stderr. User errors print one line and exit 2; ``--debug`` shows the traceback instead."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from . import errors
+from .core import dtypes
+from .core.communicator import open_communicator
+from .core.device import Device, open_devices
+from .core.plugins import registry
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """Plain left-aligned text table."""
+    cells = [[str(h) for h in headers]] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _emit(args: argparse.Namespace, data: Any, text: str) -> None:
+    print(json.dumps(data, indent=2) if args.json else text)
+
+
+def cmd_plugins(args: argparse.Namespace) -> int:
+    reg = registry()
+    rows = [p.as_dict() for p in reg.plugins]
+    _emit(
+        args,
+        {"plugins": rows, "backends": sorted(reg.backends), "communicators": sorted(reg.communicators)},
+        table(
+            ["plugin", "distribution", "version", "status", "hooks", "registered"],
+            [
+                [
+                    p.name,
+                    p.distribution,
+                    p.version,
+                    p.status + (f" ({p.error})" if p.error else ""),
+                    ", ".join(h.removeprefix("tensorweave_") for h in p.hooks) or "-",
+                    ", ".join([f"backend {b}" for b in p.backends] + [f"communicator {c}" for c in p.communicators])
+                    or "-",
+                ]
+                for p in reg.plugins
+            ],
+        ),
+    )
+    return 0
+
+
+def _device_rows(devs: Sequence[Device]) -> list[dict[str, Any]]:
+    return [
+        {
+            "name": d.name,
+            "backend": d.backend.name,
+            "total_bytes": m.total,
+            "used_bytes": m.used,
+            "peers": [o.name for o in devs if o is not d and d.peer_access(o)],
+        }
+        for d, m in ((d, d.memory_info()) for d in devs)
+    ]
+
+
+def _devices_table(rows: list[dict[str, Any]]) -> str:
+    return table(
+        ["device", "memory", "peers"],
+        [[r["name"], errors.format_bytes(r["total_bytes"]), ", ".join(r["peers"]) or "-"] for r in rows],
+    )
+
+
+def cmd_devices(args: argparse.Namespace) -> int:
+    reg = registry()
+    if not args.spec:
+        backends: list[dict[str, Any]] = [
+            {
+                "name": b.name,
+                "available": b.available(),
+                "default_communicator": b.default_communicator,
+                "dtypes": sorted(b.capabilities.dtypes),
+                "description": b.description,
+            }
+            for b in reg.backends.values()
+        ]
+        _emit(
+            args,
+            {"backends": backends},
+            table(
+                ["backend", "available", "communicator", "dtypes", "description"],
+                [
+                    [
+                        b["name"],
+                        "yes" if b["available"] else "no",
+                        b["default_communicator"],
+                        ",".join(b["dtypes"]),
+                        b["description"],
+                    ]
+                    for b in backends
+                ],
+            ),
+        )
+        return 0
+    rows = _device_rows(open_devices(args.spec))
+    _emit(args, {"devices": rows}, _devices_table(rows))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Simulated devices, the plugins, and an allreduce round trip per communicator and dtype, checked."""
+    devs = open_devices(args.devices)
+    print(f"tensorweave demo on {len(devs)} simulated devices ({args.devices})\n")
+    print(_devices_table(_device_rows(devs)))
+    reg = registry()
+    print(
+        f"\nplugins: {', '.join(p.name for p in reg.plugins if p.status == 'loaded')}"
+        f"; communicators: {', '.join(sorted(reg.communicators))}\n"
+    )
+    rng = np.random.default_rng(0)
+    n = args.elements
+    rows, ok = [], True
+    for name, cls in sorted(reg.communicators.items()):
+        if not cls.capabilities.in_process:
+            continue
+        with open_communicator(devs, name) as comm:
+            for dt in ("float32", "float16", "bfloat16"):
+                host = [rng.standard_normal(n).astype(dtypes.to_dtype(dt)) for _ in devs]
+                exact = np.sum([h.astype(np.float64) for h in host], axis=0)
+                bufs = [d.from_host(h) for d, h in zip(devs, host, strict=True)]
+                times = []
+                for _ in range(args.repeat):
+                    for d, h, b in zip(devs, host, bufs, strict=True):
+                        d.from_host(h, out=b)
+                    t0 = time.perf_counter()
+                    comm.allreduce(bufs)
+                    times.append(time.perf_counter() - t0)
+                outs = [d.to_host(b).astype(np.float64) for d, b in zip(devs, bufs, strict=True)]
+                err = max(float(np.max(np.abs(o - exact))) for o in outs)
+                rtol, _ = dtypes.TOLERANCES[dt]
+                good = err <= 4 * rtol * float(np.max(np.abs(exact))) and all((o == outs[0]).all() for o in outs)
+                ok &= good
+                ms = float(np.median(times)) * 1e3
+                rows.append(
+                    [
+                        name,
+                        dt,
+                        f"{ms:.2f}",
+                        f"{n * dtypes.to_dtype(dt).itemsize / ms / 1e6:.2f}",
+                        f"{err:.2e}",
+                        "ok" if good else "MISMATCH",
+                    ]
+                )
+    print(f"allreduce(sum) of {n} elements per device, median of {args.repeat} runs, vs a float64 reference:")
+    print(table(["communicator", "dtype", "ms", "GB/s per rank", "max abs err", "check"], rows))
+    stats = [d.stats for d in devs]
+    print(
+        f"\ncopies: {sum(s.peer_copies for s in stats)} direct peer, "
+        f"{sum(s.staged_copies for s in stats)} staged through host (no peer access on that pair)"
+    )
+    return 0 if ok else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tensorweave", description=__doc__)
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("demo", help="run the embedded default on simulated devices")
+    p.add_argument("--devices", default="cpu-sim:4,peer=ring", help="device spec (default: %(default)s)")
+    p.add_argument("--elements", type=int, default=1 << 20, help="elements per buffer (default: %(default)s)")
+    p.add_argument("--repeat", type=int, default=5, help="timed runs per case (default: %(default)s)")
+    p.set_defaults(func=cmd_demo)
+    p = sub.add_parser("devices", help="list backends, or the devices a spec names")
+    p.add_argument("spec", nargs="?", help="device spec, e.g. cpu-sim:4,mem=256MiB,peer=ring")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_devices)
+    p = sub.add_parser("plugins", help="list plugins, their hooks and what they registered")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_plugins)
+    return parser
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except errors.TensorweaveError as e:
+        if args.debug:
+            raise
+        print(f"tensorweave: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:  # `tensorweave plugins | head`: the reader left; not an error worth a traceback
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - stays open so the interpreter's final flush is quiet
+        return 141
+
+
+if __name__ == "__main__":
+    sys.exit(main())
