@@ -10,7 +10,7 @@ settings.register_profile(
     "ci",
     derandomize=True,
     deadline=None,
-    max_examples=40,
+    max_examples=150,
     print_blob=True,
     suppress_health_check=[HealthCheck.too_slow],
 )
