@@ -84,6 +84,8 @@ class SimDevice(Device):
         self._peak = 0
         self._worker = ThreadPoolExecutor(1, thread_name_prefix=self.name.replace(":", "-"))
         self._worker_thread: int | None = None
+        self._pending = 0  # submitted, not finished; lets synchronize() return at once on an idle device
+        self._idle = threading.Condition()
 
     # --- memory ----------------------------------------------------------------------------------------------------
 
@@ -134,11 +136,15 @@ class SimDevice(Device):
         dtypes.to_dtype(host.dtype)
         self.synchronize()
         self.stats.from_host_bytes += host.nbytes
+        return self._store(host, out, "from_host")
+
+    def _store(self, data: np.ndarray, out: SimArray | None, where: str) -> SimArray:
+        """Copy ``data`` into a new array of this device, or into ``out`` (same shape and dtype)."""
         if out is None:
-            self._reserve(host.nbytes)
-            return self._adopt(host.copy())
-        self._check_out(out, host.shape, host.dtype, "from_host")
-        np.copyto(out._data, host)
+            self._reserve(data.nbytes)
+            return self._adopt(data.copy())
+        self._check_out(out, data.shape, data.dtype, where)
+        np.copyto(out._data, data)
         return out
 
     def to_host(self, array: SimArray) -> np.ndarray:
@@ -203,12 +209,7 @@ class SimDevice(Device):
             self.stats.peer_bytes += data.nbytes * direct
             self.stats.staged_copies += not direct
             self.stats.staged_bytes += data.nbytes * (not direct)
-        if out is None:
-            self._reserve(data.nbytes)
-            return self._adopt(data.copy())
-        self._check_out(out, data.shape, data.dtype, "copy_from")
-        np.copyto(out._data, data)
-        return out
+        return self._store(data, out, "copy_from")
 
     # --- execution -------------------------------------------------------------------------------------------------
 
@@ -218,7 +219,13 @@ class SimDevice(Device):
 
         def run() -> Any:
             self._worker_thread = threading.get_ident()
-            return self._wrap(fn(*nargs, **nkwargs))
+            try:
+                return self._wrap(fn(*nargs, **nkwargs))
+            finally:
+                with self._idle:
+                    self._pending -= 1
+                    if not self._pending:
+                        self._idle.notify_all()
 
         if self._on_worker():  # nested submit from this device's own work: run now, or it would wait on itself
             fut: Future[Any] = Future()
@@ -227,6 +234,8 @@ class SimDevice(Device):
             except BaseException as e:
                 fut.set_exception(e)
             return fut
+        with self._idle:
+            self._pending += 1
         return self._worker.submit(run)
 
     def _unwrap(self, value: Any) -> Any:
@@ -248,7 +257,8 @@ class SimDevice(Device):
 
     def synchronize(self) -> None:
         if not self._on_worker():
-            self._worker.submit(lambda: None).result()
+            with self._idle:
+                self._idle.wait_for(lambda: not self._pending)
 
 
 class CpuSimBackend(Backend):

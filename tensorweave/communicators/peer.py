@@ -35,13 +35,7 @@ def _wait(futures: Sequence[Future[Any]]) -> list[Any]:
 
 class PeerCommunicator(Communicator):
     name = "peer"
-    capabilities = CommunicatorCapabilities(
-        ops=frozenset(REDUCE_OPS),
-        dtypes=frozenset(dtypes.DTYPES),
-        in_process=True,
-        multi_process=False,
-        deterministic=True,
-    )
+    capabilities = CommunicatorCapabilities(in_process=True, multi_process=False, deterministic=True)
 
     def __init__(self, devices: Sequence[Device], peer_access: str = "auto", **options: Any) -> None:
         super().__init__(devices, **options)
@@ -76,7 +70,10 @@ class PeerCommunicator(Communicator):
         fn = getattr(self.devices[rank].xp, REDUCE_OPS[op])
 
         def combine(acc: Any, other: Any) -> None:
-            acc[...] = fn(acc, other)
+            if hasattr(fn, "nin"):  # a numpy/cupy ufunc: reduce in place, no temporary
+                fn(acc, other, out=acc)
+            else:  # plain array-API namespaces have no out=
+                acc[...] = fn(acc, other)
 
         return combine
 
