@@ -28,13 +28,7 @@ def reduce_in_order(parts: list[np.ndarray], op: str) -> np.ndarray:
 
 class LocalCommunicator(Communicator):
     name = "local"
-    capabilities = CommunicatorCapabilities(
-        ops=frozenset(REDUCE_OPS),
-        dtypes=frozenset(dtypes.DTYPES),
-        in_process=True,
-        multi_process=False,
-        deterministic=True,
-    )
+    capabilities = CommunicatorCapabilities(in_process=True, multi_process=False, deterministic=True)
 
     def _gather_host(self, buffers: list[DeviceArray]) -> list[np.ndarray]:
         return [d.to_host(b) for d, b in zip(self.devices, buffers, strict=True)]

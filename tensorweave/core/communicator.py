@@ -29,11 +29,11 @@ REDUCE_OPS: dict[str, str] = {"sum": "add", "max": "maximum", "min": "minimum"}
 class CommunicatorCapabilities:
     """What a communicator can do, as data (listed by ``tensorweave plugins``, checked before every call)."""
 
-    ops: frozenset[str]
-    dtypes: frozenset[str]  # canonical names, see core.dtypes
     in_process: bool  # one process drives every rank (all buffers passed at once)
     multi_process: bool  # ranks live in separate processes or hosts
     deterministic: bool  # bitwise-identical results run to run
+    ops: frozenset[str] = frozenset(REDUCE_OPS)
+    dtypes: frozenset[str] = frozenset(dtypes.DTYPES)  # canonical names, see core.dtypes
     backends: frozenset[str] | None = None  # device backends it accepts; None: any
 
 
