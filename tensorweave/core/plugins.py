@@ -10,21 +10,21 @@ Rules (documented for users in plugins.md):
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata as md
 import os
 import threading
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pluggy
 
 from ..errors import PluginError
 from . import hookspecs
-
-if TYPE_CHECKING:
-    from .communicator import Communicator
-    from .device import Backend
+from .communicator import Communicator
+from .device import Backend
 
 ENV_SELECT = "TENSORWEAVE_PLUGINS"
 
@@ -99,12 +99,14 @@ class Registry:
             info.hooks = sorted(c.name for c in self.pm.get_hookcallers(module) or [])
             # Call this plugin's own implementations (not the whole hook) so that everything registered is
             # attributed to the plugin that registered it, and one plugin's failure is contained to it.
-            for impl in self.pm.hook.tensorweave_register_backends.get_hookimpls():
-                if impl.plugin is module:
-                    impl.function(register=lambda b: self._add_backend(info, b))
-            for impl in self.pm.hook.tensorweave_register_communicators.get_hookimpls():
-                if impl.plugin is module:
-                    impl.function(register=lambda c: self._add_communicator(info, c))
+            adders: dict[str, Callable[[PluginInfo, Any], None]] = {
+                "tensorweave_register_backends": self._add_backend,
+                "tensorweave_register_communicators": self._add_communicator,
+            }
+            for hook, add in adders.items():
+                for impl in getattr(self.pm.hook, hook).get_hookimpls():
+                    if impl.plugin is module:
+                        impl.function(register=functools.partial(add, info))
         except BaseException:
             self.pm.unregister(module)
             for n in info.backends:
@@ -115,16 +117,12 @@ class Registry:
             raise
 
     def _add_backend(self, info: PluginInfo, backend: Backend) -> None:
-        from .device import Backend
-
         if not isinstance(backend, Backend):
             raise PluginError(f"register() expects a Backend instance, got {backend!r}")
         _claim(self.backends, backend.name, backend, info, "backend")
         info.backends.append(backend.name)
 
     def _add_communicator(self, info: PluginInfo, cls: type[Communicator]) -> None:
-        from .communicator import Communicator
-
         if not (isinstance(cls, type) and issubclass(cls, Communicator)):
             raise PluginError(f"register() expects a Communicator subclass, got {cls!r}")
         _claim(self.communicators, cls.name, cls, info, "communicator")
