@@ -26,7 +26,7 @@ from ..core.device import Device, DeviceArray
 from ..core.hookspecs import hookimpl
 from ..errors import CollectiveError, PlacementError
 
-SCRATCH_ENTRIES = 32  # cached scratch buffers per communicator before the least recently used is dropped
+SCRATCH_SHAPES = 4  # (shape, dtype) combinations whose scratch buffers stay cached; older ones are dropped
 
 
 def _wait(futures: Sequence[Future[Any]]) -> list[Any]:
@@ -62,7 +62,7 @@ class PeerCommunicator(Communicator):
         if buf is None:
             buf = self.devices[rank].empty(shape, dtype)
         self._scratch[key] = buf
-        while len(self._scratch) > SCRATCH_ENTRIES:
+        while len(self._scratch) > SCRATCH_SHAPES * 2 * self.world_size:  # an allreduce uses 2 per rank
             self._scratch.popitem(last=False)
         return buf
 
