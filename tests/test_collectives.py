@@ -293,6 +293,8 @@ def test_rejects_bad_reduce_scatter_sizes_and_broadcast_root(comm_and_devs: tupl
         comm.reduce_scatter(bufs, sizes=[1, 2, 2])
     with pytest.raises(CollectiveError, match="non-negative"):
         comm.reduce_scatter(bufs, sizes=[-1, 5, 2])
+    with pytest.raises(CollectiveError, match="at least one axis to split"):
+        comm.reduce_scatter([d.from_host(np.array(1.0, np.float32)) for d in devs])
     with pytest.raises(CollectiveError, match=r"root 3 outside ranks 0\.\.2"):
         comm.broadcast(bufs, root=3)
 

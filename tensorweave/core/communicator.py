@@ -100,7 +100,9 @@ class Communicator(ABC):
         ``sizes`` defaults to an even split (remainder to the first ranks); zero-size parts are allowed.
         """
         self._check(buffers, "reduce_scatter", op=op, same_shape=True)
-        rows = buffers[0].shape[0] if buffers[0].shape else 0
+        if not buffers[0].shape:
+            raise CollectiveError(f"{self.name}.reduce_scatter: buffers must have at least one axis to split")
+        rows = buffers[0].shape[0]
         sizes = even_sizes(rows, self.world_size) if sizes is None else [int(s) for s in sizes]
         if len(sizes) != self.world_size or any(s < 0 for s in sizes) or sum(sizes) != rows:
             raise CollectiveError(

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import DeviceSpecError
+from ..errors import BackendUnavailableError, DeviceSpecError
 
 DeviceArray = Any  # backend-specific; exposes .shape, .dtype (numpy dtype) and .nbytes
 
@@ -234,7 +234,6 @@ def total_host_memory() -> int:
 
 def open_devices(spec: str) -> list[Device]:
     """``tw.devices(spec)``: look the backend up among the plugins and let it create the devices."""
-    from ..errors import BackendUnavailableError
     from .plugins import registry
 
     parsed = DeviceSpec.parse(spec)
