@@ -100,9 +100,18 @@ def test_allgather_unequal_sizes(name: str, world: int, dtype: str, seed: int, d
         make_inputs(1, data.draw(st.integers(0, 2000)), dtype, int(rng.integers(2**31)), trailing)[0]
         for _ in range(world)
     ]
-    outs = tw.communicator(devs, name).allgather(upload(devs, hosts))
+    comm = tw.communicator(devs, name)
     expected = np.concatenate(hosts, axis=0)
-    for d, o in zip(devs, outs, strict=True):
+    if data.draw(st.booleans(), label="out="):
+        out = [d.empty(expected.shape, expected.dtype) for d in devs]
+        comm.allgather(upload(devs, hosts), out=out)  # warm the communicator's scratch buffers
+        before = [d.stats.allocations for d in devs]
+        result = comm.allgather(upload(devs, hosts), out=out)
+        assert all(r is o for r, o in zip(result, out, strict=True))
+        assert [d.stats.allocations for d in devs] == [b + 1 for b in before]  # only upload() allocated
+    else:
+        out = comm.allgather(upload(devs, hosts))
+    for d, o in zip(devs, out, strict=True):
         assert d.owns(o)
         np.testing.assert_array_equal(d.to_host(o), expected, strict=True)
 
@@ -297,6 +306,13 @@ def test_rejects_bad_reduce_scatter_sizes_and_broadcast_root(comm_and_devs: tupl
         comm.reduce_scatter([d.from_host(np.array(1.0, np.float32)) for d in devs])
     with pytest.raises(CollectiveError, match=r"root 3 outside ranks 0\.\.2"):
         comm.broadcast(bufs, root=3)
+
+
+def test_rejects_allgather_out_of_the_wrong_shape(comm_and_devs: tuple[Any, list[Any]]) -> None:
+    comm, devs = comm_and_devs
+    bufs = [d.empty((3, 2), "float32") for d in devs]
+    with pytest.raises(CollectiveError, match="expected"):
+        comm.allgather(bufs, out=[d.empty((3, 2), "float32") for d in devs])
 
 
 def test_rejects_allgather_with_mismatched_trailing_axes(comm_and_devs: tuple[Any, list[Any]]) -> None:

@@ -38,9 +38,11 @@ class LocalCommunicator(Communicator):
         for d, b in zip(self.devices, buffers, strict=True):
             d.from_host(result, out=b)
 
-    def _allgather(self, buffers: list[DeviceArray]) -> list[DeviceArray]:
+    def _allgather(self, buffers: list[DeviceArray], out: list[DeviceArray] | None) -> list[DeviceArray]:
         whole = np.concatenate(self._gather_host(buffers), axis=0)
-        return [d.from_host(whole) for d in self.devices]
+        if out is None:
+            return [d.from_host(whole) for d in self.devices]
+        return [d.from_host(whole, out=o) for d, o in zip(self.devices, out, strict=True)]
 
     def _reduce_scatter(self, buffers: list[DeviceArray], sizes: list[int], op: str) -> list[DeviceArray]:
         result = reduce_in_order(self._gather_host(buffers), op)

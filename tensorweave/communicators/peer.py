@@ -62,7 +62,8 @@ class PeerCommunicator(Communicator):
         if buf is None:
             buf = self.devices[rank].empty(shape, dtype)
         self._scratch[key] = buf
-        while len(self._scratch) > SCRATCH_SHAPES * 2 * self.world_size:  # an allreduce uses 2 per rank
+        # per rank: 2 for an allreduce (acc, recv) + one receive buffer per peer for an allgather
+        while len(self._scratch) > SCRATCH_SHAPES * (2 + self.world_size) * self.world_size:
             self._scratch.popitem(last=False)
         return buf
 
@@ -108,13 +109,17 @@ class PeerCommunicator(Communicator):
         if acc is not buffers:
             _wait([d.submit(_assign, b, a) for d, a, b in zip(devs, acc, buffers, strict=True)])
 
-    def _allgather(self, buffers: list[DeviceArray]) -> list[DeviceArray]:
-        out = []
+    def _allgather(self, buffers: list[DeviceArray], out: list[DeviceArray] | None) -> list[DeviceArray]:
+        dtype = np.dtype(buffers[0].dtype)
+        done = []
         for r, dst in enumerate(self.devices):
-            pairs = enumerate(zip(self.devices, buffers, strict=True))
-            parts = [b if s == r else dst.copy_from(b, src) for s, (src, b) in pairs]
-            out.append(dst.submit(_concat(dst.xp), parts))
-        return _wait(out)
+            parts = [
+                b if s == r else dst.copy_from(b, src, out=self._buffer(r, f"gather{s}", tuple(b.shape), dtype))
+                for s, (src, b) in enumerate(zip(self.devices, buffers, strict=True))
+            ]
+            done.append(dst.submit(_concat(dst.xp), parts) if out is None else dst.submit(_concat_into, out[r], parts))
+        results = _wait(done)
+        return results if out is None else out
 
     def _reduce_scatter(self, buffers: list[DeviceArray], sizes: list[int], op: str) -> list[DeviceArray]:
         starts = np.cumsum([0, *sizes]).tolist()
@@ -151,6 +156,13 @@ def _rows(x: Any, a: int, b: int) -> Any:
 
 def _concat(xp: Any) -> Callable[[list[Any]], Any]:
     return lambda parts: xp.concat(parts, axis=0)
+
+
+def _concat_into(out: Any, parts: list[Any]) -> None:
+    start = 0
+    for p in parts:
+        out[start : start + p.shape[0]] = p
+        start += p.shape[0]
 
 
 def _reduce_parts(xp: Any, op: str, dtype: np.dtype[Any]) -> Callable[[list[Any]], Any]:

@@ -84,13 +84,22 @@ class Communicator(ABC):
         self._check(buffers, "allreduce", op=op, same_shape=True)
         self._allreduce(list(buffers), op)
 
-    def allgather(self, buffers: Sequence[DeviceArray]) -> list[DeviceArray]:
+    def allgather(self, buffers: Sequence[DeviceArray], out: Sequence[DeviceArray] | None = None) -> list[DeviceArray]:
         """Concatenate every rank's buffer along axis 0, in rank order; sizes along axis 0 may differ by rank.
 
-        Returns one new array per local rank, each holding the whole concatenation.
+        Returns one array per local rank holding the whole concatenation: new arrays, or ``out`` (one buffer per
+        local rank, of the concatenated shape) filled in place, so a steady-state caller allocates nothing.
         """
         self._check(buffers, "allgather", same_shape=False)
-        return self._allgather(list(buffers))
+        if out is not None:
+            self._check(out, "allgather(out=)", same_shape=True)
+            rows = sum(int(b.shape[0]) for b in buffers)  # in-process: every rank's part is visible here
+            want = (rows, *tuple(buffers[0].shape[1:]))
+            if self.world_size == len(self.devices) and tuple(out[0].shape) != want:
+                raise CollectiveError(f"{self.name}.allgather: out has shape {tuple(out[0].shape)}, expected {want}")
+            if np.dtype(out[0].dtype) != np.dtype(buffers[0].dtype):
+                raise CollectiveError(f"{self.name}.allgather: out dtype differs from the buffers' dtype")
+        return self._allgather(list(buffers), None if out is None else list(out))
 
     def reduce_scatter(
         self, buffers: Sequence[DeviceArray], sizes: Sequence[int] | None = None, op: str = "sum"
@@ -140,7 +149,7 @@ class Communicator(ABC):
     def _allreduce(self, buffers: list[DeviceArray], op: str) -> None: ...
 
     @abstractmethod
-    def _allgather(self, buffers: list[DeviceArray]) -> list[DeviceArray]: ...
+    def _allgather(self, buffers: list[DeviceArray], out: list[DeviceArray] | None) -> list[DeviceArray]: ...
 
     @abstractmethod
     def _reduce_scatter(self, buffers: list[DeviceArray], sizes: list[int], op: str) -> list[DeviceArray]: ...
