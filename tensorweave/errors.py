@@ -51,8 +51,20 @@ class UnsupportedError(TensorweaveError, NotImplementedError):
     """A backend or communicator does not support the requested op or dtype."""
 
 
+class SplitError(TensorweaveError, ValueError):
+    """A tensor_split (ratios over devices) cannot be applied: wrong count, negative or non-finite entries."""
+
+
+class PlanError(TensorweaveError, ValueError):
+    """A graph cannot be split over devices: an op without a sharding rule, a weight used against its role."""
+
+
 class CollectiveTimeoutError(TensorweaveError, TimeoutError):
     """A collective did not complete in time; the message names the ranks that never arrived."""
+
+
+class CommunicationLibraryError(TensorweaveError, RuntimeError):
+    """NCCL, RCCL or MPI reported a failure; the message carries the library's own words and what to do."""
 
 
 def format_bytes(n: float) -> str:

@@ -12,9 +12,10 @@ from __future__ import annotations
 import os
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
 import numpy as np
@@ -121,7 +122,8 @@ class Device(ABC):
 
         Device arrays among ``args`` (also inside lists/tuples) must live on this device (PlacementError
         otherwise) and reach ``fn`` as native arrays of ``self.xp``. Native arrays that ``fn`` returns (alone or
-        in a tuple/list) come back as this device's arrays. Exceptions surface from ``Future.result()``.
+        in a tuple/list) come back as this device's arrays (views of an existing array count no new allocation); other
+        return values pass through as they are. Exceptions surface from ``Future.result()``.
         """
 
     @abstractmethod
@@ -138,6 +140,9 @@ class Backend(ABC):
     name: str  # the spec prefix: tw.devices("NAME:...")
     xp: Any  # array namespace of its native arrays
     capabilities: Capabilities
+    # Faster kernels by op name, same signature as the reference kernel in core.ops (kernel(xp, out, *inputs,
+    # **attrs)); ops not listed run the reference kernel on ``xp``.
+    kernels: Mapping[str, Callable[..., Any]] = MappingProxyType({})
     default_communicator: str = "local"
     description: str = ""
 

@@ -1,0 +1,436 @@
+"""The executor: runs a Plan's per-device programs on any backend's devices.
+
+Weights and KV caches live on the devices (``load_weights`` gives each device only its slice). For every graph it
+runs, the executor lowers each device's program once into a static buffer plan: one arena per device, each op
+output at a fixed offset, buffers reused as soon as their last reader ran, views (reshape, transpose, slice) taken
+once. Steady-state steps therefore allocate no device memory: they copy the feeds in, run, and read results out.
+
+A program runs segment by segment: inside a segment every device works concurrently through ``Device.submit``;
+between segments sits one collective, which goes to the ``Communicator`` (the only place devices exchange data).
+The same code serves one process driving all devices and one process per rank: a process runs the programs of its
+communicator's ``local_ranks``.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ..errors import PlanError, ShapeError, UnsupportedError
+from . import dtypes
+from .communicator import Communicator, open_communicator
+from .device import Device, DeviceArray, open_devices
+from .graph import Graph, Tensor
+from .ops import OPS, Shape
+from .planner import Plan, plan
+from .sharding import local_shape, local_slice, normalize_split, weight_state
+
+ALIGN = 256  # bytes; every buffer in an arena starts on this boundary
+WeightSource = Mapping[str, Any] | Callable[[str, tuple[slice, ...]], Any]
+
+
+def _c_strides(shape: Shape) -> tuple[int, ...]:
+    out, acc = [], 1
+    for d in reversed(shape):
+        out.append(acc)
+        acc *= d
+    return tuple(reversed(out))
+
+
+def _contiguous(shape: Shape, strides: tuple[int, ...]) -> bool:
+    """numpy's C-contiguity (dims of size 1 ignored; empty arrays are contiguous)."""
+    if 0 in shape:
+        return True
+    expect = 1
+    for d, s in zip(reversed(shape), reversed(strides), strict=True):
+        if d != 1 and s != expect:
+            return False
+        expect *= d
+    return True
+
+
+@dataclass
+class _Ins:
+    kind: str  # "op" | "view" | "allreduce" | "allgather"
+    op: str
+    out: int
+    inputs: tuple[int, ...]
+    attrs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class _Lowered:
+    """One device's program in executable form: instructions, and where every value lives."""
+
+    instrs: list[_Ins]
+    shapes: dict[int, Shape]
+    dtypes: dict[int, np.dtype[Any]]
+    slots: dict[int, int]  # buffer value -> byte offset in the arena
+    arena_bytes: int
+    exports: list[int]  # values the host touches: feeds, collective buffers, outputs
+
+
+def _k_reshape_copy(xp: Any, out: Any, x: Any, *, shape: Shape) -> None:
+    out[...] = x.reshape(shape)
+
+
+def lower(p: Plan, rank: int) -> _Lowered:
+    """Turn rank ``rank``'s program into instructions over a static buffer plan."""
+    prog = p.programs[rank]
+    shapes = dict(prog.shapes)
+    dts = {v.id: v.dtype for v in p.values}
+    root: dict[int, int] = {}  # value -> the value owning its storage (itself for buffers and externals)
+    strides: dict[int, tuple[int, ...]] = {}
+    buffers: list[int] = []  # values with storage of their own in the arena, in definition order
+    pinned: set[int] = set()
+    instrs: list[_Ins] = []
+    next_id = len(p.values)
+
+    def new(shape: Shape, dtype: np.dtype[Any]) -> int:
+        nonlocal next_id
+        next_id += 1
+        shapes[next_id - 1], dts[next_id - 1] = shape, dtype
+        return next_id - 1
+
+    def buffer(v: int) -> int:
+        root[v], strides[v] = v, _c_strides(shapes[v])
+        buffers.append(v)
+        return v
+
+    def view(out: int, op: str, src: int, **attrs: Any) -> None:
+        root[out] = root[src]
+        s = strides[src]
+        strides[out] = tuple(s[a] for a in attrs["perm"]) if op == "transpose" else s
+        if op == "reshape":
+            strides[out] = _c_strides(shapes[out])
+        instrs.append(_Ins("view", op, out, (src,), attrs))
+
+    for v in p.values:
+        if v.kind == "input":
+            pinned.add(buffer(v.id))
+        elif v.kind in ("weight", "cache"):
+            root[v.id], strides[v.id] = v.id, _c_strides(shapes[v.id])
+    readers: dict[int, int] = {}
+    for ins in prog.instrs:
+        for i in ins.inputs:
+            readers[i] = readers.get(i, 0) + 1
+    sends: list[int] = []
+    for ins in prog.instrs:
+        src = ins.inputs[0]
+        if ins.op == "allreduce":
+            if root.get(src) == src and src in buffers and readers[src] == 1:
+                root[ins.out], strides[ins.out] = src, strides[src]  # in place: nothing else reads the partials
+                instrs.append(_Ins("allreduce", "allreduce", ins.out, (src,)))
+                sends.append(src)
+            else:
+                instrs.append(_Ins("op", "copy", buffer(ins.out), (src,)))
+                instrs.append(_Ins("allreduce", "allreduce", ins.out, (ins.out,)))
+                sends.append(ins.out)
+        elif ins.op == "allgather":
+            axis = ins.attrs["axis"]
+            perm = (axis, *[a for a in range(len(shapes[src])) if a != axis])
+            send = src
+            if axis != 0 or not _contiguous(shapes[src], strides[src]) or root[src] != src:
+                moved = new(tuple(shapes[src][a] for a in perm), dts[src])
+                view(moved, "transpose", src, perm=perm)
+                send = buffer(new(shapes[moved], dts[src]))
+                instrs.append(_Ins("op", "copy", send, (moved,)))
+            whole = shapes[ins.out]
+            gathered = buffer(new(tuple(whole[a] for a in perm), dts[src]))
+            instrs.append(_Ins("allgather", "allgather", gathered, (send,)))
+            sends += [send, gathered]
+            if axis == 0:
+                root[ins.out], strides[ins.out] = gathered, strides[gathered]
+                instrs.append(_Ins("view", "reshape", ins.out, (gathered,), {"shape": whole}))
+            else:
+                view(ins.out, "transpose", gathered, perm=tuple(int(i) for i in np.argsort(perm)))
+        elif OPS[ins.op].view and not (ins.op == "reshape" and not _contiguous(shapes[src], strides[src])):
+            view(ins.out, ins.op, src, **ins.attrs)
+        elif ins.op == "reshape":  # a non-contiguous value cannot be reshaped in place: copy it into a buffer
+            instrs.append(_Ins("op", "reshape_copy", buffer(ins.out), ins.inputs, ins.attrs))
+        else:
+            instrs.append(_Ins("op", ins.op, buffer(ins.out), ins.inputs, ins.attrs))
+    exports = [v.id for v in p.values if v.kind == "input"] + sends + list(p.outputs.values())
+    pinned |= {root[v] for v in p.outputs.values() if root[v] in buffers}
+    slots, arena = _assign_offsets(instrs, root, buffers, pinned, shapes, dts)
+    return _Lowered(instrs, shapes, dts, slots, arena, exports)
+
+
+def _assign_offsets(
+    instrs: list[_Ins],
+    root: dict[int, int],
+    buffers: list[int],
+    pinned: set[int],
+    shapes: dict[int, Shape],
+    dts: dict[int, np.dtype[Any]],
+) -> tuple[dict[int, int], int]:
+    """Byte offsets for every buffer: a buffer is reused (same size) once its last reader has run."""
+    last: dict[int, int] = {b: -1 for b in buffers}
+    defined: dict[int, int] = {}
+    for i, ins in enumerate(instrs):
+        for v in (*ins.inputs, ins.out):
+            r = root.get(v)
+            if r in last:
+                last[r] = i
+        if ins.out in last and ins.out not in defined:
+            defined[ins.out] = i
+    free: dict[int, list[int]] = {}
+    slots: dict[int, int] = {}
+    end = 0
+
+    def size(b: int) -> int:
+        n = math.prod(shapes[b]) * dts[b].itemsize
+        return -(-n // ALIGN) * ALIGN
+
+    def take(b: int) -> None:
+        nonlocal end
+        pool = free.get(size(b))
+        if pool:
+            slots[b] = pool.pop()
+        else:
+            slots[b], end = end, end + size(b)
+
+    for b in buffers:
+        if b not in defined:  # inputs: live for the whole run
+            take(b)
+    releases: dict[int, list[int]] = {}
+    for b, i in last.items():
+        if b not in pinned:
+            releases.setdefault(i, []).append(b)
+    for i, ins in enumerate(instrs):
+        if ins.out in defined and defined[ins.out] == i and ins.out not in slots:
+            take(ins.out)
+        for b in releases.get(i, []):
+            if b in slots:
+                free.setdefault(size(b), []).append(slots[b])
+    return slots, end
+
+
+class _Context:
+    """Device-side state of one lowered program: native arrays bound to kernels, built once on the device."""
+
+    def __init__(self, xp: Any, segments: list[list[tuple[Any, ...]]]) -> None:
+        self.xp, self.segments = xp, segments
+
+
+def _build_context(
+    xp: Any, kernels: Mapping[str, Callable[..., Any]], low: _Lowered, arena: Any, ext_ids: list[int], ext: list[Any]
+) -> tuple[_Context, list[Any]]:
+    env: dict[int, Any] = dict(zip(ext_ids, ext, strict=True))
+    arena = arena.view(np.uint8)
+    for v, off in low.slots.items():
+        n = math.prod(low.shapes[v]) * low.dtypes[v].itemsize
+        env[v] = arena[off : off + n].view(low.dtypes[v]).reshape(low.shapes[v])
+    segments: list[list[tuple[Any, ...]]] = [[]]
+    for ins in low.instrs:
+        if ins.kind == "view":
+            env[ins.out] = OPS[ins.op].kernel(xp, env[ins.inputs[0]], **ins.attrs)
+        elif ins.kind == "op":
+            fn = _k_reshape_copy if ins.op == "reshape_copy" else kernels.get(ins.op, OPS[ins.op].kernel)
+            segments[-1].append((ins.op, fn, env[ins.out], [env[i] for i in ins.inputs], ins.attrs))
+        else:  # a collective: the segment ends; an in-place allreduce's result is its input's storage
+            env.setdefault(ins.out, env[ins.inputs[0]])
+            segments.append([])
+    return _Context(xp, segments), [env[v] for v in low.exports]
+
+
+def _run_segment(ctx: _Context, k: int, device: str) -> None:
+    for name, fn, out, args, attrs in ctx.segments[k]:
+        try:
+            fn(ctx.xp, out, *args, **attrs)
+        except Exception as e:
+            e.add_note(f"while running op {name!r} on {device}")
+            raise
+
+
+@dataclass
+class _Compiled:
+    graph: Graph  # held so the id() key stays unique
+    plan: Plan
+    lowered: list[_Lowered]
+    contexts: list[_Context]
+    arenas: list[DeviceArray]
+    exported: list[dict[int, DeviceArray]]  # per local device: value id -> device array (a view of the arena)
+    collectives: list[list[_Ins]]  # per local device, in program order
+
+
+class Executor:
+    """Runs graphs split over devices: ``Executor("cpu-sim:4", tensor_split=[3, 1, 1, 1])``.
+
+    ``devices``: a device spec or the devices; ``communicator``: an instance, a name, or None for the backend's
+    default. With a multi-process communicator, this process runs its ``local_ranks`` only.
+    """
+
+    def __init__(
+        self,
+        devices: str | Sequence[Device],
+        communicator: Communicator | str | None = None,
+        tensor_split: Sequence[float] | None = None,
+        max_graphs: int = 8,
+    ) -> None:
+        if isinstance(communicator, Communicator):
+            self.comm = communicator
+        else:
+            devs = open_devices(devices) if isinstance(devices, str) else list(devices)
+            self.comm = open_communicator(devs, communicator)
+        self.devices: list[Device] = list(self.comm.devices)
+        self.ranks: list[int] = list(self.comm.local_ranks)
+        self.world_size: int = self.comm.world_size
+        self.ratios = normalize_split(tensor_split, self.world_size)
+        self.weights: dict[str, list[DeviceArray]] = {}
+        self.caches: dict[str, list[DeviceArray]] = {}
+        self._specs: dict[str, Tensor] = {}
+        self._compiled: OrderedDict[int, _Compiled] = OrderedDict()
+        self.max_graphs = max_graphs
+        self._lock = threading.Lock()
+
+    # --- weights and caches ---------------------------------------------------------------------------------
+
+    def load_weights(self, graph: Graph, source: WeightSource) -> None:
+        """Place every weight ``graph`` declares: each device gets only its slice.
+
+        ``source``: name -> array (anything numpy can index, e.g. a memmap), or a callable ``(name, index) ->
+        array`` returning just ``array[index]``, so loaders never build a whole tensor they do not need.
+        """
+        for name, t in graph.weights.items():
+            state = weight_state(t.role, t.shape, t.groups, self.ratios, t.layer)
+            parts = []
+            for dev, rank in zip(self.devices, self.ranks, strict=True):
+                index = local_slice(t.shape, state, rank)
+                if callable(source):
+                    host = np.asarray(source(name, index))
+                else:
+                    if name not in source:
+                        raise ShapeError(f"no weight {name!r} ({t.shape} {t.dtype.name}) in the weights given")
+                    whole = source[name]
+                    if tuple(whole.shape) != t.shape:
+                        raise ShapeError(f"weight {name!r} has shape {tuple(whole.shape)}, the model expects {t.shape}")
+                    host = np.asarray(whole[index])
+                want = local_shape(t.shape, state, rank)
+                if host.shape != want:
+                    raise ShapeError(f"weight {name!r}: the slice for rank {rank} has shape {host.shape}, not {want}")
+                parts.append(dev.from_host(np.ascontiguousarray(host, dtype=t.dtype)))
+            self.weights[name] = parts
+            self._specs[name] = t
+
+    def reset_caches(self) -> None:
+        """Zero every cache (a fresh context)."""
+        for parts in self.caches.values():
+            for dev, a in zip(self.devices, parts, strict=True):
+                dev.submit(_zero, a)
+        for dev in self.devices:
+            dev.synchronize()
+
+    def _ensure_caches(self, graph: Graph) -> None:
+        for name, t in graph.caches.items():
+            if name in self.caches:
+                continue
+            state = weight_state(t.role, t.shape, t.groups, self.ratios, t.layer)
+            self.caches[name] = [dev.empty(local_shape(t.shape, state, r), t.dtype) for dev, r in self._local()]
+            for dev, a in zip(self.devices, self.caches[name], strict=True):
+                dev.submit(_zero, a)
+
+    def _local(self) -> list[tuple[Device, int]]:
+        return list(zip(self.devices, self.ranks, strict=True))
+
+    # --- planning and running -------------------------------------------------------------------------------
+
+    def plan(self, graph: Graph) -> Plan:
+        """The plan ``graph`` runs with here (cached with its buffers)."""
+        return self._compile(graph).plan
+
+    def _compile(self, graph: Graph) -> _Compiled:
+        key = id(graph)
+        comp = self._compiled.pop(key, None)
+        if comp is None or comp.graph is not graph:
+            comp = self._build(graph)
+        self._compiled[key] = comp
+        while len(self._compiled) > self.max_graphs:
+            self._compiled.popitem(last=False)
+        return comp
+
+    def _build(self, graph: Graph) -> _Compiled:
+        p = plan(graph, self.world_size, self.ratios)
+        for name, t in graph.weights.items():
+            if name not in self.weights:
+                raise PlanError(f"weight {name!r} of graph {graph.name!r} is not loaded; call load_weights first")
+            if _spec(self._specs[name]) != _spec(t):
+                raise PlanError(f"weight {name!r} was loaded with another shape/dtype/role than {graph.name!r} uses")
+        self._ensure_caches(graph)
+        comp = _Compiled(graph, p, [], [], [], [], [])
+        ids = {v.name: v.id for v in p.values if v.kind in ("weight", "cache")}
+        for j, (dev, rank) in enumerate(self._local()):
+            low = lower(p, rank)
+            for ins in low.instrs:
+                if ins.kind == "op" and not dev.backend.capabilities.supports(ins.op, dtypes.name(low.dtypes[ins.out])):
+                    raise UnsupportedError(
+                        f"{dev.name} ({dev.backend.name}) does not support op {ins.op!r} in "
+                        f"{dtypes.name(low.dtypes[ins.out])}"
+                    )
+            arena = dev.empty((low.arena_bytes // 4,), dtypes.float32)  # raw bytes; ALIGN keeps it a multiple of 4
+            tables = (self.weights, self.caches)
+            ext = [(ids[n], parts[j]) for table in tables for n, parts in table.items() if n in ids]
+            ctx, views = dev.submit(
+                _build_context, dev.xp, dev.backend.kernels, low, arena, [i for i, _ in ext], [a for _, a in ext]
+            ).result()
+            comp.lowered.append(low)
+            comp.contexts.append(ctx)
+            comp.arenas.append(arena)
+            comp.exported.append(dict(zip(low.exports, views, strict=True)))
+            comp.collectives.append([ins for ins in low.instrs if ins.kind in ("allreduce", "allgather")])
+        return comp
+
+    def run(self, graph: Graph, feeds: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        """Run ``graph`` with ``feeds`` (input name -> host array); returns the outputs, whole, on the host."""
+        with self._lock:
+            comp = self._compile(graph)
+            p = comp.plan
+            for name, t in graph.inputs.items():
+                if name not in feeds:
+                    raise ShapeError(f"missing input {name!r} ({t.shape} {t.dtype.name}) for graph {graph.name!r}")
+                host = np.asarray(feeds[name])
+                if host.shape != t.shape:
+                    raise ShapeError(f"input {name!r} has shape {host.shape}, graph {graph.name!r} expects {t.shape}")
+                host = host.astype(t.dtype, copy=False)
+                vid = next(v.id for v in p.values if v.kind == "input" and v.name == name)
+                for dev, exp in zip(self.devices, comp.exported, strict=True):
+                    dev.from_host(host, out=exp[vid])
+            n_coll = len(comp.collectives[0])
+            for k in range(n_coll + 1):
+                futures = [
+                    dev.submit(_run_segment, ctx, k, dev.name)
+                    for dev, ctx in zip(self.devices, comp.contexts, strict=True)
+                ]
+                errors = [f.exception() for f in futures]
+                first = next((e for e in errors if e is not None), None)
+                if first is not None:
+                    raise first
+                if k < n_coll:
+                    self._collective(comp, k)
+            dev0, exp0 = self.devices[0], comp.exported[0]
+            return {name: dev0.to_host(exp0[vid]) for name, vid in p.outputs.items()}
+
+    def _collective(self, comp: _Compiled, k: int) -> None:
+        per_device = [colls[k] for colls in comp.collectives]
+        ins = per_device[0]
+        if ins.kind == "allreduce":
+            self.comm.allreduce([exp[i.inputs[0]] for exp, i in zip(comp.exported, per_device, strict=True)])
+        else:
+            self.comm.allgather(
+                [exp[i.inputs[0]] for exp, i in zip(comp.exported, per_device, strict=True)],
+                out=[exp[i.out] for exp, i in zip(comp.exported, per_device, strict=True)],
+            )
+
+
+def _spec(t: Tensor) -> tuple[Any, ...]:
+    return (t.shape, t.dtype, t.role, t.groups, t.layer)
+
+
+def _zero(a: Any) -> None:
+    a[...] = 0

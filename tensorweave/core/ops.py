@@ -1,0 +1,660 @@
+"""The op registry: each op = shape/dtype inference + reference kernel + sharding rule.
+
+Kernels are written against an array namespace ``xp`` (numpy on cpu-sim, cupy on GPUs) with numpy's API, and
+write their result into a preallocated ``out`` so the executor's static buffer plan holds. 16-bit floats compute
+in float32 and round once into ``out``; float64 stays float64, which makes the float64 runs the reference for
+equivalence tests. View ops (reshape, transpose, slice, shard) return a view of their input instead.
+
+A sharding rule gets the split states of the inputs (see ``sharding``) and returns the states it needs them in
+(the planner inserts the conversions: allreduce, allgather or a local slice) and the state of the output.
+Third parties add ops with ``register(OpDef(...))``; an op without a rule makes the planner refuse the graph.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ..errors import ShapeError, UnsupportedError
+from . import dtypes
+from .sharding import PARTIAL, REPLICATED, Partial, Split, State
+
+Shape = tuple[int, ...]
+Meta = tuple[Shape, np.dtype[Any]]
+Infer = Callable[[list[Meta], dict[str, Any]], Meta]
+Rule = Callable[[list[State], list[Shape], Shape, dict[str, Any]], tuple[list[State], State]]
+
+
+@dataclass(frozen=True)
+class OpDef:
+    name: str
+    infer: Infer  # (input metas, attrs) -> output meta; raises ShapeError naming the problem
+    kernel: Callable[..., Any]  # kernel(xp, out, *inputs, **attrs) -> None; view ops: kernel(xp, x, **attrs) -> view
+    shard: Rule | None  # None: the planner refuses graphs that use this op on more than one device
+    view: bool = False
+    arity: tuple[int, int] = (1, 1)  # min, max number of inputs
+    doc: str = field(default="", compare=False)
+
+
+OPS: dict[str, OpDef] = {}
+
+
+def register(op: OpDef) -> OpDef:
+    """Add an op to the registry (third parties may add their own; names must be new)."""
+    if op.name in OPS:
+        raise ValueError(f"op {op.name!r} is already registered")
+    OPS[op.name] = op
+    return op
+
+
+def infer(name: str, metas: list[Meta], attrs: dict[str, Any]) -> Meta:
+    op = OPS.get(name)
+    if op is None:
+        raise UnsupportedError(f"unknown op {name!r}; known ops: {', '.join(sorted(OPS))}")
+    lo, hi = op.arity
+    if not lo <= len(metas) <= hi:
+        raise ShapeError(f"{name}: takes {lo}..{hi} inputs, got {len(metas)}")
+    return op.infer(metas, attrs)
+
+
+# --- numeric helpers ------------------------------------------------------------------------------------------
+
+
+def _acc(x: Any) -> Any:
+    """x in its accumulator dtype (float32 for 16-bit floats); no copy when it already is."""
+    return x.astype(dtypes.accumulator(x.dtype), copy=False)
+
+
+def _sigmoid(xp: Any, x: Any) -> Any:
+    return 0.5 * (1.0 + xp.tanh(0.5 * x))  # tanh form: no overflow in exp for large |x|
+
+
+def _silu(xp: Any, x: Any) -> Any:
+    return x * _sigmoid(xp, x)
+
+
+def _gelu_tanh(xp: Any, x: Any) -> Any:
+    return 0.5 * x * (1.0 + xp.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x * x * x)))
+
+
+def _softmax(xp: Any, x: Any, axis: int = -1) -> Any:
+    m = xp.max(x, axis=axis, keepdims=True)
+    e = xp.exp(x - xp.where(xp.isfinite(m), m, 0))
+    return e / xp.sum(e, axis=axis, keepdims=True)
+
+
+ACTIVATIONS: dict[str, Callable[[Any, Any], Any]] = {"silu": _silu, "gelu": _gelu_tanh}
+
+
+# --- inference helpers ----------------------------------------------------------------------------------------
+
+
+def _same(metas: list[Meta], attrs: dict[str, Any]) -> Meta:
+    return metas[0]
+
+
+def _broadcast(name: str) -> Infer:
+    def infer(metas: list[Meta], attrs: dict[str, Any]) -> Meta:
+        try:
+            shape = tuple(int(s) for s in np.broadcast_shapes(*(m[0] for m in metas)))
+        except ValueError:
+            raise ShapeError(f"{name}: shapes {[m[0] for m in metas]} do not broadcast") from None
+        kinds = {m[1] for m in metas}
+        if len(kinds) > 1:
+            raise ShapeError(f"{name}: inputs have different dtypes {sorted(d.name for d in kinds)}; cast first")
+        return shape, metas[0][1]
+
+    return infer
+
+
+def _need(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ShapeError(msg)
+
+
+# --- sharding rule helpers -------------------------------------------------------------------------------------
+
+
+def _elementwise(linear: str = "") -> Rule:
+    """Rule for broadcasting element-wise ops.
+
+    ``linear``: "sum" when PARTIAL inputs may stay partial if all inputs are partial (add, scale), "product" when
+    exactly one partial input times replicated others stays partial (mul: the delayed MoE reduce), "" otherwise.
+    """
+
+    def rule(ins: list[State], shapes: list[Shape], out: Shape, attrs: dict[str, Any]) -> tuple[list[State], State]:
+        partial = [isinstance(s, Partial) for s in ins]
+        full = [tuple(s) == out for s in shapes]
+        if any(partial):
+            if linear == "sum" and all(partial) and all(full):
+                return list(ins), PARTIAL
+            if linear == "product" and sum(partial) == 1 and full[partial.index(True)]:
+                return [PARTIAL if p else REPLICATED for p in partial], PARTIAL
+        rank = len(out)
+        target: Split | None = None
+        for s, shp in zip(ins, shapes, strict=True):
+            if isinstance(s, Split) and shp[s.axis] == out[s.axis + rank - len(shp)]:
+                target = Split(s.axis + rank - len(shp), s.sizes)
+                break
+        if target is None:
+            return [REPLICATED] * len(ins), REPLICATED
+        req: list[State] = []
+        for shp in shapes:
+            a = target.axis - (rank - len(shp))
+            split_here = a >= 0 and shp[a] == out[target.axis]
+            req.append(Split(a, target.sizes) if split_here else REPLICATED)
+        return req, target
+
+    return rule
+
+
+def _keep_axes(*fixed: int) -> Rule:
+    """First input may stay split along any axis but ``fixed`` (negative = from the end); other inputs replicated."""
+
+    def rule(ins: list[State], shapes: list[Shape], out: Shape, attrs: dict[str, Any]) -> tuple[list[State], State]:
+        x = ins[0]
+        banned = {a % len(shapes[0]) for a in fixed} | {attrs.get("axis", -1) % len(shapes[0])}
+        keep = isinstance(x, Split) and x.axis not in banned
+        first: State = x if keep else REPLICATED
+        return [first] + [REPLICATED] * (len(ins) - 1), first
+
+    return rule
+
+
+def _replicated(ins: list[State], shapes: list[Shape], out: Shape, attrs: dict[str, Any]) -> tuple[list[State], State]:
+    return [REPLICATED] * len(ins), REPLICATED
+
+
+# --- element-wise ops -----------------------------------------------------------------------------------------
+
+
+def _k_add(xp: Any, out: Any, a: Any, b: Any) -> None:
+    xp.add(a, b, out=out)
+
+
+def _k_mul(xp: Any, out: Any, a: Any, b: Any) -> None:
+    xp.multiply(a, b, out=out)
+
+
+def _k_scale(xp: Any, out: Any, x: Any, *, scale: float) -> None:
+    out[...] = _acc(x) * scale
+
+
+def _unary(fn: Callable[[Any, Any], Any]) -> Callable[..., None]:
+    def kernel(xp: Any, out: Any, x: Any) -> None:
+        out[...] = fn(xp, _acc(x))
+
+    return kernel
+
+
+def _k_softplus(xp: Any, x: Any) -> Any:
+    return xp.logaddexp(0.0, x)
+
+
+def _k_softcap(xp: Any, out: Any, x: Any, *, cap: float) -> None:
+    out[...] = cap * xp.tanh(_acc(x) / cap)
+
+
+def _k_softmax(xp: Any, out: Any, x: Any, *, axis: int = -1) -> None:
+    out[...] = _softmax(xp, _acc(x), axis)
+
+
+def _glu(act: str) -> Callable[..., None]:
+    fn = ACTIVATIONS[act]
+
+    def kernel(xp: Any, out: Any, gate: Any, up: Any) -> None:
+        out[...] = fn(xp, _acc(gate)) * _acc(up)
+
+    return kernel
+
+
+def _k_cast(xp: Any, out: Any, x: Any, *, dtype: str = "") -> None:
+    out[...] = x
+
+
+def _infer_cast(metas: list[Meta], attrs: dict[str, Any]) -> Meta:
+    return metas[0][0], dtypes.to_dtype(attrs["dtype"])
+
+
+# --- linear algebra, embeddings, norms ------------------------------------------------------------------------
+
+
+def _infer_matmul(metas: list[Meta], attrs: dict[str, Any]) -> Meta:
+    (xs, xd), (ws, _) = metas
+    _need(len(ws) == 2 and len(xs) >= 1, f"matmul: x {xs} @ W^T needs W of shape [out, in], got {ws}")
+    _need(xs[-1] == ws[1], f"matmul: x has {xs[-1]} features but W {ws} expects {ws[1]} (W is [out, in])")
+    return (*xs[:-1], ws[0]), xd
+
+
+def _k_matmul(xp: Any, out: Any, x: Any, w: Any) -> None:
+    if x.dtype == w.dtype == out.dtype and out.dtype in (dtypes.float32, dtypes.float64):
+        xp.matmul(x, w.T, out=out)
+    else:
+        out[...] = xp.matmul(_acc(x), _acc(w).T)
+
+
+def _rule_matmul(ins: list[State], shapes: list[Shape], out: Shape, attrs: dict[str, Any]) -> tuple[list[State], State]:
+    x, w = ins
+    last = len(shapes[0]) - 1
+    if isinstance(w, Split) and w.axis == 0:  # column-parallel: each device computes its output features
+        return [REPLICATED, w], Split(len(out) - 1, w.sizes)
+    if isinstance(w, Split):  # row-parallel: each device holds its input features -> partial sums
+        return [Split(last, w.sizes), w], PARTIAL
+    if isinstance(x, Partial):  # linear in x: stay partial
+        return [x, w], PARTIAL
+    if isinstance(x, Split) and x.axis != last:  # split rows (tokens) through a replicated weight
+        return [x, w], x
+    return [REPLICATED, w], REPLICATED
+
+
+def _infer_embedding(metas: list[Meta], attrs: dict[str, Any]) -> Meta:
+    (ids, idt), (ts, td) = metas
+    _need(idt == dtypes.int32, f"embedding: token ids must be int32, got {idt.name}")
+    _need(len(ts) == 2, f"embedding: the table must be [vocab, hidden], got {ts}")
+    return (*ids, ts[1]), td
+
+
+def _k_embedding(xp: Any, out: Any, ids: Any, table: Any) -> None:
+    out[...] = table[ids]
+
+
+def _infer_norm(metas: list[Meta], attrs: dict[str, Any]) -> Meta:
+    xs, xd = metas[0]
+    for ws, _ in metas[1:]:
+        _need(ws == xs[-1:], f"norm: weight/bias of shape {ws} does not match the last axis of {xs}")
+    return xs, xd
+
+
+def _k_rms_norm(xp: Any, out: Any, x: Any, w: Any = None, *, eps: float, plus_one: bool = False) -> None:
+    xa = _acc(x)
+    y = xa / xp.sqrt(xp.mean(xa * xa, axis=-1, keepdims=True) + eps)
+    if w is not None:
+        y = y * (1.0 + _acc(w)) if plus_one else y * _acc(w)
+    out[...] = y
+
+
+def _k_layer_norm(xp: Any, out: Any, x: Any, w: Any = None, b: Any = None, *, eps: float) -> None:
+    xa = _acc(x)
+    c = xa - xp.mean(xa, axis=-1, keepdims=True)
+    y = c / xp.sqrt(xp.mean(c * c, axis=-1, keepdims=True) + eps)
+    if w is not None:
+        y = y * _acc(w)
+    if b is not None:
+        y = y + _acc(b)
+    out[...] = y
+
+
+# --- rope -----------------------------------------------------------------------------------------------------
+
+
+def rope_inv_freq(n_rot: int, theta: float, scaling: dict[str, Any] | None = None) -> np.ndarray:
+    """Per-pair inverse frequencies (float64) for ``n_rot`` rotated dims, with optional linear/llama3 scaling."""
+    inv = theta ** (-np.arange(0, n_rot, 2, dtype=np.float64) / n_rot)
+    kind = (scaling or {}).get("type", "none")
+    if kind in ("none", "default"):
+        return inv
+    factor = float(scaling["factor"])  # type: ignore[index]
+    if kind == "linear":
+        return inv / factor
+    if kind == "llama3":
+        assert scaling is not None
+        low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+        old = float(scaling["original_max_position_embeddings"])
+        wavelen = 2 * math.pi / inv
+        scaled = np.where(wavelen > old / low, inv / factor, inv)
+        smooth = (old / wavelen - low) / (high - low)
+        medium = (wavelen >= old / high) & (wavelen <= old / low)
+        return np.where(medium, (1 - smooth) * inv / factor + smooth * inv, scaled)
+    raise UnsupportedError(f"rope scaling type {kind!r} is not supported (known: none, linear, llama3)")
+
+
+def _infer_rope(metas: list[Meta], attrs: dict[str, Any]) -> Meta:
+    (xs, xd), (ps, pd) = metas
+    _need(len(xs) == 3, f"rope: x must be [tokens, heads, head_dim], got {xs}")
+    _need(ps == xs[:1] and pd == dtypes.int32, f"rope: positions must be int32 [{xs[0]}], got {ps} {pd.name}")
+    n_rot = attrs.get("n_rot") or xs[2]
+    _need(n_rot % 2 == 0 and n_rot <= xs[2], f"rope: n_rot {n_rot} must be even and <= head_dim {xs[2]}")
+    rope_inv_freq(2, 1.0, attrs.get("scaling"))  # rejects unknown scaling types at trace time
+    return xs, xd
+
+
+def _k_rope(
+    xp: Any,
+    out: Any,
+    x: Any,
+    positions: Any,
+    *,
+    theta: float = 10000.0,
+    neox: bool = True,
+    n_rot: int | None = None,
+    scaling: dict[str, Any] | None = None,
+) -> None:
+    n_rot = n_rot or x.shape[2]
+    half = n_rot // 2
+    xa = _acc(x)
+    inv = xp.asarray(rope_inv_freq(n_rot, theta, scaling))
+    ang = positions.astype(np.float64)[:, None, None] * inv[None, None, :]
+    cos, sin = xp.cos(ang).astype(xa.dtype), xp.sin(ang).astype(xa.dtype)
+    if neox:  # pairs (i, i + half): HF's rotate_half convention
+        a, b = (slice(0, half), slice(half, n_rot))
+    else:  # pairs (2i, 2i + 1): GPT-J / ggml "normal" convention
+        a, b = (slice(0, n_rot, 2), slice(1, n_rot, 2))
+    x1, x2 = xa[..., a], xa[..., b]
+    out[..., a] = x1 * cos - x2 * sin
+    out[..., b] = x2 * cos + x1 * sin
+    out[..., n_rot:] = x[..., n_rot:]
+
+
+# --- attention ------------------------------------------------------------------------------------------------
+
+
+def attention_inputs(inputs: Sequence[Any], attrs: dict[str, Any]) -> tuple[Any, Any, Any, Any, Any, Any, Any]:
+    """(q, k, v, positions, cache_k, cache_v, sinks) from an attention node's input list (optional ones None)."""
+    q, k, v, pos, *rest = inputs
+    ck = cv = sinks = None
+    if attrs.get("cache"):
+        ck, cv, *rest = rest
+    if attrs.get("sinks"):
+        sinks = rest[0]
+    return q, k, v, pos, ck, cv, sinks
+
+
+def _infer_attention(metas: list[Meta], attrs: dict[str, Any]) -> Meta:
+    q, k, v, pos, ck, cv, sinks = attention_inputs(metas, attrs)
+    (qs, qd), (ks, _), (vs, _) = q, k, v
+    _need(len(qs) == 3 and len(ks) == 3, f"attention: q and k must be [tokens, heads, head_dim], got {qs}, {ks}")
+    _need(ks == vs, f"attention: k {ks} and v {vs} must have the same shape")
+    _need(qs[0] == ks[0] and qs[2] == ks[2], f"attention: q {qs} and k {ks} disagree on tokens or head_dim")
+    heads_ok = qs[1] % ks[1] == 0 if ks[1] else qs[1] == 0  # a device may hold zero heads
+    _need(heads_ok, f"attention: {qs[1]} query heads are not a multiple of {ks[1]} KV heads")
+    _need(pos == ((qs[0],), dtypes.int32), f"attention: positions must be int32 [{qs[0]}], got {pos}")
+    if ck is not None:
+        _need(ck[0] == cv[0] and ck[0][1:] == ks[1:], f"attention: caches {ck[0]}, {cv[0]} must be [ctx, *{ks[1:]}]")
+    if sinks is not None:
+        _need(sinks[0] == (qs[1],), f"attention: sinks must be [{qs[1]}] (one per query head), got {sinks[0]}")
+    return qs, qd
+
+
+def _k_attention(
+    xp: Any,
+    out: Any,
+    *inputs: Any,
+    scale: float,
+    causal: bool = True,
+    window: int | None = None,
+    softcap: float | None = None,
+    cache: bool = False,
+    sinks: bool = False,
+) -> None:
+    q, k, v, pos, ck, cv, sk = attention_inputs(inputs, {"cache": cache, "sinks": sinks})
+    n_tok, n_head, hd = q.shape
+    n_kv = k.shape[1]
+    group = n_head // n_kv if n_kv else 0  # a device may hold zero heads
+    if ck is not None:  # append this step's keys/values, then attend over the cache up to the last position
+        ck[pos] = k
+        cv[pos] = v
+        length = int(pos.max()) + 1 if n_tok else 0
+        k, v, kpos = ck[:length], cv[:length], xp.arange(length)
+    else:
+        kpos = pos
+    qa = _acc(q).reshape(n_tok, n_kv, group, hd)
+    scores = xp.einsum("tkgd,skd->kgts", qa, _acc(k)) * scale
+    if softcap:
+        scores = softcap * xp.tanh(scores / softcap)
+    visible = xp.ones((n_tok, kpos.shape[0]), dtype=bool)
+    if causal:
+        visible &= kpos[None, :] <= pos[:, None]
+    if window:
+        visible &= kpos[None, :] > pos[:, None] - window
+    scores = xp.where(visible, scores, -xp.inf)
+    if sk is not None:  # a learned per-head logit that only joins the softmax's denominator
+        sink = xp.broadcast_to(_acc(sk).reshape(n_kv, group, 1, 1), (*scores.shape[:3], 1))
+        probs = _softmax(xp, xp.concatenate([scores, sink], axis=-1))[..., :-1]
+    else:
+        probs = _softmax(xp, scores)
+    probs = xp.where(visible, probs, 0.0)  # rows with nothing visible give 0, not NaN
+    out[...] = xp.einsum("kgts,skd->tkgd", probs, _acc(v)).reshape(n_tok, n_head, hd)
+
+
+def _rule_attention(
+    ins: list[State], shapes: list[Shape], out: Shape, attrs: dict[str, Any]
+) -> tuple[list[State], State]:
+    _, k, _, _, ck, _, sinks = attention_inputs(ins, attrs)
+    kv = ck if ck is not None else k
+    if not (isinstance(kv, Split) and kv.axis == 1):
+        return [REPLICATED] * len(ins), REPLICATED
+    group = shapes[0][1] // shapes[1][1]  # query heads per KV head travel with their KV head
+    heads = Split(1, tuple(s * group for s in kv.sizes))
+    req: list[State] = [heads, kv, kv, REPLICATED]
+    if ck is not None:
+        req += [kv, kv]
+    if sinks is not None:
+        req.append(Split(0, heads.sizes))
+    return req, heads
+
+
+# --- MoE ------------------------------------------------------------------------------------------------------
+
+
+def _infer_topk(metas: list[Meta], attrs: dict[str, Any]) -> Meta:
+    (ls, ld) = metas[0]
+    _need(len(ls) == 2, f"topk_route: router logits must be [tokens, experts], got {ls}")
+    _need(0 < attrs["k"] <= ls[1], f"topk_route: k={attrs['k']} must be in 1..{ls[1]} experts")
+    _need(attrs.get("gating", "softmax") in ("softmax", "sigmoid"), "topk_route: gating must be softmax or sigmoid")
+    return ls, ld
+
+
+def _k_topk(
+    xp: Any, out: Any, logits: Any, *, k: int, gating: str = "softmax", norm: bool = True, scale: float = 1.0
+) -> None:
+    la = _acc(logits)
+    probs = _softmax(xp, la) if gating == "softmax" else _sigmoid(xp, la)
+    idx = xp.argsort(-probs, axis=-1, kind="stable")[:, :k]  # ties: the lower expert index wins
+    w = xp.take_along_axis(probs, idx, axis=-1)
+    if norm:
+        w = w / xp.sum(w, axis=-1, keepdims=True)
+    out[...] = 0
+    out[xp.arange(out.shape[0])[:, None], idx] = w * scale
+
+
+def _infer_moe(metas: list[Meta], attrs: dict[str, Any]) -> Meta:
+    (xs, xd), (rs, _), (gs, _), (us, _), (ds, _) = metas
+    n_tok, hidden = xs
+    n_exp, n_ff = gs[0], gs[1]
+    _need(rs == (n_tok, n_exp), f"moe_ffn: routing weights must be [{n_tok}, {n_exp}], got {rs}")
+    _need(gs == us == (n_exp, n_ff, hidden), f"moe_ffn: gate {gs} and up {us} must be [experts, ff, {hidden}]")
+    _need(ds == (n_exp, hidden, n_ff), f"moe_ffn: down must be [{n_exp}, {hidden}, {n_ff}], got {ds}")
+    _need(attrs.get("act", "silu") in ACTIVATIONS, f"moe_ffn: act must be one of {sorted(ACTIVATIONS)}")
+    return xs, xd
+
+
+def _k_moe(xp: Any, out: Any, x: Any, route: Any, gate: Any, up: Any, down: Any, *, act: str = "silu") -> None:
+    """sum over experts e of route[:, e] * down_e(act(gate_e x) * up_e x), only for the tokens routed to e."""
+    fn = ACTIVATIONS[act]
+    acc = xp.zeros(out.shape, dtypes.accumulator(out.dtype))
+    xa = _acc(x)
+    for e in range(route.shape[1]):
+        rows = xp.nonzero(route[:, e])[0]
+        if rows.shape[0] == 0:
+            continue
+        xe = xa[rows]
+        h = fn(xp, xe @ _acc(gate[e]).T) * (xe @ _acc(up[e]).T)
+        acc[rows] += _acc(route[rows, e])[:, None] * (h @ _acc(down[e]).T)
+    out[...] = acc
+
+
+def _rule_moe(ins: list[State], shapes: list[Shape], out: Shape, attrs: dict[str, Any]) -> tuple[list[State], State]:
+    gate = ins[2]
+    if isinstance(gate, Split) and gate.axis == 1:  # experts sliced along n_ff: partial sums, reduced once, later
+        return [REPLICATED, REPLICATED, gate, Split(1, gate.sizes), Split(2, gate.sizes)], PARTIAL
+    return [REPLICATED] * 5, REPLICATED
+
+
+# --- shape ops ------------------------------------------------------------------------------------------------
+
+
+def _infer_reshape(metas: list[Meta], attrs: dict[str, Any]) -> Meta:
+    xs, xd = metas[0]
+    shape = tuple(int(s) for s in attrs["shape"])
+    _need(math.prod(shape) == math.prod(xs) and all(s >= 0 for s in shape), f"reshape: cannot reshape {xs} to {shape}")
+    return shape, xd
+
+
+def _axis_groups(a: Shape, b: Shape) -> list[tuple[list[int], list[int]]] | None:
+    """Pair up runs of axes of ``a`` and ``b`` with equal products (the structure of a reshape)."""
+    groups, i, j = [], 0, 0
+    while i < len(a) or j < len(b):
+        ga, gb = [i] if i < len(a) else [], [j] if j < len(b) else []
+        pa = a[i] if i < len(a) else 1
+        pb = b[j] if j < len(b) else 1
+        i, j = i + bool(ga), j + bool(gb)
+        while pa != pb:
+            if pa < pb and i < len(a):
+                ga.append(i)
+                pa *= a[i]
+                i += 1
+            elif pb < pa and j < len(b):
+                gb.append(j)
+                pb *= b[j]
+                j += 1
+            else:
+                return None
+        groups.append((ga, gb))
+    return groups
+
+
+def _rule_reshape(
+    ins: list[State], shapes: list[Shape], out: Shape, attrs: dict[str, Any]
+) -> tuple[list[State], State]:
+    x, src = ins[0], shapes[0]
+    if not isinstance(x, Split):
+        return [x], x  # replicated and partial values reshape as they are
+    for ga, gb in _axis_groups(src, out) or []:
+        if x.axis not in ga or not gb:
+            continue
+        # the split axis must lead its group: a merge scales the sizes, a split into axes divides them
+        inner_in, inner_out = math.prod(src[a] for a in ga[1:]), math.prod(out[b] for b in gb[1:])
+        if x.axis == ga[0] and all(s * inner_in % inner_out == 0 for s in x.sizes):
+            return [x], Split(gb[0], tuple(s * inner_in // inner_out for s in x.sizes))
+    return [REPLICATED], REPLICATED
+
+
+def _k_reshape(xp: Any, x: Any, *, shape: Shape) -> Any:
+    return x.reshape(shape)
+
+
+def _infer_transpose(metas: list[Meta], attrs: dict[str, Any]) -> Meta:
+    xs, xd = metas[0]
+    perm = tuple(attrs["perm"])
+    _need(sorted(perm) == list(range(len(xs))), f"transpose: {perm} is not a permutation of {len(xs)} axes")
+    return tuple(xs[p] for p in perm), xd
+
+
+def _rule_transpose(
+    ins: list[State], shapes: list[Shape], out: Shape, attrs: dict[str, Any]
+) -> tuple[list[State], State]:
+    x = ins[0]
+    return [x], Split(list(attrs["perm"]).index(x.axis), x.sizes) if isinstance(x, Split) else x
+
+
+def _k_transpose(xp: Any, x: Any, *, perm: Sequence[int]) -> Any:
+    return x.transpose(perm)
+
+
+def _infer_slice(metas: list[Meta], attrs: dict[str, Any]) -> Meta:
+    xs, xd = metas[0]
+    axis = attrs["axis"] % len(xs)
+    start, stop, _ = slice(attrs["start"], attrs["stop"]).indices(xs[axis])
+    out = list(xs)
+    out[axis] = max(stop - start, 0)
+    return tuple(out), xd
+
+
+def _rule_slice(ins: list[State], shapes: list[Shape], out: Shape, attrs: dict[str, Any]) -> tuple[list[State], State]:
+    x = ins[0]
+    if isinstance(x, Split) and x.axis == attrs["axis"] % len(out):
+        return [REPLICATED], REPLICATED
+    return [x], x
+
+
+def _k_slice(xp: Any, x: Any, *, axis: int, start: int, stop: int) -> Any:
+    index = [slice(None)] * x.ndim
+    index[axis] = slice(start, stop)
+    return x[tuple(index)]
+
+
+def _infer_concat(metas: list[Meta], attrs: dict[str, Any]) -> Meta:
+    shapes = [m[0] for m in metas]
+    axis = attrs.get("axis", -1) % len(shapes[0])
+    rest = {s[:axis] + s[axis + 1 :] for s in shapes}
+    _need(len(rest) == 1 and len({m[1] for m in metas}) == 1, f"concat: shapes {shapes} differ off axis {axis}")
+    out = list(shapes[0])
+    out[axis] = sum(s[axis] for s in shapes)
+    return tuple(out), metas[0][1]
+
+
+def _rule_concat(ins: list[State], shapes: list[Shape], out: Shape, attrs: dict[str, Any]) -> tuple[list[State], State]:
+    axis = attrs.get("axis", -1) % len(out)
+    first = ins[0]
+    if all(isinstance(s, Partial) for s in ins) or (
+        isinstance(first, Split) and first.axis != axis and all(s == first for s in ins)
+    ):
+        return list(ins), first
+    return [REPLICATED] * len(ins), REPLICATED
+
+
+def _k_concat(xp: Any, out: Any, *xs: Any, axis: int = -1) -> None:
+    xp.concatenate(xs, axis=axis, out=out)
+
+
+# --- collectives (inserted by the planner; identities on one device) -------------------------------------------
+
+
+def _k_identity(xp: Any, out: Any, x: Any, **attrs: Any) -> None:
+    out[...] = x
+
+
+def _rule_allreduce(
+    ins: list[State], shapes: list[Shape], out: Shape, attrs: dict[str, Any]
+) -> tuple[list[State], State]:
+    return [ins[0] if isinstance(ins[0], Partial) else REPLICATED], REPLICATED
+
+
+# --- the registry -----------------------------------------------------------------------------------------------
+
+_BINARY = (2, 2)
+for _op in [
+    OpDef("add", _broadcast("add"), _k_add, _elementwise("sum"), arity=_BINARY, doc="a + b (broadcasting)"),
+    OpDef("mul", _broadcast("mul"), _k_mul, _elementwise("product"), arity=_BINARY, doc="a * b (broadcasting)"),
+    OpDef("scale", _same, _k_scale, _elementwise("sum"), doc="x * scale"),
+    OpDef("silu", _same, _unary(_silu), _elementwise(), doc="x * sigmoid(x)"),
+    OpDef("gelu", _same, _unary(_gelu_tanh), _elementwise(), doc="gelu, tanh approximation"),
+    OpDef("sigmoid", _same, _unary(_sigmoid), _elementwise()),
+    OpDef("softplus", _same, _unary(_k_softplus), _elementwise(), doc="log(1 + exp(x))"),
+    OpDef("tanh_softcap", _same, _k_softcap, _elementwise(), doc="cap * tanh(x / cap)"),
+    OpDef("swiglu", _broadcast("swiglu"), _glu("silu"), _elementwise(), arity=_BINARY, doc="silu(gate) * up"),
+    OpDef("geglu", _broadcast("geglu"), _glu("gelu"), _elementwise(), arity=_BINARY, doc="gelu(gate) * up"),
+    OpDef("cast", _infer_cast, _k_cast, _elementwise(), doc="convert to attrs['dtype'], rounding once"),
+    OpDef("softmax", _same, _k_softmax, _keep_axes(), doc="softmax over attrs['axis'] (default last)"),
+    OpDef("matmul", _infer_matmul, _k_matmul, _rule_matmul, arity=_BINARY, doc="x @ W^T, W is [out, in]"),
+    OpDef("embedding", _infer_embedding, _k_embedding, _replicated, arity=_BINARY, doc="table[ids]"),
+    OpDef("rms_norm", _infer_norm, _k_rms_norm, _keep_axes(-1), arity=(1, 2), doc="x / rms(x) * w (or 1 + w)"),
+    OpDef("layer_norm", _infer_norm, _k_layer_norm, _keep_axes(-1), arity=(1, 3), doc="(x - mean) / std * w + b"),
+    OpDef("rope", _infer_rope, _k_rope, _keep_axes(-1), arity=_BINARY, doc="rotary embedding of [T, heads, dim]"),
+    OpDef("attention", _infer_attention, _k_attention, _rule_attention, arity=(4, 7), doc="softmax(qk^T) v, GQA"),
+    OpDef("topk_route", _infer_topk, _k_topk, _replicated, doc="router logits -> dense [T, E] top-k weights"),
+    OpDef("moe_ffn", _infer_moe, _k_moe, _rule_moe, arity=(5, 5), doc="routed sum of expert FFNs"),
+    OpDef("reshape", _infer_reshape, _k_reshape, _rule_reshape, view=True),
+    OpDef("transpose", _infer_transpose, _k_transpose, _rule_transpose, view=True),
+    OpDef("slice", _infer_slice, _k_slice, _rule_slice, view=True, doc="x[start:stop] along attrs['axis']"),
+    OpDef("shard", _infer_slice, _k_slice, None, view=True, doc="a device's part (planner-inserted)"),
+    OpDef("concat", _infer_concat, _k_concat, _rule_concat, arity=(1, 64)),
+    OpDef("copy", _same, _k_identity, _elementwise("sum"), doc="a contiguous copy"),
+    OpDef("allreduce", _same, _k_identity, _rule_allreduce, doc="sum of PARTIAL values (planner-inserted)"),
+    OpDef("allgather", _same, _k_identity, _replicated, doc="whole value from SPLIT parts (planner-inserted)"),
+]:
+    register(_op)
