@@ -118,6 +118,8 @@ def weight_state(role: Role, shape: Sequence[int], groups: int | None, ratios: S
         return REPLICATED
     dim = shape[axis]
     groups = dim if groups is None else groups
+    if dim == 0:
+        return Split(axis, (0,) * len(ratios))
     if groups <= 0 or dim % groups:
         raise SplitError(f"a {role.value} tensor of shape {tuple(shape)}: axis {axis} ({dim}) is not {groups} groups")
     per = dim // groups
