@@ -6,13 +6,19 @@ It behaves like a strict GPU so placement bugs show up in CI instead of on someo
 - capacity (``mem=256MiB``) is enforced with live and peak accounting; OOM names device, requested and free bytes;
 - peer topology (``peer=all|none|ring|0-1,2-3``): copies between devices without enabled peer access are staged
   through host memory and counted in ``Device.stats``;
-- each device runs submitted work on a worker thread of its own, so devices progress concurrently.
+- each device runs submitted work on a worker thread of its own, so devices progress concurrently;
+- the devices share this machine's cores: with N devices, BLAS calls use cores // N threads each (``threads=K``
+  overrides; ``threads=0`` leaves BLAS alone), because N workers each starting a BLAS thread per core
+  oversubscribe the machine (measured in benchmarks/executor.py: TP=2 ran 2x slower than TP=1 without this).
+  The BLAS thread count is process-wide, so the most recently created group sets it.
 
-Spec: ``cpu-sim[:COUNT][,mem=SIZE][,peer=TOPOLOGY]`` (COUNT defaults to 1, peer to all, mem to host RAM).
+Spec: ``cpu-sim[:COUNT][,mem=SIZE][,peer=TOPOLOGY][,threads=K]`` (COUNT defaults to 1, peer to all, mem to host
+RAM, threads to cores // COUNT when COUNT > 1).
 """
 
 from __future__ import annotations
 
+import os
 import threading
 import weakref
 from collections.abc import Callable, Sequence
@@ -281,15 +287,34 @@ class CpuSimBackend(Backend):
             raise DeviceSpecError(f"{where}: device count {spec.args[0]!r} is not an integer") from None
         if not 0 < n <= MAX_DEVICES:
             raise DeviceSpecError(f"{where}: device count must be between 1 and {MAX_DEVICES}, got {n}")
-        unknown = set(spec.options) - {"mem", "peer"}
+        unknown = set(spec.options) - {"mem", "peer", "threads"}
         if unknown:
-            raise DeviceSpecError(f"{where}: unknown option(s) {', '.join(sorted(unknown))}; cpu-sim knows mem, peer")
+            raise DeviceSpecError(
+                f"{where}: unknown option(s) {', '.join(sorted(unknown))}; cpu-sim knows mem, peer, threads"
+            )
+        threads = spec.options.get("threads", "auto")
+        if threads != "auto" and not threads.isdigit():
+            raise DeviceSpecError(f"{where}: threads must be a count (0 = leave BLAS alone) or auto, not {threads!r}")
+        limit_blas_threads(n, None if threads == "auto" else int(threads))
         capacity = parse_size(spec.options["mem"]) if "mem" in spec.options else None
         peers = parse_topology(spec.options.get("peer", "all"), n)
         group = [SimDevice(self, i, capacity, peers[i]) for i in range(n)]
         for d in group:
             d._group = group
         return list(group)
+
+
+def limit_blas_threads(devices: int, threads: int | None) -> None:
+    """Give BLAS ``threads`` threads per call (None: cores // devices when devices > 1; 0: leave it alone)."""
+    if threads is None:
+        if devices == 1:
+            return
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        threads = max(1, cores // devices)
+    if threads:
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(limits=threads, user_api="blas")
 
 
 def parse_topology(text: str, n: int) -> list[frozenset[int]]:
