@@ -203,3 +203,18 @@ def test_submit_orders_work_and_surfaces_errors() -> None:
         fut.result()
     inner = dev.submit(lambda: dev.submit(lambda: 41).result() + 1)  # nested submit does not deadlock
     assert inner.result(timeout=30) == 42
+
+
+def test_cpu_sim_limits_blas_threads_per_device_group() -> None:
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    def blas_threads() -> set[int]:
+        return {i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"}
+
+    with threadpool_limits(limits=None):  # restores the process's BLAS threads afterwards
+        tw.devices("cpu-sim:2,threads=1")
+        assert blas_threads() == {1}
+        tw.devices("cpu-sim:2,threads=3")
+        assert blas_threads() == {3}
+        with pytest.raises(DeviceSpecError, match="threads must be a count"):
+            tw.devices("cpu-sim:2,threads=many")
