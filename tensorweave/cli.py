@@ -168,6 +168,27 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+def cmd_launch(args: argparse.Namespace) -> int:
+    from .launch import launch
+
+    command = list(args.cmd)
+    if command[:1] == ["--"]:
+        command = command[1:]
+    if not command:
+        args.parser.error("launch needs a command after --, e.g. tensorweave launch -n 2 -- python script.py")
+    return launch(args.nprocs, command, subcommands=set(args.subcommands.choices), timeout=args.timeout)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tensorweave", description=__doc__)
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
@@ -185,6 +206,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plugins", help="list plugins, their hooks and what they registered")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_plugins)
+    p = sub.add_parser(
+        "launch",
+        help="run N ranks of a command on this host, joined by the shm communicator",
+        description="Run N ranks of `tensorweave ARGS` (or `python ...`, a script, any program) on this host. "
+        "Rank 0's stdout is printed; other ranks' stderr is prefixed [rank K]; if a rank fails, the others stop.",
+    )
+    p.add_argument("-n", "--nprocs", type=_positive_int, required=True, help="number of ranks")
+    p.add_argument("--timeout", type=float, help="collective timeout in seconds (TENSORWEAVE_TIMEOUT; default 300)")
+    p.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- ARGS", help="the command every rank runs")
+    p.set_defaults(func=cmd_launch, parser=p, subcommands=sub)  # read when run: later subcommands count too
     return parser
 
 

@@ -1,0 +1,261 @@
+"""What the one-process-per-rank communicators (shm, mpi) share: host groups, staging, headers, waiting.
+
+A *host group* runs collectives on host numpy arrays, one array per process. ``ProcessGroupCommunicator`` puts
+it behind the Communicator contract: one device per process, ``world_size`` = all ranks, ``local_ranks`` = [this
+rank]. Device buffers reach the group either as the device's own numpy memory (through ``Device.submit``, no copy;
+used for large buffers on numpy backends) or staged through host memory (small buffers, where a hop to the
+device's worker thread costs more than the copy, and non-numpy devices).
+
+Before moving data every collective publishes a *header* (sequence number, kind, dtype, op, count, a checksum of
+the rest) and checks everyone's after the first rendezvous, so ranks calling different collectives, or the same
+one with different shapes, all raise the same CollectiveError instead of hanging or corrupting memory.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import zlib
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+import numpy as np
+
+from ..core import dtypes
+from ..core.communicator import REDUCE_OPS, Communicator, CommunicatorCapabilities
+from ..core.device import Device, DeviceArray
+from ..core.spmd import resolve_rank, timeout_from
+from ..errors import CollectiveError
+
+STAGE_BYTES = 1 << 16  # at or below: copy through host; above: work on the device's own memory (numpy backends)
+
+KINDS = ("allreduce", "allgather", "reduce_scatter", "broadcast", "barrier", "init")
+DTYPE_CODES = list(dtypes.DTYPES)  # header code = index; the same on every rank
+OP_CODES = list(REDUCE_OPS)
+HEADER_WORDS = 6  # seq, kind, dtype, op, count, aux
+
+
+class HostGroup(Protocol):
+    """Collectives over host numpy arrays, one per process; ``x`` is C-contiguous."""
+
+    rank: int
+    world_size: int
+
+    def allreduce(self, x: np.ndarray, op: str) -> None: ...
+    def allgather(self, x: np.ndarray, out: np.ndarray | None) -> np.ndarray: ...
+    def reduce_scatter(self, x: np.ndarray, sizes: Sequence[int], op: str) -> np.ndarray: ...
+    def broadcast(self, x: np.ndarray, root: int) -> None: ...
+    def barrier(self) -> None: ...
+    def close(self) -> None: ...
+
+
+def header(
+    seq: int, kind: str, x: np.ndarray | None = None, op: str | None = None, count: int = 0, aux: int = 0
+) -> list[int]:
+    """The words a rank publishes before a collective (see the module docstring)."""
+    dt = -1 if x is None else DTYPE_CODES.index(dtypes.name(x.dtype))
+    return [seq, KINDS.index(kind), dt, -1 if op is None else OP_CODES.index(op), count, aux]
+
+
+def checksum(*values: object) -> int:
+    """A small stable checksum (shapes, size lists) that fits a header word on every platform."""
+    return zlib.crc32(repr(values).encode())
+
+
+def verify_headers(who: str, rank: int, rows: Sequence[Sequence[int]], ignore_count: bool = False) -> None:
+    """Raise the same CollectiveError on every rank when the ranks' headers disagree."""
+    ref = list(rows[0])
+    for other, row in enumerate(rows):
+        row = list(row)
+        if ignore_count:
+            row[4] = ref[4]
+        if row == ref:
+            continue
+        seq, kind, dt, op, count, _ = (int(v) for v in rows[other])
+        rseq, rkind, rdt, rop, rcount, _ = (int(v) for v in rows[0])
+        if (seq, kind) != (rseq, rkind):
+            what = f"rank {other} is in {_kind(kind)} #{seq} while rank 0 is in {_kind(rkind)} #{rseq}"
+        elif dt != rdt:
+            what = f"rank {other} passes {_dtype(dt)} while rank 0 passes {_dtype(rdt)}"
+        elif op != rop:
+            what = f"rank {other} asks for op {_op(op)} while rank 0 asks for {_op(rop)}"
+        elif count != rcount:
+            what = f"rank {other} passes {count} elements while rank 0 passes {rcount}"
+        else:
+            what = f"rank {other} disagrees with rank 0 on the shape, sizes or root"
+        raise CollectiveError(f"{who} (rank {rank}): ranks called mismatched collectives: {what}")
+
+
+def _kind(code: int) -> str:
+    return KINDS[code] if 0 <= code < len(KINDS) else f"kind {code}"
+
+
+def _dtype(code: int) -> str:
+    return DTYPE_CODES[code] if 0 <= code < len(DTYPE_CODES) else "no buffer"
+
+
+def _op(code: int) -> str:
+    return OP_CODES[code] if 0 <= code < len(OP_CODES) else "none"
+
+
+def reduce_into(out: np.ndarray, parts: Sequence[np.ndarray], op: str, scratch: Callable[[int], np.ndarray]) -> None:
+    """``out = parts[0] (op) parts[1] (op) ...`` in list order, accumulating 16-bit floats in float32.
+
+    The same operations in the same order as the ``local`` communicator's reduce_in_order, so results are
+    bitwise identical to it. ``scratch(i)`` hands out reusable float32 buffers of len(out) (i = 0, 1).
+    """
+    combine = getattr(np, REDUCE_OPS[op])
+    if dtypes.accumulator(out.dtype) == out.dtype:
+        if len(parts) == 1:
+            np.copyto(out, parts[0])
+            return
+        combine(parts[0], parts[1], out=out)
+        for p in parts[2:]:
+            combine(out, p, out=out)
+        return
+    acc, tmp = scratch(0), scratch(1)
+    np.copyto(acc, parts[0], casting="unsafe")
+    for p in parts[1:]:
+        np.copyto(tmp, p, casting="unsafe")
+        combine(acc, tmp, out=acc)
+    np.copyto(out, acc, casting="unsafe")  # the one rounding
+
+
+class Scratch:
+    """Reusable float32 accumulators, regrown only when a larger one is asked for."""
+
+    def __init__(self) -> None:
+        self._bufs: list[np.ndarray] = [np.empty(0, np.float32), np.empty(0, np.float32)]
+
+    def __call__(self, n: int) -> Callable[[int], np.ndarray]:
+        for i, b in enumerate(self._bufs):
+            if b.size < n:
+                self._bufs[i] = np.empty(n, np.float32)
+        return lambda i: self._bufs[i][:n]
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process exists and is not a zombie (a killed child stays a zombie until its parent reaps it)."""
+    if pid <= 0:
+        return True  # unknown: assume alive, the timeout still applies
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] not in (b"Z", b"X")
+    except FileNotFoundError:
+        return False
+    except OSError:  # no procfs (macOS): existence is all we can learn
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            pass
+        return True
+
+
+class Backoff:
+    """Spin briefly, then yield, then sleep with growing pauses: fast when ranks are running on their own cores,
+    and still fair when CI oversubscribes 2 cores (a pure spin starves the rank being waited for)."""
+
+    SPIN_S = 20e-6
+    YIELD_S = 200e-6
+    MAX_SLEEP_S = 1e-3
+
+    def __init__(self, timeout: float) -> None:
+        self.start = time.monotonic()
+        self.deadline = self.start + timeout
+        self._sleep = 0.0
+
+    def pause(self) -> bool:
+        """Wait a little; False once the deadline has passed."""
+        now = time.monotonic()
+        waited = now - self.start
+        if waited < self.SPIN_S:
+            return True
+        if now > self.deadline:
+            return False
+        if waited < self.YIELD_S:
+            os.sched_yield()
+        else:
+            self._sleep = min(max(self._sleep * 2, 20e-6), self.MAX_SLEEP_S)
+            time.sleep(self._sleep)
+        return True
+
+
+class ProcessGroupCommunicator(Communicator):
+    """A Communicator over a HostGroup: one device per process. Subclasses set ``group`` in ``__init__``."""
+
+    group: HostGroup
+    capabilities = CommunicatorCapabilities(in_process=False, multi_process=True, deterministic=True)
+
+    def __init__(self, devices: Sequence[Device], stage_bytes: int = STAGE_BYTES, **options: Any) -> None:
+        super().__init__(devices, **options)
+        if len(self.devices) != 1:
+            raise CollectiveError(
+                f"communicator {self.name!r} runs one process per rank, each passing ONE device; got "
+                f"{len(self.devices)} devices. One process driving several devices uses 'local', 'peer' or 'nccl'"
+            )
+        self.stage_bytes = int(stage_bytes)
+
+    def _join(self, group: HostGroup) -> None:
+        self.group = group
+        self.world_size = group.world_size
+        self.local_ranks = [group.rank]
+
+    @staticmethod
+    def rank_options(
+        who: str, rank: int | None, world_size: int | None, timeout: float | str | None
+    ) -> tuple[int, int, float]:
+        """Rank, world size and timeout from options or the SPMD environment."""
+        r, w = resolve_rank(rank, world_size, who)
+        return r, w, timeout_from(timeout, who)
+
+    def close(self) -> None:
+        group = getattr(self, "group", None)
+        if group is not None:
+            group.close()
+
+    def _host(self, fn: Callable[..., Any], *arrays: DeviceArray, writeback: int | None = None) -> Any:
+        """Run ``fn`` on host numpy versions of ``arrays``; ``writeback``: index of an array ``fn`` changes in place.
+
+        A numpy array ``fn`` returns becomes a device array of this rank's device.
+        """
+        dev = self.devices[0]
+
+        def on_device(*xs: np.ndarray) -> Any:
+            flat = [x if x.flags.c_contiguous else x.copy(order="C") for x in xs]  # groups work on flat memory
+            result = fn(*flat)
+            if writeback is not None and flat[writeback] is not xs[writeback]:
+                xs[writeback][...] = flat[writeback]
+            return result
+
+        if dev.xp is np and sum(int(a.nbytes) for a in arrays) > self.stage_bytes:
+            return dev.submit(on_device, *arrays).result()
+        hosts = [dev.to_host(a) for a in arrays]
+        result = fn(*hosts)
+        if writeback is not None:
+            dev.from_host(hosts[writeback], out=arrays[writeback])
+        return dev.from_host(result) if isinstance(result, np.ndarray) else result
+
+    def _allreduce(self, buffers: list[DeviceArray], op: str) -> None:
+        self._host(lambda x: self.group.allreduce(x, op), buffers[0], writeback=0)
+
+    def _allgather(self, buffers: list[DeviceArray], out: list[DeviceArray] | None) -> list[DeviceArray]:
+        if out is None:
+            return [self._host(lambda x: self.group.allgather(x, None), buffers[0])]
+
+        def into(x: np.ndarray, o: np.ndarray) -> None:
+            self.group.allgather(x, o)
+
+        self._host(into, buffers[0], out[0], writeback=1)
+        return out
+
+    def _reduce_scatter(self, buffers: list[DeviceArray], sizes: list[int], op: str) -> list[DeviceArray]:
+        return [self._host(lambda x: self.group.reduce_scatter(x, sizes, op), buffers[0])]
+
+    def _broadcast(self, buffers: list[DeviceArray], root: int) -> None:
+        self._host(lambda x: self.group.broadcast(x, root), buffers[0], writeback=0)
+
+    def _barrier(self) -> None:
+        self.devices[0].synchronize()
+        self.group.barrier()

@@ -1,0 +1,159 @@
+"""``tensorweave launch -n N -- ARGS...``: run N ranks of one program on this host, joined by ``shm``.
+
+ARGS is a tensorweave subcommand (``run MODEL ...`` runs ``tensorweave run MODEL ...`` in every rank), ``python
+...`` / ``-m module`` / ``script.py`` (this interpreter), or any other program. Each rank gets the SPMD
+environment of ``tensorweave.core.spmd`` (``TENSORWEAVE_RANK``, ``_WORLD_SIZE``, ``_LOCAL_RANK``,
+``_COMMUNICATOR=shm``, a fresh ``TENSORWEAVE_SHM_NAME``, ``TENSORWEAVE_TIMEOUT`` when ``--timeout`` is given) and,
+unless already set, BLAS/OpenMP thread counts that share the cores instead of oversubscribing them.
+
+Output: rank 0's stdout is this command's stdout (so it pipes); rank 0's stderr passes through; the other ranks'
+stderr lines are prefixed ``[rank K]``; their stdout is dropped. When a rank fails (nonzero exit or signal) the
+others are terminated (SIGTERM, then SIGKILL after a grace period) and the launcher exits nonzero with one line
+naming the rank; its exit code is the failed rank's (128 + signal number for a signal).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Collection, Mapping, Sequence
+from typing import IO
+
+from .core import spmd
+
+THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+POLL_S = 0.02
+GRACE_S = 5.0
+
+
+def rank_command(args: Sequence[str], subcommands: Collection[str]) -> list[str]:
+    """The argv every rank runs for ``launch -- ARGS``."""
+    first = args[0]
+    if first in subcommands:
+        return [sys.executable, "-m", "tensorweave.cli", *args]
+    if first in ("python", "python3"):
+        return [sys.executable, *args[1:]]
+    if first == "-m" or first.endswith(".py"):
+        return [sys.executable, *args]
+    return list(args)
+
+
+def rank_env(base: Mapping[str, str], rank: int, world: int, shm_name: str, timeout: float | None) -> dict[str, str]:
+    env = dict(base)
+    env.update(
+        {
+            spmd.ENV_RANK: str(rank),
+            spmd.ENV_WORLD_SIZE: str(world),
+            spmd.ENV_LOCAL_RANK: str(rank),
+            spmd.ENV_COMMUNICATOR: "shm",
+            spmd.ENV_SHM_NAME: shm_name,
+            "PYTHONUNBUFFERED": "1",  # prefixed stderr lines should arrive as they are written
+        }
+    )
+    if timeout is not None:
+        env[spmd.ENV_TIMEOUT] = str(timeout)
+    threads = str(max(1, (os.cpu_count() or 1) // world))
+    for var in THREAD_VARS:
+        env.setdefault(var, threads)
+    return env
+
+
+def _prefix(stream: IO[bytes], rank: int, sink: IO[bytes], lock: threading.Lock) -> None:
+    tag = f"[rank {rank}] ".encode()
+    for line in iter(stream.readline, b""):
+        with lock:
+            sink.write(tag + line)
+            sink.flush()
+    stream.close()
+
+
+def _describe(code: int) -> str:
+    if code < 0:
+        try:
+            return f"was killed by signal {-code} ({signal.Signals(-code).name})"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"exited with code {code}"
+
+
+def launch(nprocs: int, args: Sequence[str], subcommands: Collection[str] = (), timeout: float | None = None) -> int:
+    """Run the ranks and return the exit code (0 when every rank succeeded)."""
+    shm_name = f"tw-{os.getpid()}-{secrets.token_hex(4)}"
+    argv = rank_command(args, subcommands)
+    sink = sys.stderr.buffer
+    lock = threading.Lock()
+    procs: list[subprocess.Popen[bytes]] = []
+    readers: list[threading.Thread] = []
+    sys.stdout.flush()
+    try:
+        for rank in range(nprocs):
+            proc = subprocess.Popen(
+                argv,
+                env=rank_env(os.environ, rank, nprocs, shm_name, timeout),
+                stdout=None if rank == 0 else subprocess.DEVNULL,
+                stderr=None if rank == 0 else subprocess.PIPE,
+            )
+            procs.append(proc)
+            if proc.stderr is not None:
+                t = threading.Thread(target=_prefix, args=(proc.stderr, rank, sink, lock), daemon=True)
+                t.start()
+                readers.append(t)
+        while True:
+            codes = [p.poll() for p in procs]
+            failed = next(((r, c) for r, c in enumerate(codes) if c not in (None, 0)), None)
+            if failed is not None:
+                rank, code = failed
+                stopped = _stop([p for p in procs if p.poll() is None])
+                others = [str(r) for r, p in enumerate(procs) if p in stopped]
+                with lock:
+                    print(
+                        f"tensorweave launch: rank {rank} {_describe(code)}"
+                        + (f"; stopped rank{'s' * (len(others) > 1)} {', '.join(others)}" if others else ""),
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                return code if code > 0 else 128 - code
+            if all(c == 0 for c in codes):
+                return 0
+            time.sleep(POLL_S)
+    except KeyboardInterrupt:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGINT)
+        _stop(procs)
+        return 130
+    except OSError as e:  # the program could not be started
+        _stop(procs)
+        print(f"tensorweave launch: cannot start {argv[0]!r}: {e.strerror or e}", file=sys.stderr)
+        return 127
+    finally:
+        for t in readers:
+            t.join(timeout=1.0)
+        _remove_segment(shm_name)
+
+
+def _stop(procs: Sequence[subprocess.Popen[bytes]]) -> list[subprocess.Popen[bytes]]:
+    """SIGTERM the running ones, SIGKILL whoever is left after the grace period; returns those that were running."""
+    running = [p for p in procs if p.poll() is None]
+    for p in running:
+        p.terminate()
+    deadline = time.monotonic() + GRACE_S
+    for p in running:
+        try:
+            p.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+    return running
+
+
+def _remove_segment(name: str) -> None:
+    """Rank 0 unlinks the segment once all ranks attached; this covers runs that died before that."""
+    with contextlib.suppress(OSError):
+        os.unlink(f"/dev/shm/{name}")

@@ -1,0 +1,263 @@
+"""Multi-process communicators for real: shm ranks started by `tensorweave launch`, mpi ranks by `mpiexec`, each
+rank a separate process running tests/spmd_worker.py; every result must equal the `local` communicator's,
+bitwise. Plus hang safety (a rank that never arrives, a rank killed mid-run) and the launcher's behaviour."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from spmd_worker import case_input, cases
+
+import tensorweave as tw
+from tensorweave.core import dtypes
+from tensorweave.core.spmd import SpmdEnv, resolve_rank, timeout_from
+from tensorweave.errors import CollectiveError
+from tensorweave.launch import rank_env
+
+WORKER = str(Path(__file__).with_name("spmd_worker.py"))
+HAVE_MPI = (
+    shutil.which("mpiexec") is not None
+    and subprocess.run([sys.executable, "-c", "import mpi4py"], capture_output=True).returncode == 0
+)
+needs_mpi = pytest.mark.skipif(
+    not HAVE_MPI, reason="mpi4py and mpiexec are not installed (pip install 'tensorweave[mpi]')"
+)
+MPI_ENV = {k: v for k, v in os.environ.items() if not k.startswith("TENSORWEAVE_")}
+
+
+def launch(n: int, *args: str, opts: tuple[str, ...] = ()) -> subprocess.CompletedProcess[str]:
+    cmd = [sys.executable, "-m", "tensorweave.cli", "launch", "-n", str(n), *opts, "--", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+
+
+def local_results(world: int) -> dict[str, list[np.ndarray]]:
+    devs = tw.devices(f"cpu-sim:{world}")
+    comm = tw.communicator(devs, "local")
+    out: dict[str, list[np.ndarray]] = {}
+    for key, spec in cases(world):
+        bufs = [d.from_host(case_input(spec, r)) for r, d in enumerate(devs)]
+        kind = spec["kind"]
+        if kind == "allreduce":
+            comm.allreduce(bufs, op=spec["op"])
+        elif kind == "reduce_scatter":
+            bufs = comm.reduce_scatter(bufs, sizes=spec["sizes"], op=spec["op"])
+        elif kind == "allgather":
+            bufs = comm.allgather(bufs)
+        else:
+            comm.broadcast(bufs, root=spec["root"])
+        out[key] = [d.to_host(b) for d, b in zip(devs, bufs, strict=True)]
+    return out
+
+
+def assert_equals_local(outdir: Path, world: int, bitwise: bool = True) -> None:
+    expected = local_results(world)
+    for rank in range(world):
+        got = np.load(outdir / f"rank{rank}.npz")
+        assert sorted(got.files) == sorted(expected), f"rank {rank} ran different cases"
+        for key, per_rank in expected.items():
+            want = per_rank[rank]
+            have = got[key].view(want.dtype).reshape(want.shape)
+            if bitwise or not key.startswith("allreduce") or "-sum-" not in key or want.dtype == dtypes.int32:
+                assert have.tobytes() == want.tobytes(), f"rank {rank}, {key}: differs from local"
+            else:  # rounded at each of MPI's combining steps: within world * eps of the inputs' magnitude
+                spec = dict(cases(world))[key]
+                magnitude = np.sum([np.abs(case_input(spec, r).astype(np.float64)) for r in range(world)], axis=0)
+                err = np.abs(have.astype(np.float64) - want.astype(np.float64))
+                assert np.all(err <= world * float(dtypes.finfo(want.dtype).eps) * magnitude), f"rank {rank}, {key}"
+
+
+@pytest.mark.parametrize(
+    ("world", "options"),
+    [
+        (2, {}),
+        (3, {"piece_bytes": 8192, "chunked_min_bytes": 0}),  # many rounds, 1/n reduction per rank
+        (4, {"piece_bytes": 4096}),
+    ],
+)
+def test_shm_equals_local(world: int, options: dict[str, Any], tmp_path: Path) -> None:
+    proc = launch(world, "python", WORKER, "shm", str(tmp_path), json.dumps(options))
+    assert proc.returncode == 0, proc.stderr
+    assert_equals_local(tmp_path, world)
+
+
+@needs_mpi
+@pytest.mark.parametrize(("world", "algorithm"), [(2, "ordered"), (3, "ordered"), (3, "native")])
+def test_mpi_equals_local(world: int, algorithm: str, tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [
+            "mpiexec",
+            "-n",
+            str(world),
+            sys.executable,
+            WORKER,
+            "mpi",
+            str(tmp_path),
+            json.dumps({"algorithm": algorithm}),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=MPI_ENV,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert_equals_local(tmp_path, world, bitwise=algorithm == "ordered")  # native: MPI's own summation order
+
+
+def assert_timed_out(output: str, limit: float) -> None:
+    """Ranks 0 and 2 each reported a timeout of collective #3 naming rank 1 (lines of ranks may interleave)."""
+    reports = re.findall(
+        r"TIMEOUT after ([\d.]+)s: (\w+) allreduce #3 \(rank (\d) of 3\)[^\n]*?rank 1 did not arrive", output
+    )
+    assert sorted(r[2] for r in reports) == ["0", "2"], output
+    assert all(float(r[0]) < limit for r in reports), output
+
+
+def test_shm_rank_that_never_arrives_times_out_everywhere(tmp_path: Path) -> None:
+    proc = launch(3, "python", WORKER, "shm", str(tmp_path), "{}", "--hang-check", opts=("--timeout", "1"))
+    assert proc.returncode == 0, proc.stderr
+    assert_timed_out(proc.stderr, limit=3)  # 1 s timeout, plus process noise
+
+
+@needs_mpi
+def test_mpi_rank_that_never_arrives_times_out_everywhere(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        ["mpiexec", "-n", "3", sys.executable, WORKER, "mpi", str(tmp_path), '{"timeout": 1}', "--hang-check"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=MPI_ENV,
+    )
+    assert_timed_out(proc.stderr, limit=5)  # 1 s timeout + the 0.5 s diagnosis, plus process noise
+
+
+def test_shm_rank_killed_mid_run_fails_the_others_within_the_timeout() -> None:
+    name = f"tw-test-{os.getpid()}"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, WORKER, "shm", "-", '{"timeout": 5}', "--loop"],
+            env=rank_env(os.environ, r, 3, name, None),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for r in range(3)
+    ]
+    try:
+        for p in procs:
+            assert p.stdout is not None and p.stdout.readline().strip() == "ready"
+        time.sleep(0.2)
+        killed_at = time.monotonic()
+        procs[1].send_signal(signal.SIGKILL)  # not reaped until the end: a zombie, as under a careless parent
+        outs = [procs[r].communicate(timeout=30)[0] for r in (0, 2)]
+        elapsed = time.monotonic() - killed_at
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+    assert elapsed < 5 + 2, elapsed
+    for out in outs:
+        assert "TIMEOUT" in out and "rank 1 did not arrive" in out, out
+
+
+def test_launch_forwards_rank0_stdout_and_prefixes_other_stderr() -> None:
+    code = "import os,sys; r=os.environ['TENSORWEAVE_RANK']; print('out', r); print('err', r, file=sys.stderr)"
+    proc = launch(3, "python", "-c", code)
+    assert proc.returncode == 0
+    assert proc.stdout == "out 0\n"
+    assert "err 0" in proc.stderr and "[rank 1] err 1" in proc.stderr and "[rank 2] err 2" in proc.stderr
+
+
+def test_launch_stops_everyone_when_a_rank_dies() -> None:
+    code = "import os,time; r=int(os.environ['TENSORWEAVE_RANK']); time.sleep(0 if r == 2 else 60); os._exit(3)"
+    t0 = time.monotonic()
+    proc = launch(3, "python", "-c", code)
+    assert time.monotonic() - t0 < 30
+    assert proc.returncode == 3
+    assert proc.stderr.strip().splitlines()[-1] == "tensorweave launch: rank 2 exited with code 3; stopped ranks 0, 1"
+
+
+def test_launch_runs_tensorweave_subcommands_and_reports_bad_usage() -> None:
+    proc = launch(2, "devices", "--json")
+    assert proc.returncode == 0 and json.loads(proc.stdout)["backends"]
+    bad = subprocess.run(
+        [sys.executable, "-m", "tensorweave.cli", "launch", "-n", "0", "--", "devices"], capture_output=True, text=True
+    )
+    assert bad.returncode == 2 and "positive integer" in bad.stderr
+    missing = subprocess.run(
+        [sys.executable, "-m", "tensorweave.cli", "launch", "-n", "2"], capture_output=True, text=True
+    )
+    assert missing.returncode == 2 and "needs a command" in missing.stderr
+
+
+def test_shm_mismatched_collectives_fail_on_every_rank() -> None:
+    code = (
+        "import numpy as np, tensorweave as tw\n"
+        "from tensorweave.core.spmd import spmd_from_env\n"
+        "c = spmd_from_env(); d = c.devices[0]; b = [d.from_host(np.zeros(4 + c.local_ranks[0], np.float32))]\n"
+        "try:\n    c.allreduce(b)\nexcept tw.errors.CollectiveError as e:\n    print(e)\n"
+        "c.barrier()\n"  # still usable afterwards: the ranks agree where they are
+        "print('barrier ok')\n"
+    )
+    proc = launch(2, "python", "-c", code)
+    assert proc.returncode == 0, proc.stderr
+    assert "ranks called mismatched collectives: rank 1 passes 5 elements while rank 0 passes 4" in proc.stdout
+    assert "barrier ok" in proc.stdout and "[rank 1] " not in proc.stderr
+
+
+def test_shm_option_errors_are_one_clear_line() -> None:
+    devs = tw.devices("cpu-sim:2")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TENSORWEAVE_")}
+    with pytest.MonkeyPatch.context() as mp:
+        for k in os.environ:
+            if k.startswith(("TENSORWEAVE_", "PMI_", "OMPI_", "PMIX_")):
+                mp.delenv(k)
+        with pytest.raises(CollectiveError, match="ONE device"):
+            tw.communicator(devs, "shm", rank=0, world_size=2, shm_name="x")
+        with pytest.raises(CollectiveError, match="rank and world size unknown"):
+            tw.communicator(devs[:1], "shm")
+        with pytest.raises(CollectiveError, match="no rendezvous name"):
+            tw.communicator(devs[:1], "shm", rank=0, world_size=1)
+        with pytest.raises(CollectiveError, match="timeout must be positive"):
+            tw.communicator(devs[:1], "shm", rank=0, world_size=1, shm_name="x", timeout=0)
+    assert env is not None
+
+
+def test_shm_rank0_alone_times_out_naming_the_missing_ranks() -> None:
+    devs = tw.devices("cpu-sim:1")
+    with pytest.raises(
+        tw.errors.CollectiveTimeoutError, match=r"shm init #1 \(rank 0 of 3\): ranks 1, 2 did not arrive"
+    ):
+        tw.communicator(devs, "shm", rank=0, world_size=3, shm_name=f"tw-alone-{os.getpid()}", timeout=0.3)
+    assert not Path(f"/dev/shm/tw-alone-{os.getpid()}").exists()  # rank 0 removed the name when giving up
+    with pytest.raises(tw.errors.CollectiveTimeoutError, match="rank 0 did not create segment"):
+        tw.communicator(devs, "shm", rank=1, world_size=2, shm_name=f"tw-nobody-{os.getpid()}", timeout=0.3)
+
+
+def test_spmd_environment() -> None:
+    assert SpmdEnv.detect({}) is None
+    env = SpmdEnv.detect({"TENSORWEAVE_RANK": "1", "TENSORWEAVE_WORLD_SIZE": "4", "TENSORWEAVE_LOCAL_RANK": "0"})
+    assert env == SpmdEnv(1, 4, 0, "shm", "TENSORWEAVE_RANK") and env.device_spec("cuda") == "cuda:0"
+    mpi = SpmdEnv.detect({"PMI_RANK": "2", "PMI_SIZE": "3"})
+    assert mpi is not None and (mpi.rank, mpi.world_size, mpi.communicator) == (2, 3, "mpi")
+    assert mpi.device_spec() == "cpu-sim:1"
+    with pytest.raises(CollectiveError, match="set both"):
+        SpmdEnv.detect({"TENSORWEAVE_RANK": "0"})
+    with pytest.raises(CollectiveError, match="outside"):
+        SpmdEnv.detect({"TENSORWEAVE_RANK": "5", "TENSORWEAVE_WORLD_SIZE": "2"})
+    with pytest.raises(CollectiveError, match="not an integer"):
+        SpmdEnv.detect({"OMPI_COMM_WORLD_RANK": "x", "OMPI_COMM_WORLD_SIZE": "2"})
+    assert resolve_rank(1, 2, "t") == (1, 2)
+    assert timeout_from(None, "t", {"TENSORWEAVE_TIMEOUT": "2.5"}) == 2.5 and timeout_from(None, "t", {}) == 300
+    with pytest.raises(CollectiveError, match="TENSORWEAVE_TIMEOUT must be a number"):
+        timeout_from(None, "t", {"TENSORWEAVE_TIMEOUT": "soon"})
