@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from tiny_transformer import Config, build, random_weights
 
@@ -76,7 +76,6 @@ def run_both(cfg: Config, devices: Any, tensor_split: Any, steps: list[int], see
     return ex
 
 
-@settings(max_examples=60)
 @given(
     cfg=configs(),
     world=st.integers(1, 8),
