@@ -4,6 +4,7 @@ decode through the KV cache. NMSE <= 1e-12 in float64 and <= 1e-6 in float32."""
 
 from __future__ import annotations
 
+from types import MappingProxyType
 from typing import Any
 
 import numpy as np
@@ -15,7 +16,7 @@ from tiny_transformer import Config, build, random_weights
 import tensorweave as tw
 from tensorweave.core.executor import Executor
 from tensorweave.core.graph import Graph, GraphCache
-from tensorweave.errors import PlanError, ShapeError
+from tensorweave.errors import PlanError, ShapeError, UnsupportedError
 
 NMSE_MAX = {"float64": 1e-12, "float32": 1e-6}
 
@@ -186,3 +187,34 @@ def test_graph_cache_reuses_graphs_by_signature() -> None:
     cache(tokens=3)  # evicts tokens=1
     cache(tokens=1)
     assert built == [1, 2, 3, 1] and len(cache) == 2
+
+
+def test_backend_kernels_and_capabilities_are_honoured() -> None:
+    from tensorweave.backends.cpu_sim import CpuSimBackend
+    from tensorweave.core.device import Capabilities, DeviceSpec
+    from tensorweave.core.ops import OPS
+
+    calls: list[tuple[int, ...]] = []
+
+    def counting_matmul(xp: Any, out: Any, x: Any, w: Any) -> None:
+        calls.append(w.shape)
+        OPS["matmul"].kernel(xp, out, x, w)
+
+    class Fast(CpuSimBackend):
+        kernels = MappingProxyType({"matmul": counting_matmul})
+
+    class Limited(CpuSimBackend):
+        capabilities = Capabilities(dtypes=frozenset({"float32", "int32"}), ops=frozenset({"add", "embedding"}))
+
+    cfg = Config(n_layer=1)
+    g = build(cfg, 2)
+    w = random_weights(g, 0)
+    feeds = {"tokens": np.array([1, 2]), "positions": np.arange(2)}
+    ex = Executor(Fast().devices(DeviceSpec.parse("cpu-sim:2")))
+    ex.load_weights(g, w)
+    assert nmse(ex.run(g, feeds)["logits"], g.evaluate(feeds, w)["logits"]) < 1e-10
+    assert len(calls) == 2 * 8  # 8 matmuls per device: q k v o gate up down head
+    ex = Executor(Limited().devices(DeviceSpec.parse("cpu-sim:2")))
+    ex.load_weights(g, w)
+    with pytest.raises(UnsupportedError, match=r"cpu-sim:0 .* does not support op 'rms_norm' in float32"):
+        ex.run(g, feeds)
