@@ -94,3 +94,18 @@ def finfo(x: Any) -> Any:
 
 def is_float(x: Any) -> bool:
     return to_dtype(x) != int32
+
+
+# --- bfloat16 as uint16 bits, for array namespaces without a bfloat16 dtype (CuPy) ---------------------------
+
+
+def bf16_bits_to_float32(xp: Any, bits: Any) -> Any:
+    """uint16 bfloat16 bit patterns -> float32 values (exact: bfloat16 is float32's upper half)."""
+    return (bits.astype(xp.uint32) << 16).view(xp.float32)  # methods, not xp.astype: CuPy lacks the latter
+
+
+def float32_to_bf16_bits(xp: Any, x: Any) -> Any:
+    """float32 -> uint16 bfloat16 bits, rounding to nearest even like ml_dtypes; NaN stays a (quiet) NaN."""
+    b = x.view(xp.uint32)
+    rounded = (b + 0x7FFF + ((b >> 16) & 1)) >> 16
+    return xp.where(xp.isnan(x), (b >> 16) | 0x40, rounded).astype(xp.uint16)
