@@ -70,7 +70,9 @@ def _acc(x: Any) -> Any:
 
 
 def _sigmoid(xp: Any, x: Any) -> Any:
-    return 0.5 * (1.0 + xp.tanh(0.5 * x))  # tanh form: no overflow in exp for large |x|
+    # exp(-|x|) <= 1 never overflows; unlike 0.5 * (1 + tanh(x / 2)) it keeps full relative precision for x << 0
+    e = xp.exp(-xp.abs(x))
+    return xp.where(x >= 0, 1.0, e) / (1.0 + e)
 
 
 def _silu(xp: Any, x: Any) -> Any:
@@ -78,7 +80,8 @@ def _silu(xp: Any, x: Any) -> Any:
 
 
 def _gelu_tanh(xp: Any, x: Any) -> Any:
-    return 0.5 * x * (1.0 + xp.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x * x * x)))
+    # 0.5 * (1 + tanh(u)) == sigmoid(2u), without the cancellation of 1 + tanh(u) for very negative u
+    return x * _sigmoid(xp, 2.0 * math.sqrt(2.0 / math.pi) * (x + 0.044715 * x * x * x))
 
 
 def _softmax(xp: Any, x: Any, axis: int = -1) -> Any:
@@ -213,6 +216,14 @@ def _glu(act: str) -> Callable[..., None]:
 
 
 def _k_cast(xp: Any, out: Any, x: Any, *, dtype: str = "") -> None:
+    if x.dtype == dtypes.float64 and out.dtype == dtypes.bfloat16:
+        # ml_dtypes converts float64 -> float32 -> bfloat16, rounding twice; via float32 rounded to odd, the
+        # final rounding to bfloat16 equals rounding the float64 value once
+        big = float(np.finfo(np.float32).max)
+        x = xp.clip(x, -big, big)  # past float32's range (inf too): its max still rounds to bfloat16 inf
+        f = x.astype(dtypes.float32)
+        f = xp.where(xp.abs(f.astype(dtypes.float64)) > xp.abs(x), xp.nextafter(f, xp.float32(0)), f)  # truncate
+        x = (f.view(xp.uint32) | (f.astype(dtypes.float64) != x).astype(xp.uint32)).view(dtypes.float32)
     out[...] = x
 
 
