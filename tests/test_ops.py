@@ -670,7 +670,27 @@ def test_rope_unknown_scaling_is_refused_at_trace_time() -> None:
     pos = g.input("pos", (2,), "int32")
     with pytest.raises(UnsupportedError, match="yarn"):
         g.rope(x, pos, scaling={"type": "yarn", "factor": 4.0})
+    with pytest.raises(UnsupportedError, match="yarn"):
+        g.rope(x, pos, scaling={"rope_type": "yarn", "factor": 4.0})  # transformers' key
+    with pytest.raises(UnsupportedError, match="needs low_freq_factor, high_freq_factor"):
+        g.rope(x, pos, scaling={"rope_type": "llama3", "factor": 8.0, "original_max_position_embeddings": 64})
     assert g.nodes == []
+
+
+def test_rope_scaling_reads_transformers_rope_type_key() -> None:
+    """A Hugging Face rope_scaling dict ("rope_type") scales exactly like the older "type" spelling."""
+    llama3 = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((5, 2, 16))
+    pos = np.arange(5, dtype=np.int32) * 7
+    outs = []
+    for scaling in ({"rope_type": "llama3", **llama3}, {"type": "llama3", **llama3}, None):
+        g = Graph("float64")
+        xt, pt = g.input("x", x.shape, "float64"), g.input("pos", pos.shape, "int32")
+        g.output("y", g.rope(xt, pt, theta=500.0, scaling=scaling))
+        outs.append(g.evaluate({"x": x, "pos": pos}, {})["y"])
+    np.testing.assert_array_equal(outs[0], outs[1])
+    assert not np.allclose(outs[0], outs[2])  # the scaling took effect
 
 
 # --- attention ------------------------------------------------------------------------------------------------
@@ -1069,6 +1089,7 @@ BAD_SHAPES: list[tuple[str, list[tuple[tuple[int, ...], np.dtype[Any]]], dict[st
     ("moe_ffn", [((2, 4), D), ((2, 3), D), ((3, 5, 4), D), ((3, 5, 4), D), ((3, 4, 6), D)], {}, "down"),
     ("moe_ffn", [((2, 4), D), ((2, 2), D), ((3, 5, 4), D), ((3, 5, 4), D), ((3, 4, 5), D)], {}, "routing"),
     ("moe_ffn", [((2, 4), D), ((2, 3), D), ((3, 5, 4), D), ((3, 6, 4), D), ((3, 4, 5), D)], {}, "gate"),
+    ("moe_ffn", [((1, 2, 4), D), ((2, 3), D), ((3, 5, 4), D), ((3, 5, 4), D), ((3, 4, 5), D)], {}, "axes"),
     ("embedding", [((3,), D), ((10, 4), D)], {}, "int32"),
     ("embedding", [((3,), np.dtype(np.int64)), ((10, 4), D)], {}, "int32"),
     ("rms_norm", [((2, 4), D), ((3,), D)], {"eps": 1e-6}, "weight"),

@@ -302,25 +302,38 @@ def _k_layer_norm(xp: Any, out: Any, x: Any, w: Any = None, b: Any = None, *, ep
 # --- rope -----------------------------------------------------------------------------------------------------
 
 
+ROPE_SCALING_KEYS = {
+    "linear": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+}
+
+
 def rope_inv_freq(n_rot: int, theta: float, scaling: dict[str, Any] | None = None) -> np.ndarray:
-    """Per-pair inverse frequencies (float64) for ``n_rot`` rotated dims, with optional linear/llama3 scaling."""
+    """Per-pair inverse frequencies (float64) for ``n_rot`` rotated dims, with optional linear/llama3 scaling.
+
+    ``scaling`` is a Hugging Face ``rope_scaling``/``rope_parameters`` dict: the kind under ``rope_type`` (or the
+    older ``type``), plus that kind's keys.
+    """
     inv = theta ** (-np.arange(0, n_rot, 2, dtype=np.float64) / n_rot)
-    kind = (scaling or {}).get("type", "none")
+    scaling = scaling or {}
+    kind = scaling.get("rope_type", scaling.get("type", "none"))
     if kind in ("none", "default"):
         return inv
-    factor = float(scaling["factor"])  # type: ignore[index]
+    if kind not in ROPE_SCALING_KEYS:
+        raise UnsupportedError(f"rope scaling type {kind!r} is not supported (known: none, default, linear, llama3)")
+    missing = [k for k in ROPE_SCALING_KEYS[kind] if k not in scaling]
+    if missing:
+        raise UnsupportedError(f"rope scaling {kind!r} needs {', '.join(missing)}; got keys {sorted(scaling)}")
+    factor = float(scaling["factor"])
     if kind == "linear":
         return inv / factor
-    if kind == "llama3":
-        assert scaling is not None
-        low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
-        old = float(scaling["original_max_position_embeddings"])
-        wavelen = 2 * math.pi / inv
-        scaled = np.where(wavelen > old / low, inv / factor, inv)
-        smooth = (old / wavelen - low) / (high - low)
-        medium = (wavelen >= old / high) & (wavelen <= old / low)
-        return np.where(medium, (1 - smooth) * inv / factor + smooth * inv, scaled)
-    raise UnsupportedError(f"rope scaling type {kind!r} is not supported (known: none, linear, llama3)")
+    low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+    old = float(scaling["original_max_position_embeddings"])
+    wavelen = 2 * math.pi / inv
+    scaled = np.where(wavelen > old / low, inv / factor, inv)
+    smooth = (old / wavelen - low) / (high - low)
+    medium = (wavelen >= old / high) & (wavelen <= old / low)
+    return np.where(medium, (1 - smooth) * inv / factor + smooth * inv, scaled)
 
 
 def _infer_rope(metas: list[Meta], attrs: dict[str, Any]) -> Meta:
@@ -474,6 +487,8 @@ def _k_topk(
 
 def _infer_moe(metas: list[Meta], attrs: dict[str, Any]) -> Meta:
     (xs, xd), (rs, _), (gs, _), (us, _), (ds, _) = metas
+    ranks = [len(xs), len(rs), len(gs), len(us), len(ds)]
+    _need(ranks == [2, 2, 3, 3, 3], f"moe_ffn: x, route, gate, up, down must have 2, 2, 3, 3, 3 axes, got {ranks}")
     n_tok, hidden = xs
     n_exp, n_ff = gs[0], gs[1]
     _need(rs == (n_tok, n_exp), f"moe_ffn: routing weights must be [{n_tok}, {n_exp}], got {rs}")
