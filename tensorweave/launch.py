@@ -3,7 +3,8 @@
 ARGS is a tensorweave subcommand (``run MODEL ...`` runs ``tensorweave run MODEL ...`` in every rank), ``python
 ...`` / ``-m module`` / ``script.py`` (this interpreter), or any other program. Each rank gets the SPMD
 environment of ``tensorweave.core.spmd`` (``TENSORWEAVE_RANK``, ``_WORLD_SIZE``, ``_LOCAL_RANK``,
-``_COMMUNICATOR=shm``, a fresh ``TENSORWEAVE_SHM_NAME``, ``TENSORWEAVE_TIMEOUT`` when ``--timeout`` is given) and,
+``_COMMUNICATOR=shm``, a fresh ``TENSORWEAVE_SHM_NAME``, ``TENSORWEAVE_STORE`` on a free local port for ranks
+that open ``nccl`` instead, ``TENSORWEAVE_TIMEOUT`` when ``--timeout`` is given) and,
 unless already set, BLAS/OpenMP thread counts that share the cores instead of oversubscribing them.
 
 Output: rank 0's stdout is this command's stdout (so it pipes); rank 0's stderr passes through; the other ranks'
@@ -18,6 +19,7 @@ import contextlib
 import os
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -44,7 +46,16 @@ def rank_command(args: Sequence[str], subcommands: Collection[str]) -> list[str]
     return list(args)
 
 
-def rank_env(base: Mapping[str, str], rank: int, world: int, shm_name: str, timeout: float | None) -> dict[str, str]:
+def free_port() -> int:
+    """A TCP port free right now, for the rendezvous store rank 0 serves (NCCL unique ids)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def rank_env(
+    base: Mapping[str, str], rank: int, world: int, shm_name: str, timeout: float | None, store: str = ""
+) -> dict[str, str]:
     env = dict(base)
     env.update(
         {
@@ -53,6 +64,7 @@ def rank_env(base: Mapping[str, str], rank: int, world: int, shm_name: str, time
             spmd.ENV_LOCAL_RANK: str(rank),
             spmd.ENV_COMMUNICATOR: "shm",
             spmd.ENV_SHM_NAME: shm_name,
+            spmd.ENV_STORE: store or base.get(spmd.ENV_STORE, ""),
             "PYTHONUNBUFFERED": "1",  # prefixed stderr lines should arrive as they are written
         }
     )
@@ -86,6 +98,7 @@ def launch(nprocs: int, args: Sequence[str], subcommands: Collection[str] = (), 
     """Run the ranks and return the exit code (0 when every rank succeeded)."""
     shm_name = f"tw-{os.getpid()}-{secrets.token_hex(4)}"
     argv = rank_command(args, subcommands)
+    store = f"127.0.0.1:{free_port()}"
     sink = sys.stderr.buffer
     lock = threading.Lock()
     procs: list[subprocess.Popen[bytes]] = []
@@ -95,7 +108,7 @@ def launch(nprocs: int, args: Sequence[str], subcommands: Collection[str] = (), 
         for rank in range(nprocs):
             proc = subprocess.Popen(
                 argv,
-                env=rank_env(os.environ, rank, nprocs, shm_name, timeout),
+                env=rank_env(os.environ, rank, nprocs, shm_name, timeout, store),
                 stdout=None if rank == 0 else subprocess.DEVNULL,
                 stderr=None if rank == 0 else subprocess.PIPE,
             )

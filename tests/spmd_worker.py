@@ -24,7 +24,7 @@ from tensorweave.errors import CollectiveTimeoutError
 
 DTYPES = ["float32", "float16", "bfloat16", "float64", "int32"]
 OPS = ["sum", "max", "min"]
-LENGTHS = [0, 1, 1000, 70_000]  # 70k elements: past the host-staging threshold and several shm pieces
+LENGTHS = [0, 1, 1000, 70_000]  # 70k elements: several shm pieces, the 1/n-per-rank reduction
 
 
 def make_input(seed: int, rank: int, shape: tuple[int, ...], dtype: str) -> np.ndarray:

@@ -81,7 +81,7 @@ def assert_equals_local(outdir: Path, world: int, bitwise: bool = True) -> None:
     ("world", "options"),
     [
         (2, {}),
-        (3, {"piece_bytes": 8192, "chunked_min_bytes": 0}),  # many rounds, 1/n reduction per rank
+        (3, {"piece_bytes": 8192, "chunked_min_bytes": 0, "stage_bytes": 4096}),  # many rounds; the device's memory
         (4, {"piece_bytes": 4096}),
     ],
 )
@@ -103,7 +103,7 @@ def test_mpi_equals_local(world: int, algorithm: str, tmp_path: Path) -> None:
             WORKER,
             "mpi",
             str(tmp_path),
-            json.dumps({"algorithm": algorithm}),
+            json.dumps({"algorithm": algorithm, "stage_bytes": 4096 * (world == 3)}),
         ],
         capture_output=True,
         text=True,

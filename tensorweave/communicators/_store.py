@@ -13,9 +13,10 @@ import struct
 import threading
 import time
 
+from ..core.spmd import ENV_STORE
 from ..errors import CollectiveError, CollectiveTimeoutError
 
-ENV_STORE = "TENSORWEAVE_STORE"
+__all__ = ["ENV_STORE", "TcpStore", "parse_address"]
 
 
 def parse_address(text: str) -> tuple[str, int]:

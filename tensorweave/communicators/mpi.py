@@ -41,6 +41,10 @@ from ..errors import BackendUnavailableError, CollectiveError, CollectiveTimeout
 from ._process import KINDS, Backoff, ProcessGroupCommunicator, Scratch, checksum, header, reduce_into, verify_headers
 
 ALGORITHMS = ("ordered", "native")
+# MPI progresses only while polled (a 64 MiB message moves in many small cells, each needing a poll on both
+# sides), so keep polling with yields for 50 ms plus the time the bytes take at a slow 200 MB/s before sleeping.
+MPI_YIELD_S = 0.05
+MPI_YIELD_BYTES_PER_S = 2e8
 DIAG_TAG = 0x7477  # tag of the timeout diagnosis messages (on a communicator of their own)
 NATIVE_TYPES = {"float32": "FLOAT", "float64": "DOUBLE", "int32": "INT32_T"}
 NATIVE_OPS = {"sum": "SUM", "max": "MAX", "min": "MIN"}
@@ -102,11 +106,11 @@ class MpiGroup:
                 "rank's output for the first failure, and that all ranks run the same program"
             ) from None
 
-    def _wait(self, reqs: list[Any]) -> None:
+    def _wait(self, reqs: list[Any], nbytes: int = 0) -> None:
         test = self.MPI.Request.Testall
         if test(reqs):
             return
-        backoff = Backoff(self.timeout)
+        backoff = Backoff(self.timeout, yield_s=MPI_YIELD_S + nbytes / MPI_YIELD_BYTES_PER_S)
         while not test(reqs):
             if not backoff.pause():
                 self._diagnose()
@@ -189,7 +193,8 @@ class MpiGroup:
                     self.comm.Ialltoallv(
                         [flat.view(np.uint8), send_spec, self.MPI.BYTE], [recv.view(np.uint8), recv_spec, self.MPI.BYTE]
                     )
-                ]
+                ],
+                flat.nbytes,
             )
         reduce_into(out, list(recv), op, self._scratch(counts[me]))
 
@@ -208,7 +213,9 @@ class MpiGroup:
         isz = flat.dtype.itemsize
         spec = ([c * isz for c in counts], [s * isz for s in starts[:-1]])
         with self._mpi_errors():
-            self._wait([self.comm.Iallgatherv(self.MPI.IN_PLACE, [flat.view(np.uint8), spec, self.MPI.BYTE])])
+            self._wait(
+                [self.comm.Iallgatherv(self.MPI.IN_PLACE, [flat.view(np.uint8), spec, self.MPI.BYTE])], flat.nbytes
+            )
 
     def _native_allreduce(self, flat: np.ndarray, op: str) -> None:
         MPI, name = self.MPI, dtypes.name(flat.dtype)
@@ -217,7 +224,7 @@ class MpiGroup:
         else:
             buf, mpi_op = [flat.view(np.uint16), MPI.UINT16_T], self._user_op(flat.dtype, op)
         with self._mpi_errors():
-            self._wait([self.comm.Iallreduce(MPI.IN_PLACE, buf, mpi_op)])
+            self._wait([self.comm.Iallreduce(MPI.IN_PLACE, buf, mpi_op)], flat.nbytes)
 
     def _user_op(self, dtype: np.dtype[Any], op: str) -> Any:
         """An MPI op over uint16 buffers holding ``dtype`` (float16/bfloat16): widen, combine, round back."""
@@ -255,7 +262,8 @@ class MpiGroup:
         spec = ([r * row_bytes for r in rows], [s * row_bytes for s in starts[:-1]])
         with self._mpi_errors():
             self._wait(
-                [self.comm.Iallgatherv(self._bytes(x), [target.reshape(-1).view(np.uint8), spec, self.MPI.BYTE])]
+                [self.comm.Iallgatherv(self._bytes(x), [target.reshape(-1).view(np.uint8), spec, self.MPI.BYTE])],
+                target.nbytes,
             )
         if out is not None and target is not out:
             raise CollectiveError(
@@ -268,7 +276,7 @@ class MpiGroup:
         self._begin("broadcast", x, None, x.size, root)
         if self.world_size > 1:
             with self._mpi_errors():
-                self._wait([self.comm.Ibcast(self._bytes(x), root=root)])
+                self._wait([self.comm.Ibcast(self._bytes(x), root=root)], x.nbytes)
 
     def barrier(self) -> None:
         self._begin("barrier")

@@ -32,6 +32,7 @@ ENV_LOCAL_RANK = "TENSORWEAVE_LOCAL_RANK"
 ENV_COMMUNICATOR = "TENSORWEAVE_COMMUNICATOR"
 ENV_TIMEOUT = "TENSORWEAVE_TIMEOUT"
 ENV_SHM_NAME = "TENSORWEAVE_SHM_NAME"  # the shm communicator's rendezvous segment
+ENV_STORE = "TENSORWEAVE_STORE"  # HOST:PORT of the TCP rendezvous store (NCCL unique ids)
 DEFAULT_TIMEOUT = 300.0  # seconds; long enough for a slow rank to load its shard, short enough to notice a hang
 
 # (rank, world size, local rank) variables of MPI launchers, tried in order.
