@@ -56,7 +56,11 @@ def main() -> None:
     if args.processes:
         cmd = ["mpiexec", "-n", str(args.processes), sys.executable, __file__, "--worker", "--repeat", str(args.repeat)]
         sys.exit(subprocess.call([*cmd, "--sizes", *args.sizes, "--dtypes", *args.dtypes]))
-    names = sorted(n for n, c in registry().communicators.items() if c.capabilities.in_process)
+    names = sorted(
+        n
+        for n, c in registry().communicators.items()
+        if c.capabilities.in_process and (c.capabilities.backends is None or "cpu-sim" in c.capabilities.backends)
+    )
     names.sort(key=lambda n: n != "local")  # baseline first
     rows = []
     for world in args.world:

@@ -128,8 +128,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     n = args.elements
     rows, ok = [], True
     for name, cls in sorted(reg.communicators.items()):
-        if not cls.capabilities.in_process:
-            continue
+        caps = cls.capabilities
+        if not caps.in_process or (caps.backends is not None and devs[0].backend.name not in caps.backends):
+            continue  # one-process-per-rank, or made for other devices (nccl: cuda)
         with open_communicator(devs, name) as comm:
             for dt in ("float32", "float16", "bfloat16"):
                 host = [rng.standard_normal(n).astype(dtypes.to_dtype(dt)) for _ in devs]

@@ -16,7 +16,11 @@ from tensorweave.core.communicator import REDUCE_OPS
 from tensorweave.core.plugins import registry
 from tensorweave.errors import CollectiveError, PlacementError, PluginError, UnsupportedError
 
-IN_PROCESS = sorted(n for n, c in registry().communicators.items() if c.capabilities.in_process)
+IN_PROCESS = sorted(  # those that drive cpu-sim devices from one process (not nccl: cuda only)
+    n
+    for n, c in registry().communicators.items()
+    if c.capabilities.in_process and (c.capabilities.backends is None or "cpu-sim" in c.capabilities.backends)
+)
 DTYPES = ["float32", "float16", "bfloat16", "float64", "int32"]
 LENGTHS = st.one_of(
     st.sampled_from([0, 1, 2, 3, 7, 8, 9, 64, 1023, 1025]), st.integers(0, 100_000), st.integers(50_000, 100_000)
