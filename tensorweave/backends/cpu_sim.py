@@ -233,6 +233,8 @@ class SimDevice(Device):
                     if not self._pending:
                         self._idle.notify_all()
 
+        with self._idle:  # counted before it runs, nested or not: run() uncounts it when done
+            self._pending += 1
         if self._on_worker():  # nested submit from this device's own work: run now, or it would wait on itself
             fut: Future[Any] = Future()
             try:
@@ -240,8 +242,6 @@ class SimDevice(Device):
             except BaseException as e:
                 fut.set_exception(e)
             return fut
-        with self._idle:
-            self._pending += 1
         return self._worker.submit(run)
 
     def _unwrap(self, value: Any) -> Any:
