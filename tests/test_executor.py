@@ -159,6 +159,19 @@ def test_weights_come_as_slices_from_a_callable_source() -> None:
     assert nmse(ex.run(g, feeds)["logits"], g.evaluate(feeds, w)["logits"]) < 1e-24
 
 
+def test_reloading_weights_takes_effect() -> None:
+    cfg = Config(n_layer=1, dtype="float64")
+    g = build(cfg, 2)
+    w1, w2 = random_weights(g, 1), random_weights(g, 2)
+    feeds = {"tokens": np.array([1, 2]), "positions": np.arange(2)}
+    ex = Executor("cpu-sim:2")
+    ex.load_weights(g, w1)
+    ex.run(g, feeds)
+    ex.load_weights(g, w2)
+    ex.reset_caches()
+    assert nmse(ex.run(g, feeds)["logits"], g.evaluate(feeds, w2)["logits"]) < 1e-24
+
+
 def test_clear_errors_for_missing_weights_and_bad_feeds() -> None:
     g = build(Config(n_layer=1), 2)
     ex = Executor("cpu-sim:2")

@@ -318,6 +318,7 @@ class Executor:
                 parts.append(dev.from_host(np.ascontiguousarray(host, dtype=t.dtype)))
             self.weights[name] = parts
             self._specs[name] = t
+        self._compiled.clear()  # compiled programs hold the previous weight arrays
 
     def reset_caches(self) -> None:
         """Zero every cache (a fresh context)."""
