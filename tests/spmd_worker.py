@@ -1,6 +1,6 @@
 """One rank of a multi-process communicator test (started by tests/test_spmd.py through launch or mpiexec).
 
-    python tests/spmd_worker.py NAME OUTDIR [OPTIONS_JSON] [--kill-check]
+    python tests/spmd_worker.py NAME OUTDIR [OPTIONS_JSON] [--hang-check | --loop [--small]]
 
 Runs every case of ``cases(world)`` through communicator NAME on one cpu-sim device and saves this rank's results
 to OUTDIR/rank<R>.npz; the test compares them with the ``local`` communicator's. Inputs derive from the case
@@ -24,7 +24,8 @@ from tensorweave.errors import CollectiveTimeoutError
 
 DTYPES = ["float32", "float16", "bfloat16", "float64", "int32"]
 OPS = ["sum", "max", "min"]
-LENGTHS = [0, 1, 1000, 70_000]  # 70k elements: several shm pieces, the 1/n-per-rank reduction
+LENGTHS = [0, 1, 1000, 16_384, 70_000]  # 70k elements: several shm pieces, the 1/n-per-rank reduction;
+# 1000 and (in 16-bit) 16384 elements go through shm's small-allreduce path
 
 
 def make_input(seed: int, rank: int, shape: tuple[int, ...], dtype: str) -> np.ndarray:
@@ -46,6 +47,11 @@ def cases(world: int) -> Iterator[tuple[str, dict[str, Any]]]:
                     f"allreduce-{dt}-{op}-{n}",
                     {"kind": "allreduce", "dtype": dt, "op": op, "shape": (n,), "seed": seed},
                 )
+            seed += 1  # the same small collective again and again: the reused plan and header words
+            yield (
+                f"allreduce-{dt}-{op}-repeat",
+                {"kind": "allreduce", "dtype": dt, "op": op, "shape": (33, 5), "seed": seed, "repeat": 4},
+            )
             seed += 1
             sizes = [(7 * r + 3) % 11 for r in range(world)]  # uneven, some zero-size parts at larger worlds
             shape = (sum(sizes), 3)
@@ -78,7 +84,8 @@ def run_case(comm: Any, dev: Any, spec: dict[str, Any], host: np.ndarray) -> np.
     buf = dev.from_host(host)
     kind = spec["kind"]
     if kind == "allreduce":
-        comm.allreduce([buf], op=spec["op"])
+        for _ in range(spec.get("repeat", 1)):
+            comm.allreduce([buf], op=spec["op"])
         return dev.to_host(buf)
     if kind == "reduce_scatter":
         return dev.to_host(comm.reduce_scatter([buf], sizes=spec["sizes"], op=spec["op"])[0])
@@ -109,8 +116,9 @@ def main() -> int:
             print(f"TIMEOUT after {time.monotonic() - t0:.2f}s: {e}", file=sys.stderr, flush=True)
             return 0
         return 1
-    if "--loop" in sys.argv:  # allreduce until a collective fails (the test kills a rank meanwhile)
-        buf = dev.from_host(np.ones(1 << 18, np.float32))
+    if "--loop" in sys.argv:  # allreduce until a collective fails (the test kills or stops a rank meanwhile)
+        size = 1000 if "--small" in sys.argv else 1 << 18  # shm: the small-allreduce path, or the chunked one
+        buf = dev.from_host(np.ones(size, np.float32))
         comm.allreduce([buf])
         print("ready", flush=True)
         t0 = time.monotonic()

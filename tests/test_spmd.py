@@ -49,7 +49,8 @@ def local_results(world: int) -> dict[str, list[np.ndarray]]:
         bufs = [d.from_host(case_input(spec, r)) for r, d in enumerate(devs)]
         kind = spec["kind"]
         if kind == "allreduce":
-            comm.allreduce(bufs, op=spec["op"])
+            for _ in range(spec.get("repeat", 1)):
+                comm.allreduce(bufs, op=spec["op"])
         elif kind == "reduce_scatter":
             bufs = comm.reduce_scatter(bufs, sizes=spec["sizes"], op=spec["op"])
         elif kind == "allgather":
@@ -72,17 +73,22 @@ def assert_equals_local(outdir: Path, world: int, bitwise: bool = True) -> None:
                 assert have.tobytes() == want.tobytes(), f"rank {rank}, {key}: differs from local"
             else:  # rounded at each of MPI's combining steps: within world * eps of the inputs' magnitude
                 spec = dict(cases(world))[key]
+                repeat = spec.get("repeat", 1)  # each call multiplies the magnitude by `world` and adds its error
                 magnitude = np.sum([np.abs(case_input(spec, r).astype(np.float64)) for r in range(world)], axis=0)
+                magnitude *= world ** (repeat - 1)
                 err = np.abs(have.astype(np.float64) - want.astype(np.float64))
-                assert np.all(err <= world * float(dtypes.finfo(want.dtype).eps) * magnitude), f"rank {rank}, {key}"
+                bound = repeat * world * float(dtypes.finfo(want.dtype).eps) * magnitude
+                assert np.all(err <= bound), f"rank {rank}, {key}"
 
 
 @pytest.mark.parametrize(
     ("world", "options"),
     [
         (2, {}),
+        (2, {"ordering": "lock", "spin_us": 0}),  # the weakly-ordered CPUs' protocol, exercised on x86 too
         (3, {"piece_bytes": 8192, "chunked_min_bytes": 0, "stage_bytes": 4096}),  # many rounds; the device's memory
         (4, {"piece_bytes": 4096}),
+        (4, {"small_max_bytes": 0, "ordering": "lock"}),  # no small path: every allreduce on the general one
     ],
 )
 def test_shm_equals_local(world: int, options: dict[str, Any], tmp_path: Path) -> None:
@@ -141,11 +147,17 @@ def test_mpi_rank_that_never_arrives_times_out_everywhere(tmp_path: Path) -> Non
     assert_timed_out(proc.stderr, limit=5)  # 1 s timeout + the 0.5 s diagnosis, plus process noise
 
 
-def test_shm_rank_killed_mid_run_fails_the_others_within_the_timeout() -> None:
-    name = f"tw-test-{os.getpid()}"
+@pytest.mark.parametrize(
+    ("how", "size"), [("kill", "large"), ("kill", "small"), ("stop", "small"), ("kill-lock", "small")]
+)
+def test_shm_rank_killed_mid_run_fails_the_others_within_the_timeout(how: str, size: str) -> None:
+    """A rank killed (or stopped) mid-loop of large or small allreduces: the others time out naming it and the
+    collective's number: a dead process is noticed at once, a stopped one at the deadline."""
+    name = f"tw-test-{os.getpid()}-{how}-{size}"
+    options = json.dumps({"timeout": 5 if how != "stop" else 1.5, "ordering": "lock" if "lock" in how else "auto"})
     procs = [
         subprocess.Popen(
-            [sys.executable, WORKER, "shm", "-", '{"timeout": 5}', "--loop"],
+            [sys.executable, WORKER, "shm", "-", options, "--loop", *(["--small"] if size == "small" else [])],
             env=rank_env(os.environ, r, 3, name, None),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -158,16 +170,31 @@ def test_shm_rank_killed_mid_run_fails_the_others_within_the_timeout() -> None:
             assert p.stdout is not None and p.stdout.readline().strip() == "ready"
         time.sleep(0.2)
         killed_at = time.monotonic()
-        procs[1].send_signal(signal.SIGKILL)  # not reaped until the end: a zombie, as under a careless parent
+        # killed: not reaped until the end, a zombie, as under a careless parent; stopped: alive but silent
+        procs[1].send_signal(signal.SIGSTOP if how == "stop" else signal.SIGKILL)
         outs = [procs[r].communicate(timeout=30)[0] for r in (0, 2)]
         elapsed = time.monotonic() - killed_at
     finally:
         for p in procs:
             p.kill()
             p.wait()
-    assert elapsed < 5 + 2, elapsed
+    assert elapsed < (1.5 + 2 if how == "stop" else 4), elapsed  # the dead: noticed by the liveness check
+    gave_up = r"rank [02] gave up waiting for them in collective #\d+"
+    why = (
+        r"no sign of them within the 1.5 s timeout"
+        if how == "stop"
+        else r"the process of rank 1 \(pid \d+\) has exited"
+    )
+    seqs = []
     for out in outs:
-        assert "TIMEOUT" in out and "rank 1 did not arrive" in out, out
+        found = re.search(
+            rf"TIMEOUT after [\d.]+s: shm allreduce #(\d+) \(rank [02] of 3\): rank 1 did not arrive: "
+            rf"({why}|{gave_up})",
+            out,
+        )
+        assert found, out
+        seqs.append(found[1])
+    assert seqs[0] == seqs[1], outs  # both name the collective they were in: the same one
 
 
 def test_launch_forwards_rank0_stdout_and_prefixes_other_stderr() -> None:

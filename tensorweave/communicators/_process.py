@@ -199,6 +199,7 @@ class ProcessGroupCommunicator(Communicator):
                 f"{len(self.devices)} devices. One process driving several devices uses 'local', 'peer' or 'nccl'"
             )
         self.stage_bytes = int(stage_bytes)
+        self._numpy_device = self.devices[0].xp is np  # may work on the device's own memory (see _host)
 
     def _join(self, group: HostGroup) -> None:
         self.group = group
@@ -232,7 +233,7 @@ class ProcessGroupCommunicator(Communicator):
                 xs[writeback][...] = flat[writeback]
             return result
 
-        if dev.xp is np and sum(int(a.nbytes) for a in arrays) > self.stage_bytes:
+        if self._numpy_device and sum(int(a.nbytes) for a in arrays) > self.stage_bytes:
             return dev.submit(on_device, *arrays).result()
         hosts = [dev.to_host(a) for a in arrays]
         result = fn(*hosts)
@@ -241,7 +242,14 @@ class ProcessGroupCommunicator(Communicator):
         return dev.from_host(result) if isinstance(result, np.ndarray) else result
 
     def _allreduce(self, buffers: list[DeviceArray], op: str) -> None:
-        self._host(lambda x: self.group.allreduce(x, op), buffers[0], writeback=0)
+        buf = buffers[0]
+        if buf.nbytes <= self.stage_bytes or not self._numpy_device:  # _host's staging, minus its generality:
+            dev = self.devices[0]  # this is the latency path of small collectives
+            host = dev.to_host(buf)
+            self.group.allreduce(host, op)
+            dev.from_host(host, out=buf)
+            return
+        self._host(lambda x: self.group.allreduce(x, op), buf, writeback=0)
 
     def _allgather(self, buffers: list[DeviceArray], out: list[DeviceArray] | None) -> list[DeviceArray]:
         if out is None:
