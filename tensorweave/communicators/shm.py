@@ -42,12 +42,13 @@ access of the CPU, user-mode ones included) order the data around the arrival. `
 path on x86 too (the tests run it). The lock is taken without blocking, under the deadline, so a rank stopped
 while holding it becomes a timeout, never a hang, and the kernel drops it when its holder dies.
 
-Waiting polls for ``spin_us`` (default 20 us, measured with perf_counter_ns), then yields, then sleeps with
-growing pauses (never an unbounded spin: CI runs 2+ ranks on 2 cores). Every wait has a deadline (option
-``timeout``, env ``TENSORWEAVE_TIMEOUT``, default 300 s) and also notices a waited-for rank whose process has
-died; the first rank to give up marks the segment aborted, and every surviving rank raises CollectiveTimeoutError
-naming the ranks that did not arrive and the collective's number. After that the group is unusable (each later
-call raises the same error): open a new one.
+Waiting polls with sched_yield (about 0.3 us when the core is free, and the core goes at once to a rank that
+needs it), then sleeps with growing pauses; an optional pure spin first (``spin_us``, timed with perf_counter_ns,
+default off: see SPIN_US) is bounded in time, never unbounded: CI runs 2+ ranks on 2 cores. Every wait has a
+deadline (option ``timeout``, env ``TENSORWEAVE_TIMEOUT``, default 300 s) and also notices a waited-for rank whose
+process has died; the first rank to give up marks the segment aborted, and every surviving rank raises
+CollectiveTimeoutError naming the ranks that did not arrive and the collective's number. After that the group is
+unusable (each later call raises the same error): open a new one.
 """
 
 from __future__ import annotations
@@ -90,7 +91,9 @@ from ._process import (
 DEFAULT_PIECE_BYTES = 4 << 20
 CHUNKED_MIN_BYTES = 256 << 10  # buffers at least this large: each rank reduces 1/n (see the module docstring)
 SMALL_MAX_BYTES = 64 << 10  # allreduce of at most this many bytes: the one-arrival path with precomputed plans
-SPIN_US = 20.0  # poll this long before yielding (measured: a partner on a free core arrives within ~1-10 us)
+SPIN_US = 0.0  # pure polling before yielding; measured: no gain on free cores (sched_yield returns in ~0.3 us),
+# and each waiting rank burns the whole budget per collective when ranks outnumber cores (4 ranks on 2 cores:
+# 21-25 us per 4 KiB allreduce at 0, 57-59 us at 20, 83-101 us at 50). An option for hosts with slow syscalls.
 MAGIC = 0x7477_7368_6D02  # "twshm", layout 2
 LINE = 16  # int64 words per control line: 128 bytes, so ranks never write the same cache line
 G_MAGIC, G_WORLD, G_PIECE, G_ABORT_RANK, G_ABORT_SEQ, G_CHUNKED, G_SMALL = range(7)  # line 0: the group
@@ -369,14 +372,15 @@ class ShmGroup:
     def _await(self, kind: str, target: int) -> None:
         """Wait until every rank's arrival counter reaches ``target``: poll, then yield, then sleep."""
         ctrl = self._ctrl
-        spin_until = time.perf_counter_ns() + self.spin_ns
-        while time.perf_counter_ns() < spin_until:  # poll: cheaper than a syscall while the partner is running
-            for i in self._others_arrive:
-                if ctrl[i] < target:
-                    break
-            else:
-                self._acquire()
-                return
+        if self.spin_ns:
+            spin_until = time.perf_counter_ns() + self.spin_ns
+            while time.perf_counter_ns() < spin_until:  # poll without a syscall (see SPIN_US)
+                for i in self._others_arrive:
+                    if ctrl[i] < target:
+                        break
+                else:
+                    self._acquire()
+                    return
         backoff = Backoff(self.timeout)
         next_liveness = backoff.start + LIVENESS_EVERY_S
         while True:
