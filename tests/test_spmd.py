@@ -11,7 +11,9 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
+from multiprocessing import resource_tracker
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,7 @@ import pytest
 from spmd_worker import case_input, cases
 
 import tensorweave as tw
+from tensorweave.communicators.shm import ShmGroup
 from tensorweave.core import dtypes
 from tensorweave.core.spmd import SpmdEnv, resolve_rank, timeout_from
 from tensorweave.errors import CollectiveError
@@ -288,3 +291,54 @@ def test_spmd_environment() -> None:
     assert timeout_from(None, "t", {"TENSORWEAVE_TIMEOUT": "2.5"}) == 2.5 and timeout_from(None, "t", {}) == 300
     with pytest.raises(CollectiveError, match="TENSORWEAVE_TIMEOUT must be a number"):
         timeout_from(None, "t", {"TENSORWEAVE_TIMEOUT": "soon"})
+
+
+def _in_threads(fns: list[Any]) -> list[Any]:
+    """Run one callable per rank, each in a thread of its own (shm groups work between threads too)."""
+    results: list[Any] = [None] * len(fns)
+
+    def run(i: int) -> None:
+        try:
+            results[i] = fns[i]()
+        except Exception as e:  # handed back to the test
+            results[i] = e
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(fns))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    return results
+
+
+def test_shm_group_adopts_rank0_thresholds_and_names_kind_mismatches_on_the_small_path(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Two ranks in one process share one resource-tracker registration (Python < 3.13): keep it out of the way.
+    monkeypatch.setattr(resource_tracker, "register", lambda *a: None)
+    monkeypatch.setattr(resource_tracker, "unregister", lambda *a: None)
+    name = f"tw-adopt-{os.getpid()}"
+    groups = _in_threads(
+        [
+            lambda: ShmGroup(name, 0, 2, timeout=10),
+            lambda: ShmGroup(name, 1, 2, timeout=10, small_max_bytes=0, chunked_min_bytes=4096, ordering="lock"),
+        ]
+    )
+    try:
+        assert [g.small_max_bytes for g in groups] == [64 << 10] * 2  # rank 0's: every rank takes the same path
+        assert [g.chunked_min_bytes for g in groups] == [256 << 10] * 2
+        xs = [np.arange(6, dtype=dtypes.bfloat16) + r for r in range(2)]
+        want = xs[0].astype(np.float32) + xs[1].astype(np.float32)
+        _in_threads([lambda g=g, x=x: g.allreduce(x, "sum") for g, x in zip(groups, xs, strict=True)])
+        assert all(x.tobytes() == want.astype(dtypes.bfloat16).tobytes() for x in xs)
+        errors = _in_threads([lambda: groups[0].allreduce(xs[0], "sum"), lambda: groups[1].broadcast(xs[1], 0)])
+        for e in errors:
+            assert isinstance(
+                e, CollectiveError
+            ) and "rank 1 is in broadcast #3 while rank 0 is in allreduce #3" in str(e), e
+    finally:
+        for g in groups:
+            if isinstance(g, ShmGroup):
+                g.close()
+    with pytest.raises(CollectiveError, match="ordering must be one of auto, tso, lock"):
+        ShmGroup(name + "-x", 0, 1, timeout=1, ordering="weak")
