@@ -200,6 +200,8 @@ class ShmGroup:
         self.chunked_min_bytes = int(self._ctrl[G_CHUNKED])
         self.small_max_bytes = int(self._ctrl[G_SMALL])
         self._small_acc = [np.empty(self.small_max_bytes // 2, np.float32) for _ in (0, 1)]
+        # allreduces of at most this many bytes take the small path (0 disables it; one rank needs no path at all)
+        self._small_limit = self.small_max_bytes if self.small_max_bytes > 0 and world_size > 1 else -1
         if self._ctrl[G_WORLD] != world_size:
             self.close()
             raise CollectiveError(
@@ -313,10 +315,11 @@ class ShmGroup:
                 return
             except BlockingIOError:
                 if not backoff.pause():
-                    raise CollectiveTimeoutError(
+                    self._broken = CollectiveTimeoutError(
                         f"shm #{self._seq} (rank {self.rank} of {self.world_size}): the segment lock stayed taken "
-                        f"for {self.timeout:g} s (a rank stopped while holding it?)"
-                    ) from None
+                        f"for {self.timeout:g} s (a rank stopped while holding it?); this group is unusable now"
+                    )
+                    raise self._broken from None
 
     def _release_store(self, ctrl: memoryview, index: int, value: int) -> None:
         """``ctrl[index] = value``, seen by others only after every earlier load and store of this rank."""
@@ -453,7 +456,7 @@ class ShmGroup:
         return half
 
     def allreduce(self, x: np.ndarray, op: str) -> None:
-        if x.nbytes <= self.small_max_bytes and self.world_size > 1 and self._broken is None and self._map is not None:
+        if x.nbytes <= self._small_limit and self._broken is None and self._map is not None:
             self._allreduce_small(x if x.ndim == 1 else x.reshape(-1), op)
             return
         flat, dt, n = x.reshape(-1), x.dtype, self.world_size
