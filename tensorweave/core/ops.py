@@ -12,6 +12,7 @@ Third parties add ops with ``register(OpDef(...))``; an op without a rule makes 
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -336,6 +337,14 @@ def rope_inv_freq(n_rot: int, theta: float, scaling: dict[str, Any] | None = Non
     return np.where(medium, (1 - smooth) * inv / factor + smooth * inv, scaled)
 
 
+@functools.lru_cache(maxsize=64)
+def _cached_inv_freq(n_rot: int, theta: float, scaling: tuple[tuple[str, Any], ...]) -> np.ndarray:
+    """rope_inv_freq once per (n_rot, theta, scaling): decode steps call rope in every layer."""
+    inv = rope_inv_freq(n_rot, theta, dict(scaling))
+    inv.flags.writeable = False
+    return inv
+
+
 def _infer_rope(metas: list[Meta], attrs: dict[str, Any]) -> Meta:
     (xs, xd), (ps, pd) = metas
     _need(len(xs) == 3, f"rope: x must be [tokens, heads, head_dim], got {xs}")
@@ -360,7 +369,7 @@ def _k_rope(
     n_rot = n_rot or x.shape[2]
     half = n_rot // 2
     xa = _acc(x)
-    inv = xp.asarray(rope_inv_freq(n_rot, theta, scaling))
+    inv = xp.asarray(_cached_inv_freq(n_rot, theta, tuple(sorted((scaling or {}).items()))))
     ang = positions.astype(np.float64)[:, None, None] * inv[None, None, :]
     cos, sin = xp.cos(ang).astype(xa.dtype), xp.sin(ang).astype(xa.dtype)
     if neox:  # pairs (i, i + half): HF's rotate_half convention
@@ -425,8 +434,11 @@ def _k_attention(
         k, v, kpos = ck[:length], cv[:length], xp.arange(length)
     else:
         kpos = pos
-    qa = _acc(q).reshape(n_tok, n_kv, group, hd)
-    scores = xp.einsum("tkgd,skd->kgts", qa, _acc(k)) * scale
+    # Batched matmuls over KV heads (BLAS) rather than einsum: [kv, group * tokens, hd] @ [kv, hd, keys].
+    qa = _acc(q).reshape(n_tok, n_kv, group, hd).transpose(1, 2, 0, 3).reshape(n_kv, group * n_tok, hd)
+    n_keys = k.shape[0]
+    scores = xp.matmul(qa, _acc(k).transpose(1, 2, 0)).reshape(n_kv, group, n_tok, n_keys)
+    scores *= scale
     if softcap:
         scores = softcap * xp.tanh(scores / softcap)
     visible = xp.ones((n_tok, kpos.shape[0]), dtype=bool)
@@ -434,14 +446,17 @@ def _k_attention(
         visible &= kpos[None, :] <= pos[:, None]
     if window:
         visible &= kpos[None, :] > pos[:, None] - window
-    scores = xp.where(visible, scores, -xp.inf)
+    if not bool(visible.all()):
+        scores = xp.where(visible, scores, -xp.inf)
     if sk is not None:  # a learned per-head logit that only joins the softmax's denominator
         sink = xp.broadcast_to(_acc(sk).reshape(n_kv, group, 1, 1), (*scores.shape[:3], 1))
         probs = _softmax(xp, xp.concatenate([scores, sink], axis=-1))[..., :-1]
     else:
         probs = _softmax(xp, scores)
-    probs = xp.where(visible, probs, 0.0)  # rows with nothing visible give 0, not NaN
-    out[...] = xp.einsum("kgts,skd->tkgd", probs, _acc(v)).reshape(n_tok, n_head, hd)
+    if not bool(visible.any(axis=-1).all()):
+        probs = xp.where(visible, probs, 0.0)  # rows with nothing visible give 0, not NaN
+    y = xp.matmul(probs.reshape(n_kv, group * n_tok, n_keys), _acc(v).transpose(1, 0, 2))  # [kv, group * tokens, hd]
+    out[...] = y.reshape(n_kv, group, n_tok, hd).transpose(2, 0, 1, 3).reshape(n_tok, n_head, hd)
 
 
 def _rule_attention(
