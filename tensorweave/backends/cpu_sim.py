@@ -262,6 +262,8 @@ class SimDevice(Device):
         return self._worker_thread == threading.get_ident()
 
     def synchronize(self) -> None:
+        if not self._pending:  # idle: nothing submitted before this call is still running
+            return
         if not self._on_worker():
             with self._idle:
                 self._idle.wait_for(lambda: not self._pending)

@@ -51,11 +51,16 @@ TOLERANCES: dict[str, tuple[float, float]] = {
 }
 
 
+_NAME_OF: dict[np.dtype[Any], str] = {v: k for k, v in DTYPES.items()}  # hot paths (collective checks) use it
+
+
 def to_dtype(x: Any) -> np.dtype[Any]:
     """Resolve a name ("bf16", "float32"), a numpy dtype or scalar type into one of DTYPES.
 
     Raises UnsupportedError naming the dtype when it is not one tensorweave handles.
     """
+    if isinstance(x, np.dtype) and x in _NAME_OF:
+        return x
     if isinstance(x, str):
         name = _ALIASES.get(x.lower(), x.lower())
         if name in DTYPES:
@@ -72,8 +77,7 @@ def to_dtype(x: Any) -> np.dtype[Any]:
 
 def name(x: Any) -> str:
     """Canonical name of a dtype: name(ml_dtypes.bfloat16) == "bfloat16"."""
-    dt = to_dtype(x)
-    return next(k for k, v in DTYPES.items() if v == dt)
+    return _NAME_OF[to_dtype(x)]
 
 
 def short_name(x: Any) -> str:
