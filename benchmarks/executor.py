@@ -3,7 +3,7 @@
     python benchmarks/executor.py [--tp 1 2 4] [--layers 12] [--hidden 768] [--steps 16] [--communicator local]
 
 The model is the llama-like shape of ../shared/REFERENCES.md (hidden 768, 12 layers, 12 heads / 4 KV heads,
-ffn 2048, vocab 32000, float32) built by the tests' transformer-like graph builder. cpu-sim devices share this
+ffn 2048, vocab 32000, float32) built by tensorweave.models.synthetic. cpu-sim devices share this
 machine's cores, so TP>1 measures the executor's overhead (segments, collectives), not a speed-up from more
 hardware. Prints medians of per-step times and the ratio to TP=1 from the same run.
 """
@@ -13,16 +13,13 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # the graph builder lives with the tests
-from tiny_transformer import Config, build, random_weights
 
 from tensorweave.cli import table
 from tensorweave.core.executor import Executor
 from tensorweave.core.graph import GraphCache
+from tensorweave.models.synthetic import Config, build, random_weights
 
 
 def main() -> None:

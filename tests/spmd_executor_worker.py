@@ -14,11 +14,11 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from tiny_transformer import Config, build, random_weights
 
 from tensorweave.core.executor import Executor
 from tensorweave.core.graph import GraphCache
 from tensorweave.core.spmd import spmd_from_env
+from tensorweave.models.synthetic import Config, build, random_weights
 
 CFG = Config(n_layer=2, n_head=6, n_kv=3, head_dim=4, n_expert=3, dense_layers=(0,), sinks=True, dtype="float64")
 STEPS = [4, 1, 1]

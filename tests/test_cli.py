@@ -24,6 +24,16 @@ def test_demo_checks_every_communicator_and_dtype() -> None:
     assert "cpu-sim:3" in proc.stdout and "staged through host" in proc.stdout
 
 
+def test_demo_runs_a_model_split_over_the_devices_like_one_device() -> None:
+    proc = tw("demo", "--elements", "1000", "--repeat", "1", "--devices", "cpu-sim:3", "-ts", "2,0,1", "-n", "4")
+    assert proc.returncode == 0, proc.stderr
+    assert "split over 3 devices with tensor_split 2,0,1" in proc.stdout
+    assert "tokens agree" in proc.stdout and "0 device allocations in steady-state decode" in proc.stdout
+    zero_ratio = [line.split() for line in proc.stdout.splitlines() if line.startswith("cpu-sim:1 ")][-1]
+    assert zero_ratio[1] != "0" and zero_ratio[-2:] == ["0", "B"]  # replicated weights (norms, router), no KV heads
+    assert "collectives per decode step: 8 allreduce + 1 allgather" in proc.stdout
+
+
 def test_devices_json_and_table() -> None:
     proc = tw("devices", "cpu-sim:3,mem=64MiB,peer=ring", "--json")
     devs = json.loads(proc.stdout)["devices"]
@@ -42,6 +52,10 @@ def test_devices_json_and_table() -> None:
         ),
         (("devices", "nosuch"), "tensorweave: error: unknown backend 'nosuch'"),
         (("demo", "--devices", "cpu-sim:2,mem=1KiB"), "tensorweave: error: cpu-sim:0: out of memory"),
+        (
+            ("demo", "--elements", "10", "--repeat", "1", "-ts", "1,1,1"),
+            "tensorweave: error: tensor_split has 3 entries",
+        ),
     ],
 )
 def test_user_errors_are_one_line_and_exit_2(args: tuple[str, ...], message: str) -> None:

@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from tiny_transformer import Config, build, random_weights
 
 import tensorweave as tw
 from tensorweave.core.executor import Executor
 from tensorweave.core.graph import Graph, GraphCache
 from tensorweave.errors import PlanError, ShapeError, UnsupportedError
+from tensorweave.models.synthetic import Config, build, random_weights
 
 NMSE_MAX = {"float64": 1e-12, "float32": 1e-6}
 

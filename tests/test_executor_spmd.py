@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from spmd_executor_worker import CFG, STEPS, feeds
-from tiny_transformer import build, random_weights
+
+from tensorweave.models.synthetic import build, random_weights
 
 WORKER = str(Path(__file__).with_name("spmd_executor_worker.py"))
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from tiny_transformer import Config, build
 
 from tensorweave.core import ops
 from tensorweave.core.graph import Graph
 from tensorweave.core.planner import plan
 from tensorweave.core.sharding import PARTIAL, REPLICATED, Role, Split
 from tensorweave.errors import PlanError, SplitError
+from tensorweave.models.synthetic import Config, build
 
 
 @pytest.mark.parametrize("world", [2, 3, 4, 8])

@@ -1,1 +1,1 @@
-"""Model families (one file per architecture family); they arrive with the graph executor."""
+"""Model families (one file per architecture family) and the synthetic transformer used by tests and the demo."""

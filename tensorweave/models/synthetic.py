@@ -1,7 +1,8 @@
-"""A small transformer-like graph with every knob the planner must handle, for the sharding property tests.
+"""A synthetic transformer: every knob the planner must handle, with random weights, no files.
 
-Not a model family (those live in tensorweave/models); it exists to throw random head counts, KV-head counts,
-head dims, dense and MoE blocks, sliding windows, softcaps, sinks and biases at the planner and executor.
+Not a published architecture: it exists to throw head counts, KV-head counts, head dims, dense and MoE blocks,
+sliding windows, softcaps, sinks and biases at the planner and executor (property tests), to measure the executor
+(benchmarks/executor.py), and to show a tensor-parallel run without downloading anything (``tensorweave demo``).
 """
 
 from __future__ import annotations
