@@ -7,13 +7,14 @@ It behaves like a strict GPU so placement bugs show up in CI instead of on someo
 - peer topology (``peer=all|none|ring|0-1,2-3``): copies between devices without enabled peer access are staged
   through host memory and counted in ``Device.stats``;
 - each device runs submitted work on a worker thread of its own, so devices progress concurrently;
-- the devices share this machine's cores: with N devices, BLAS calls use cores // N threads each (``threads=K``
-  overrides; ``threads=0`` leaves BLAS alone), because N workers each starting a BLAS thread per core
-  oversubscribe the machine (measured in benchmarks/executor.py: TP=2 ran 2x slower than TP=1 without this).
-  The BLAS thread count is process-wide, so the most recently created group sets it.
+- the devices share this machine's cores: in a group of N > 1 devices, each device's worker runs BLAS with
+  cores // N threads (``threads=K`` overrides; ``threads=0`` leaves BLAS alone), so N concurrent BLAS pools do
+  not oversubscribe the cores: OpenBLAS threads spin while they wait, and on a loaded 2-core machine a decode step
+  with 2-thread BLAS took 426 ms against 36 ms with 1 thread. On a quiet machine it makes little difference
+  (TP=2 decode 37-40 ms per step either way; measured with benchmarks/executor.py's model).
 
 Spec: ``cpu-sim[:COUNT][,mem=SIZE][,peer=TOPOLOGY][,threads=K]`` (COUNT defaults to 1, peer to all, mem to host
-RAM, threads to cores // COUNT when COUNT > 1).
+RAM, threads to cores // COUNT when COUNT > 1, BLAS's default for one device).
 """
 
 from __future__ import annotations
@@ -81,6 +82,7 @@ class SimDevice(Device):
         self.name = f"{backend.name}:{index}"
         self.stats = DeviceStats()
         self._capacity = capacity
+        self._blas_threads: int | None = None  # set by the backend for the whole group
         self._peers = peers  # indices this device can reach directly
         self._group: list[SimDevice] = []  # set by the backend once the whole group exists
         self._enabled: set[int] = set()
@@ -225,6 +227,7 @@ class SimDevice(Device):
 
         def run() -> Any:
             self._worker_thread = threading.get_ident()
+            use_blas_threads(self._blas_threads)
             try:
                 return self._wrap(fn(*nargs, **nkwargs))
             finally:
@@ -297,26 +300,43 @@ class CpuSimBackend(Backend):
         threads = spec.options.get("threads", "auto")
         if threads != "auto" and not threads.isdigit():
             raise DeviceSpecError(f"{where}: threads must be a count (0 = leave BLAS alone) or auto, not {threads!r}")
-        limit_blas_threads(n, None if threads == "auto" else int(threads))
+        blas = blas_threads_for(n, threads)
         capacity = parse_size(spec.options["mem"]) if "mem" in spec.options else None
         peers = parse_topology(spec.options.get("peer", "all"), n)
         group = [SimDevice(self, i, capacity, peers[i]) for i in range(n)]
         for d in group:
             d._group = group
+            d._blas_threads = blas
         return list(group)
 
 
-def limit_blas_threads(devices: int, threads: int | None) -> None:
-    """Give BLAS ``threads`` threads per call (None: cores // devices when devices > 1; 0: leave it alone)."""
-    if threads is None:
+def blas_threads_for(devices: int, threads: str) -> int | None:
+    """BLAS threads per call for a group of ``devices``: ``threads`` "auto" = cores // devices, "0" = leave BLAS
+    alone (None)."""
+    if threads == "auto":
         if devices == 1:
-            return
+            return None  # a lone device: BLAS's own default (every core)
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        threads = max(1, cores // devices)
-    if threads:
-        from threadpoolctl import threadpool_limits
+        return max(1, cores // devices)
+    return int(threads) or None
 
-        threadpool_limits(limits=threads, user_api="blas")
+
+_blas: list[Any] | None = None  # threadpoolctl's controllers of the loaded BLAS libraries, found once
+
+
+def use_blas_threads(threads: int | None) -> None:
+    """Set the BLAS thread count for work on this thread (recent OpenBLAS keeps it per thread, older versions
+    process-wide); one ctypes call per library, cheap enough before every submitted job, so whichever device
+    group is running gets its own setting. Always set, never compared: a get can disagree with per-thread state."""
+    global _blas
+    if threads is None:
+        return
+    if _blas is None:
+        from threadpoolctl import ThreadpoolController
+
+        _blas = [c for c in ThreadpoolController().lib_controllers if c.user_api == "blas"]
+    for c in _blas:
+        c.set_num_threads(threads)
 
 
 def parse_topology(text: str, n: int) -> list[frozenset[int]]:
