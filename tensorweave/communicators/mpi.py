@@ -14,8 +14,16 @@ Algorithms (option ``algorithm``):
   (MPI has neither) travel as uint16 with a user-defined op that widens to float32, combines, and rounds back,
   so a 16-bit sum is rounded at each of MPI's combining steps: within tolerance of ``local``, not bitwise.
 
+Small allreduces (``"ordered"``, at most ``SMALL_MAX_BYTES``, 64 KiB) take one round trip instead of three: each
+rank sends its header and its whole buffer to every other rank point to point (one message per peer, into receive
+buffers allocated once), then every rank reduces all of them itself, in rank order in the accumulator dtype: the
+same operations as ``local``, so still bitwise identical. Send buffers, header words and views are precomputed
+per (dtype, op, size), so the hot path allocates nothing and checks each peer's header with one bytes comparison.
+
 Every collective first exchanges a small header (sequence number, kind, dtype, count; option ``validate``), so
-ranks calling mismatched collectives get one CollectiveError each instead of MPI undefined behaviour. All calls
+ranks calling mismatched collectives get one CollectiveError each instead of MPI undefined behaviour. The header
+travels by the same point-to-point messages as the small allreduce's (receives sized for the largest small
+message), so a rank on the small path and one on the general path still meet, and fail with that error. All calls
 are nonblocking and polled (spin, yield, then sleep with backoff) against the timeout (option ``timeout``, env
 ``TENSORWEAVE_TIMEOUT``, default 300 s). On timeout the survivors exchange point-to-point messages on a private
 communicator for a grace period: ranks that do not answer are named as not arrived, ranks stuck in another
@@ -38,7 +46,17 @@ from ..core.device import Device
 from ..core.hookspecs import hookimpl
 from ..core.spmd import timeout_from
 from ..errors import BackendUnavailableError, CollectiveError, CollectiveTimeoutError, CommunicationLibraryError
-from ._process import KINDS, Backoff, ProcessGroupCommunicator, Scratch, checksum, header, reduce_into, verify_headers
+from ._process import (
+    HEADER_WORDS,
+    KINDS,
+    Backoff,
+    ProcessGroupCommunicator,
+    Scratch,
+    checksum,
+    header,
+    reduce_into,
+    verify_headers,
+)
 
 ALGORITHMS = ("ordered", "native")
 # MPI progresses only while polled (a 64 MiB message moves in many small cells, each needing a poll on both
@@ -46,6 +64,12 @@ ALGORITHMS = ("ordered", "native")
 MPI_YIELD_S = 0.05
 MPI_YIELD_BYTES_PER_S = 2e8
 DIAG_TAG = 0x7477  # tag of the timeout diagnosis messages (on a communicator of their own)
+EXCHANGE_TAG = 0x7478  # tag of the header (+ small payload) messages, on the group's private communicator
+SMALL_MAX_BYTES = 64 << 10  # ordered allreduces of at most this many bytes: one exchange (see the module doc)
+# (measured on 2 ranks, 4 KiB: header Iallgather 13 us + Ialltoallv 30 us + Iallgatherv ~35 us, against one
+# Isend/Irecv pair at 6 us; all-to-all of whole buffers moves n-1 times more bytes, cheap while messages are small)
+HEADER_BYTES = HEADER_WORDS * 8
+MAX_PLANS = 256  # small-allreduce plans kept (one per dtype, op, size); cleared when full
 NATIVE_TYPES = {"float32": "FLOAT", "float64": "DOUBLE", "int32": "INT32_T"}
 NATIVE_OPS = {"sum": "SUM", "max": "MAX", "min": "MIN"}
 
@@ -59,6 +83,27 @@ def import_mpi() -> Any:
             f"the mpi communicator needs mpi4py and an MPI library ({e}): pip install 'tensorweave[mpi]'"
         ) from None
     return MPI
+
+
+class _SmallPlan:
+    """What a small allreduce of one (dtype, op, size) needs, computed once (see the module docstring)."""
+
+    __slots__ = ("acc", "combine", "mine", "parts", "peer_headers", "send", "widen", "words")
+
+    def __init__(self, group: MpiGroup, dt: np.dtype[Any], op: str, n: int) -> None:
+        nbytes = n * dt.itemsize
+        self.send = np.empty(HEADER_BYTES + nbytes, np.uint8)
+        self.words = self.send[:HEADER_BYTES].view(np.int64)  # word 0, the sequence number, is set per call
+        self.words[:] = header(0, "allreduce", np.empty(0, dt), op, n)
+        self.mine = self.send[HEADER_BYTES:].view(dt)  # a copy of the input: no part aliases the output
+        self.parts = [
+            self.mine if r == group.rank else group._recv[r][HEADER_BYTES : HEADER_BYTES + nbytes].view(dt)
+            for r in range(group.world_size)
+        ]
+        self.peer_headers = [group._recv[r][:HEADER_BYTES] for r in group._peers]
+        self.combine = getattr(np, REDUCE_OPS[op])
+        self.widen = dtypes.accumulator(dt) != dt
+        self.acc = (np.empty(n, np.float32), np.empty(n, np.float32)) if self.widen else None
 
 
 class MpiGroup:
@@ -76,6 +121,13 @@ class MpiGroup:
         self._broken: CollectiveTimeoutError | None = None
         self._scratch = Scratch()
         self._ops: dict[tuple[str, str], Any] = {}
+        self._plans: dict[tuple[np.dtype[Any], str, int], _SmallPlan] = {}
+        self._peers = [p for p in range(self.world_size) if p != self.rank]
+        # One receive buffer per peer, large enough for a header plus the largest small payload.
+        self._recv = {p: np.empty(HEADER_BYTES + SMALL_MAX_BYTES, np.uint8) for p in self._peers}
+        self._recv_specs = [(p, [self._recv[p], MPI.BYTE]) for p in self._peers]
+        self._header = np.empty(HEADER_WORDS, np.int64)
+        self._header_spec = [self._header, MPI.BYTE]
         with self._mpi_errors():
             # Private contexts, so our messages never match the program's; Idup so a missing rank cannot hang us.
             self.comm, req = base.Idup()
@@ -133,11 +185,26 @@ class MpiGroup:
         self._kind = kind
         if not (self.validate or always) or (self.world_size == 1 and not always):
             return None
-        mine = np.array(header(self._seq, kind, x, op, count, aux), np.int64)
-        rows = np.empty((self.world_size, mine.size), np.int64)
-        with self._mpi_errors():
-            self._wait([self.comm.Iallgather([mine, self.MPI.INT64_T], [rows, self.MPI.INT64_T])])
+        self._header[:] = header(self._seq, kind, x, op, count, aux)
+        self._exchange(self._header_spec)
+        rows = self._header_rows(self._header)
         verify_headers(f"mpi {kind} #{self._seq}", self.rank, rows.tolist(), ignore_count=kind == "allgather")
+        return rows
+
+    def _exchange(self, send: list[Any], nbytes: int = 0) -> None:
+        """Send ``send`` to every other rank and receive each one's message into its receive buffer."""
+        comm = self.comm
+        with self._mpi_errors():
+            reqs = [comm.Irecv(spec, source=p, tag=EXCHANGE_TAG) for p, spec in self._recv_specs]
+            reqs += [comm.Isend(send, dest=p, tag=EXCHANGE_TAG) for p in self._peers]
+            self._wait(reqs, nbytes)
+
+    def _header_rows(self, mine: np.ndarray) -> np.ndarray:
+        """Every rank's header words, in rank order, after an exchange (``mine``: this rank's)."""
+        rows = np.empty((self.world_size, HEADER_WORDS), np.int64)
+        rows[self.rank] = mine
+        for p in self._peers:
+            rows[p] = self._recv[p][:HEADER_BYTES].view(np.int64)
         return rows
 
     def _diagnose(self) -> None:
@@ -200,6 +267,15 @@ class MpiGroup:
 
     def allreduce(self, x: np.ndarray, op: str) -> None:
         flat = x.reshape(-1)
+        if (
+            x.nbytes <= SMALL_MAX_BYTES
+            and self.algorithm == "ordered"
+            and self.world_size > 1
+            and self._broken is None
+            and self.comm is not None
+        ):
+            self._allreduce_small(flat, op)
+            return
         self._begin("allreduce", x, op, flat.size)
         if self.world_size == 1:
             return
@@ -216,6 +292,36 @@ class MpiGroup:
             self._wait(
                 [self.comm.Iallgatherv(self.MPI.IN_PLACE, [flat.view(np.uint8), spec, self.MPI.BYTE])], flat.nbytes
             )
+
+    def _allreduce_small(self, flat: np.ndarray, op: str) -> None:
+        """One exchange of header + buffer, then a reduction in rank order (see the module docstring)."""
+        key = (flat.dtype, op, flat.size)
+        plan = self._plans.get(key)
+        if plan is None:
+            if len(self._plans) >= MAX_PLANS:
+                self._plans.clear()
+            plan = self._plans[key] = _SmallPlan(self, flat.dtype, op, flat.size)
+        seq = self._seq = self._seq + 1
+        self._kind = "allreduce"
+        plan.words[0] = seq
+        plan.mine[...] = flat
+        self._exchange([plan.send, self.MPI.BYTE], plan.send.nbytes)
+        mine = plan.send[:HEADER_BYTES].tobytes()
+        for h in plan.peer_headers:
+            if h.tobytes() != mine:  # another rank is elsewhere, or passes other arguments: name it, everywhere
+                verify_headers(f"mpi allreduce #{seq}", self.rank, self._header_rows(plan.words).tolist())
+        parts, combine = plan.parts, plan.combine
+        if plan.acc is None:  # rank order, in place; no part aliases flat
+            combine(parts[0], parts[1], out=flat)
+            for p in parts[2:]:
+                combine(flat, p, out=flat)
+            return
+        acc, tmp = plan.acc
+        np.copyto(acc, parts[0], casting="unsafe")
+        for p in parts[1:]:
+            np.copyto(tmp, p, casting="unsafe")
+            combine(acc, tmp, out=acc)
+        np.copyto(flat, acc, casting="unsafe")  # the one rounding
 
     def _native_allreduce(self, flat: np.ndarray, op: str) -> None:
         MPI, name = self.MPI, dtypes.name(flat.dtype)
