@@ -342,3 +342,33 @@ def test_shm_group_adopts_rank0_thresholds_and_names_kind_mismatches_on_the_smal
                 g.close()
     with pytest.raises(CollectiveError, match="ordering must be one of auto, tso, lock"):
         ShmGroup(name + "-x", 0, 1, timeout=1, ordering="weak")
+
+
+@needs_mpi
+def test_mpi_mismatched_collectives_fail_on_every_rank_on_and_off_the_small_path() -> None:
+    """Sizes that differ on the small path (one message each), and across its limit (rank 1 on the general path:
+    the header rides the same messages, so the ranks still meet): the same error everywhere, the group usable."""
+    code = (
+        "import numpy as np, tensorweave as tw\n"
+        "from mpi4py import MPI\n"
+        "c = tw.communicator(tw.devices('cpu-sim:1'), 'mpi', timeout=20); d = c.devices[0]; r = c.local_ranks[0]\n"
+        "lines = []\n"
+        "for n in ([4, 5, 4], [4, 20_000, 4]):\n"
+        "    try:\n        c.allreduce([d.from_host(np.zeros(n[r], np.float32))])\n"
+        "    except tw.errors.CollectiveError as e:\n        lines.append(f'{r} {e}')\n"
+        "b = [d.from_host(np.full(3, r + 1, np.float32))]; c.allreduce(b); c.barrier()\n"
+        "lines.append(f'{r} after {d.to_host(b[0]).tolist()}')\n"
+        "every = MPI.COMM_WORLD.gather(lines)\n"  # printed by rank 0 alone: lines of ranks would interleave
+        "print(*(line for ls in every or [] for line in ls), sep='\\n')\n"
+    )
+    proc = subprocess.run(
+        ["mpiexec", "-n", "3", sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=MPI_ENV
+    )
+    assert proc.returncode == 0, proc.stderr
+    for r in range(3):
+        for seq, count in ((2, 5), (3, 20000)):
+            assert (
+                f"{r} mpi allreduce #{seq} (rank {r}): ranks called mismatched collectives: "
+                f"rank 1 passes {count} elements while rank 0 passes 4" in proc.stdout
+            ), proc.stdout
+        assert f"{r} after [6.0, 6.0, 6.0]" in proc.stdout, proc.stdout
