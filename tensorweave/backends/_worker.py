@@ -1,8 +1,7 @@
 """A serial work queue for a device: one thread runs submitted callables in order, like a GPU stream's host side.
 
 ``drain()`` waits until everything submitted has run; a submit from the queue's own thread (work that submits
-more work to its device) runs inline, since queueing it would wait on itself. cpu-sim's device keeps an
-equivalent queue of its own; new backends should use this one.
+more work to its device) runs inline, since queueing it would wait on itself. cpu-sim and the GPU backends use it.
 """
 
 from __future__ import annotations
@@ -47,8 +46,8 @@ class SerialWorker:
         return fut
 
     def drain(self) -> None:
-        """Wait until every submitted job has run (returns at once when called from a job)."""
-        if not self.on_worker():
+        """Wait until every submitted job has run (returns at once when idle or when called from a job)."""
+        if self._pending and not self.on_worker():
             with self._idle:
                 self._idle.wait_for(lambda: not self._pending)
 

@@ -23,7 +23,7 @@ import os
 import threading
 import weakref
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from typing import Any
 
 import numpy as np
@@ -41,6 +41,7 @@ from ..core.device import (
 )
 from ..core.hookspecs import hookimpl
 from ..errors import DeviceSpecError, OutOfMemoryError, PlacementError, ShapeError
+from ._worker import SerialWorker, walk
 
 MAX_DEVICES = 256
 
@@ -90,10 +91,7 @@ class SimDevice(Device):
         self._live: dict[int, int] = {}  # id(root buffer) -> bytes
         self._used = 0
         self._peak = 0
-        self._worker = ThreadPoolExecutor(1, thread_name_prefix=self.name.replace(":", "-"))
-        self._worker_thread: int | None = None
-        self._pending = 0  # submitted, not finished; lets synchronize() return at once on an idle device
-        self._idle = threading.Condition()
+        self._worker = SerialWorker(self.name.replace(":", "-"))
 
     # --- memory ----------------------------------------------------------------------------------------------------
 
@@ -222,54 +220,22 @@ class SimDevice(Device):
     # --- execution -------------------------------------------------------------------------------------------------
 
     def submit(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Future[Any]:
-        nargs = [self._unwrap(a) for a in args]
-        nkwargs = {k: self._unwrap(v) for k, v in kwargs.items()}
+        nargs, nkwargs = walk(args, self._unwrap), {k: walk(v, self._unwrap) for k, v in kwargs.items()}
 
-        def run() -> Any:
-            self._worker_thread = threading.get_ident()
+        def job() -> Any:
             use_blas_threads(self._blas_threads)
-            try:
-                return self._wrap(fn(*nargs, **nkwargs))
-            finally:
-                with self._idle:
-                    self._pending -= 1
-                    if not self._pending:
-                        self._idle.notify_all()
+            return walk(fn(*nargs, **nkwargs), self._wrap)
 
-        with self._idle:  # counted before it runs, nested or not: run() uncounts it when done
-            self._pending += 1
-        if self._on_worker():  # nested submit from this device's own work: run now, or it would wait on itself
-            fut: Future[Any] = Future()
-            try:
-                fut.set_result(run())
-            except BaseException as e:
-                fut.set_exception(e)
-            return fut
-        return self._worker.submit(run)
+        return self._worker.submit(job)
 
     def _unwrap(self, value: Any) -> Any:
-        if isinstance(value, (SimArray, np.ndarray)):
-            return self._native(value, "submit")
-        if isinstance(value, (list, tuple)):
-            return type(value)(self._unwrap(v) for v in value)
-        return value
+        return self._native(value, "submit") if isinstance(value, (SimArray, np.ndarray)) else value
 
     def _wrap(self, value: Any) -> Any:
-        if isinstance(value, np.ndarray):
-            return self._adopt(value)
-        if isinstance(value, (list, tuple)):
-            return type(value)(self._wrap(v) for v in value)
-        return value
-
-    def _on_worker(self) -> bool:
-        return self._worker_thread == threading.get_ident()
+        return self._adopt(value) if isinstance(value, np.ndarray) else value
 
     def synchronize(self) -> None:
-        if not self._pending:  # idle: nothing submitted before this call is still running
-            return
-        if not self._on_worker():
-            with self._idle:
-                self._idle.wait_for(lambda: not self._pending)
+        self._worker.drain()
 
 
 class CpuSimBackend(Backend):
