@@ -50,6 +50,7 @@ from ._process import (
     HEADER_WORDS,
     KINDS,
     Backoff,
+    PlanCache,
     ProcessGroupCommunicator,
     Scratch,
     checksum,
@@ -121,7 +122,7 @@ class MpiGroup:
         self._broken: CollectiveTimeoutError | None = None
         self._scratch = Scratch()
         self._ops: dict[tuple[str, str], Any] = {}
-        self._plans: dict[tuple[np.dtype[Any], str, int], _SmallPlan] = {}
+        self._plans = PlanCache(lambda dt, op, n: _SmallPlan(self, dt, op, n), MAX_PLANS)
         self._peers = [p for p in range(self.world_size) if p != self.rank]
         # One receive buffer per peer, large enough for a header plus the largest small payload.
         self._recv = {p: np.empty(HEADER_BYTES + SMALL_MAX_BYTES, np.uint8) for p in self._peers}
@@ -295,12 +296,7 @@ class MpiGroup:
 
     def _allreduce_small(self, flat: np.ndarray, op: str) -> None:
         """One exchange of header + buffer, then a reduction in rank order (see the module docstring)."""
-        key = (flat.dtype, op, flat.size)
-        plan = self._plans.get(key)
-        if plan is None:
-            if len(self._plans) >= MAX_PLANS:
-                self._plans.clear()
-            plan = self._plans[key] = _SmallPlan(self, flat.dtype, op, flat.size)
+        plan = self._plans.get(flat, op)
         seq = self._seq = self._seq + 1
         self._kind = "allreduce"
         plan.words[0] = seq

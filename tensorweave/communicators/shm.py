@@ -79,6 +79,7 @@ from ._process import (
     KINDS,
     OP_CODES,
     Backoff,
+    PlanCache,
     ProcessGroupCommunicator,
     Scratch,
     checksum,
@@ -188,7 +189,7 @@ class ShmGroup:
         self._broken: CollectiveTimeoutError | None = None
         self._views: dict[np.dtype[Any], list[list[np.ndarray]]] = {}
         self._scratch = Scratch()
-        self._plans: dict[tuple[np.dtype[Any], str, int], _SmallPlan] = {}
+        self._plans = PlanCache(lambda dt, op, n: _SmallPlan(self, dt, op, n), MAX_PLANS)
         self._tails: list[list[int] | None] = [None, None]  # the header words (but seq) last written, by parity
         self._unlinked = False
         self._fd = -1
@@ -491,12 +492,7 @@ class ShmGroup:
 
     def _allreduce_small(self, flat: np.ndarray, op: str) -> None:
         """One round, one arrival; no allocation, no header building (see the module docstring)."""
-        key = (flat.dtype, op, flat.size)
-        plan = self._plans.get(key)
-        if plan is None:
-            if len(self._plans) >= MAX_PLANS:
-                self._plans.clear()
-            plan = self._plans[key] = _SmallPlan(self, flat.dtype, op, flat.size)
+        plan = self._plans.get(flat, op)
         ctrl = self._ctrl
         seq = self._seq = self._seq + 1
         parity = seq & 1
