@@ -258,6 +258,7 @@ class _Compiled:
     arenas: list[DeviceArray]
     exported: list[dict[int, DeviceArray]]  # per local device: value id -> device array (a view of the arena)
     collectives: list[list[_Ins]]  # per local device, in program order
+    inputs: dict[str, int]  # input name -> value id
 
 
 class Executor:
@@ -364,7 +365,7 @@ class Executor:
             if _spec(self._specs[name]) != _spec(t):
                 raise PlanError(f"weight {name!r} was loaded with another shape/dtype/role than {graph.name!r} uses")
         self._ensure_caches(graph)
-        comp = _Compiled(graph, p, [], [], [], [], [])
+        comp = _Compiled(graph, p, [], [], [], [], [], {v.name: v.id for v in p.values if v.kind == "input"})
         ids = {v.name: v.id for v in p.values if v.kind in ("weight", "cache")}
         for j, (dev, rank) in enumerate(self._local()):
             low = lower(p, rank)
@@ -399,9 +400,8 @@ class Executor:
                 if host.shape != t.shape:
                     raise ShapeError(f"input {name!r} has shape {host.shape}, graph {graph.name!r} expects {t.shape}")
                 host = host.astype(t.dtype, copy=False)
-                vid = next(v.id for v in p.values if v.kind == "input" and v.name == name)
                 for dev, exp in zip(self.devices, comp.exported, strict=True):
-                    dev.from_host(host, out=exp[vid])
+                    dev.from_host(host, out=exp[comp.inputs[name]])
             n_coll = len(comp.collectives[0])
             for k in range(n_coll + 1):
                 futures = [
