@@ -492,7 +492,8 @@ def _k_topk(
 ) -> None:
     la = _acc(logits)
     probs = _softmax(xp, la) if gating == "softmax" else _sigmoid(xp, la)
-    idx = xp.argsort(-probs, axis=-1, kind="stable")[:, :k]  # ties: the lower expert index wins
+    # ties: the lower expert index wins (a stable sort; cupy's argsort always is, and accepts no other kind)
+    idx = (xp.argsort(-probs, axis=-1, kind="stable") if xp is np else xp.argsort(-probs, axis=-1))[:, :k]
     w = xp.take_along_axis(probs, idx, axis=-1)
     if norm:
         w = w / xp.sum(w, axis=-1, keepdims=True)
