@@ -15,6 +15,8 @@ from hypothesis import strategies as st
 import tensorweave as tw
 from tensorweave.core.executor import Executor
 from tensorweave.core.graph import Graph, GraphCache
+from tensorweave.core.planner import plan
+from tensorweave.core.sharding import Role
 from tensorweave.errors import PlanError, ShapeError, UnsupportedError
 from tensorweave.models.synthetic import Config, build, random_weights
 
@@ -231,3 +233,20 @@ def test_backend_kernels_and_capabilities_are_honoured() -> None:
     ex.load_weights(g, w)
     with pytest.raises(UnsupportedError, match=r"cpu-sim:0 .* does not support op 'rms_norm' in float32"):
         ex.run(g, feeds)
+
+
+def test_partners_with_different_boundaries_are_regathered_not_wrong() -> None:
+    """A column layer split in 2 groups feeding a row layer split per feature: the boundaries differ, so the
+    planner gathers the activation and re-slices it for the row layer (correct, at the price of an allgather)."""
+    g = Graph("float64")
+    x = g.input("x", (3, 8), "float64")
+    h = g.silu(g.linear(x, g.weight("up", (12, 8), Role.COLUMN, groups=2)))
+    g.output("y", g.linear(h, g.weight("down", (8, 12), Role.ROW)))
+    p = plan(g, 3, [2, 1, 1])
+    assert [c.kind for c in p.collectives] == ["allgather", "allreduce"]
+    rng = np.random.default_rng(0)
+    w = {"up": rng.standard_normal((12, 8)), "down": rng.standard_normal((8, 12))}
+    feeds = {"x": rng.standard_normal((3, 8))}
+    ex = Executor("cpu-sim:3", tensor_split=[2, 1, 1])
+    ex.load_weights(g, w)
+    assert nmse(ex.run(g, feeds)["y"], g.evaluate(feeds, w)["y"]) < 1e-24
