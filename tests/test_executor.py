@@ -54,6 +54,7 @@ def configs(draw: st.DrawFn) -> Config:
         sinks=draw(st.booleans()),
         neox=draw(st.booleans()),
         n_rot=draw(st.sampled_from([None, 2])),
+        tied=draw(st.booleans()),
         ctx=16,
         dtype=draw(st.sampled_from(["float64", "float32"])),
     )
@@ -172,6 +173,15 @@ def test_reloading_weights_takes_effect() -> None:
     ex.load_weights(g, w2)
     ex.reset_caches()
     assert nmse(ex.run(g, feeds)["logits"], g.evaluate(feeds, w2)["logits"]) < 1e-24
+
+
+def test_token_ids_out_of_range_are_one_clear_error_on_every_split() -> None:
+    for cfg, spec in ((Config(n_layer=1), "cpu-sim:1"), (Config(n_layer=1, tied=True), "cpu-sim:3")):
+        g = build(cfg, 2)
+        ex = Executor(spec)
+        ex.load_weights(g, random_weights(g, 0))
+        with pytest.raises(ShapeError, match=f"token ids must be in 0..{cfg.vocab - 1}, got 1..{cfg.vocab}"):
+            ex.run(g, {"tokens": np.array([1, cfg.vocab]), "positions": np.arange(2)})
 
 
 def test_clear_errors_for_missing_weights_and_bad_feeds() -> None:

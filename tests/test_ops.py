@@ -441,6 +441,21 @@ def test_embedding_rows(dtype: np.dtype[Any], ids_shape: tuple[int, ...]) -> Non
             assert f64(got[(*index, j)]) == f64(table[int(ids[index]), j])
 
 
+@covers("embedding")
+def test_embedding_over_vocabulary_parts_sums_to_the_lookup() -> None:
+    """A device holding rows [offset, offset + n) looks up only those ids and writes zeros for the others."""
+    rng = np.random.default_rng(7)
+    table = randn(rng, (11, 4), np.dtype(np.float64))
+    ids = np.array([0, 10, 3, 7, 7, 5], np.int32)
+    parts = [run("embedding", ids, table[a:b], offset=a, vocab=11) for a, b in ((0, 4), (4, 4), (4, 9), (9, 11))]
+    for part, (a, b) in zip(parts, ((0, 4), (4, 4), (4, 9), (9, 11)), strict=True):
+        for t, i in enumerate(ids):
+            expected = table[i] if a <= i < b else np.zeros(4)
+            assert part[t].tolist() == expected.tolist()
+    with pytest.raises(ShapeError, match=r"token ids must be in 0\.\.10"):
+        run("embedding", np.array([11], np.int32), table[:4], offset=0, vocab=11)
+
+
 def ref_rms_norm(x: Array, w: Array | None, eps: float, plus_one: bool) -> Array:
     xf = f64(x)
     out = np.zeros(xf.shape)

@@ -93,11 +93,21 @@ def test_op_without_a_sharding_rule_is_a_plan_error_naming_it() -> None:
 
 def test_a_weight_used_against_its_role_is_a_plan_error() -> None:
     g = Graph()
-    ids = g.input("ids", (3,))
-    table = g.weight("tok_embd", (10, 4), Role.VOCAB)  # embeddings are replicated; vocab-split is for the head
-    g.output("x", g.embedding(ids, table))
-    with pytest.raises(PlanError, match=r"weight 'tok_embd' \(role vocab\).*never gathered"):
+    x = g.input("x", (3, 8), "float32")
+    norm = g.weight("norm", (8,), Role.COLUMN)  # a norm weight must be whole on every device
+    g.output("y", g.rms_norm(x, norm, eps=1e-5))
+    with pytest.raises(PlanError, match=r"weight 'norm' \(role column\).*never gathered"):
         plan(g, 2)
+
+
+def test_tied_vocab_split_embedding_costs_one_allreduce_per_step() -> None:
+    """A tied embedding/LM head split by vocabulary: each device looks up its rows (partial sums), reduced once
+    before the first layer; the head stays split and the logits are gathered."""
+    cfg = Config(n_layer=2, tied=True)
+    p = plan(build(cfg, 3), 3)
+    assert p.count("allreduce") == 2 * cfg.n_layer + 1 and p.count("allgather") == 1
+    embd = next(v for v in p.values if v.name == "tok_embd")
+    assert isinstance(embd.state, Split) and embd.state.axis == 0
 
 
 def test_malformed_tensor_split_is_a_clear_error() -> None:

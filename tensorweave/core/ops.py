@@ -28,6 +28,8 @@ Shape = tuple[int, ...]
 Meta = tuple[Shape, np.dtype[Any]]
 Infer = Callable[[list[Meta], dict[str, Any]], Meta]
 Rule = Callable[[list[State], list[Shape], Shape, dict[str, Any]], tuple[list[State], State]]
+# (attrs, input states, input shapes, output state, output shape, rank) -> the attrs device ``rank`` runs with
+Localize = Callable[[dict[str, Any], list[State], list[Shape], State, Shape, int], dict[str, Any]]
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,7 @@ class OpDef:
     view: bool = False
     arity: tuple[int, int] = (1, 1)  # min, max number of inputs
     doc: str = field(default="", compare=False)
+    localize: Localize | None = None  # attrs that depend on the device's part (reshape targets, slice offsets)
 
 
 OPS: dict[str, OpDef] = {}
@@ -270,8 +273,37 @@ def _infer_embedding(metas: list[Meta], attrs: dict[str, Any]) -> Meta:
     return (*ids, ts[1]), td
 
 
-def _k_embedding(xp: Any, out: Any, ids: Any, table: Any) -> None:
-    out[...] = table[ids]
+def _k_embedding(xp: Any, out: Any, ids: Any, table: Any, *, offset: int = 0, vocab: int = 0) -> None:
+    """table[ids]. A device holding only vocabulary rows [offset, offset + len(table)) of ``vocab`` looks up those
+    and writes zeros elsewhere, so the devices' parts sum to the whole lookup (PARTIAL)."""
+    vocab = vocab or table.shape[0]
+    if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
+        raise ShapeError(f"embedding: token ids must be in 0..{vocab - 1}, got {int(ids.min())}..{int(ids.max())}")
+    if table.shape[0] == vocab:
+        out[...] = table[ids]
+        return
+    local = ids - offset
+    mine = (local >= 0) & (local < table.shape[0])
+    out[...] = 0
+    out[mine] = table[local[mine]]
+
+
+def _rule_embedding(
+    ins: list[State], shapes: list[Shape], out: Shape, attrs: dict[str, Any]
+) -> tuple[list[State], State]:
+    table = ins[1]
+    if isinstance(table, Split) and table.axis == 0:  # a vocab-split table (tied with the LM head): partial rows
+        return [REPLICATED, table], PARTIAL
+    return [REPLICATED, REPLICATED], REPLICATED
+
+
+def _localize_embedding(
+    attrs: dict[str, Any], ins: list[State], shapes: list[Shape], out: State, shape: Shape, rank: int
+) -> dict[str, Any]:
+    table = ins[1]
+    if not isinstance(table, Split):
+        return attrs
+    return {**attrs, "offset": sum(table.sizes[:rank]), "vocab": shapes[1][0]}
 
 
 def _infer_norm(metas: list[Meta], attrs: dict[str, Any]) -> Meta:
@@ -585,6 +617,12 @@ def _rule_reshape(
     return [REPLICATED], REPLICATED
 
 
+def _localize_reshape(
+    attrs: dict[str, Any], ins: list[State], shapes: list[Shape], out: State, shape: Shape, rank: int
+) -> dict[str, Any]:
+    return {**attrs, "shape": shape}  # the device's part of the target shape
+
+
 def _k_reshape(xp: Any, x: Any, *, shape: Shape) -> Any:
     return x.reshape(shape)
 
@@ -621,6 +659,14 @@ def _rule_slice(ins: list[State], shapes: list[Shape], out: Shape, attrs: dict[s
     if isinstance(x, Split) and x.axis == attrs["axis"] % len(out):
         return [REPLICATED], REPLICATED
     return [x], x
+
+
+def _localize_shard(
+    attrs: dict[str, Any], ins: list[State], shapes: list[Shape], out: State, shape: Shape, rank: int
+) -> dict[str, Any]:
+    assert isinstance(out, Split)
+    start = sum(out.sizes[:rank])
+    return {**attrs, "start": start, "stop": start + out.sizes[rank]}
 
 
 def _k_slice(xp: Any, x: Any, *, axis: int, start: int, stop: int) -> Any:
@@ -683,17 +729,33 @@ for _op in [
     OpDef("cast", _infer_cast, _k_cast, _elementwise(), doc="convert to attrs['dtype'], rounding once"),
     OpDef("softmax", _same, _k_softmax, _keep_axes(), doc="softmax over attrs['axis'] (default last)"),
     OpDef("matmul", _infer_matmul, _k_matmul, _rule_matmul, arity=_BINARY, doc="x @ W^T, W is [out, in]"),
-    OpDef("embedding", _infer_embedding, _k_embedding, _replicated, arity=_BINARY, doc="table[ids]"),
+    OpDef(
+        "embedding",
+        _infer_embedding,
+        _k_embedding,
+        _rule_embedding,
+        arity=_BINARY,
+        doc="table[ids]",
+        localize=_localize_embedding,
+    ),
     OpDef("rms_norm", _infer_norm, _k_rms_norm, _keep_axes(-1), arity=(1, 2), doc="x / rms(x) * w (or 1 + w)"),
     OpDef("layer_norm", _infer_norm, _k_layer_norm, _keep_axes(-1), arity=(1, 3), doc="(x - mean) / std * w + b"),
     OpDef("rope", _infer_rope, _k_rope, _keep_axes(-1), arity=_BINARY, doc="rotary embedding of [T, heads, dim]"),
     OpDef("attention", _infer_attention, _k_attention, _rule_attention, arity=(4, 7), doc="softmax(qk^T) v, GQA"),
     OpDef("topk_route", _infer_topk, _k_topk, _replicated, doc="router logits -> dense [T, E] top-k weights"),
     OpDef("moe_ffn", _infer_moe, _k_moe, _rule_moe, arity=(5, 5), doc="routed sum of expert FFNs"),
-    OpDef("reshape", _infer_reshape, _k_reshape, _rule_reshape, view=True),
+    OpDef("reshape", _infer_reshape, _k_reshape, _rule_reshape, view=True, localize=_localize_reshape),
     OpDef("transpose", _infer_transpose, _k_transpose, _rule_transpose, view=True),
     OpDef("slice", _infer_slice, _k_slice, _rule_slice, view=True, doc="x[start:stop] along attrs['axis']"),
-    OpDef("shard", _infer_slice, _k_slice, None, view=True, doc="a device's part (planner-inserted)"),
+    OpDef(
+        "shard",
+        _infer_slice,
+        _k_slice,
+        None,
+        view=True,
+        doc="a device's part (planner-inserted)",
+        localize=_localize_shard,
+    ),
     OpDef("concat", _infer_concat, _k_concat, _rule_concat, arity=(1, 64)),
     OpDef("copy", _same, _k_identity, _elementwise("sum"), doc="a contiguous copy"),
     OpDef("allreduce", _same, _k_identity, _rule_allreduce, doc="sum of PARTIAL values (planner-inserted)"),

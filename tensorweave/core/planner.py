@@ -274,11 +274,12 @@ class _Planner:
         for s in self.steps:
             attrs = dict(s.attrs)
             shape = shapes[s.out]
-            if s.op == "reshape":
-                attrs["shape"] = shape
-            elif s.op == "shard":
-                sl = local_slice(self.values[s.out].shape, self.values[s.out].state, rank)[attrs["axis"]]
-                attrs.update(start=sl.start, stop=sl.stop)
+            localize = OPS[s.op].localize
+            if localize is not None and self.world > 1:
+                ins = [self.values[i].state for i in s.inputs]
+                attrs = localize(
+                    attrs, ins, [self.values[i].shape for i in s.inputs], self.values[s.out].state, shape, rank
+                )
             if s.op not in COLLECTIVES:  # self-check: the rule's output state must match the op's shape rule
                 got = infer(s.op, [(shapes[i], self.values[i].dtype) for i in s.inputs], attrs)[0]
                 if got != shape:

@@ -56,7 +56,7 @@ class Role(Enum):
     REPLICATED = "replicated"  # embeddings, norms, MoE router: every device holds it all
     COLUMN = "column"  # split output features (axis 0): q/k/v, gate/up; also column biases and per-head vectors
     ROW = "row"  # split input features (last axis): attention output, FFN down -> PARTIAL results
-    VOCAB = "vocab"  # the LM head, column-parallel over the vocabulary; logits are gathered
+    VOCAB = "vocab"  # the LM head, column-parallel over the vocabulary (logits gathered); or a tied embedding
     EXPERT_COLUMN = "expert_column"  # stacked experts [E, out, in], split out (axis 1)
     EXPERT_ROW = "expert_row"  # stacked experts [E, out, in], split in (axis 2)
     KV_HEAD = "kv_head"  # KV cache [ctx, kv_heads, head_dim], split by KV head (axis 1)

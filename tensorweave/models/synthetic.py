@@ -36,6 +36,7 @@ class Config:
     sinks: bool = False
     neox: bool = True
     n_rot: int | None = None
+    tied: bool = False  # one vocab-split matrix for the embedding and the LM head
     ctx: int = 32
     dtype: str = "float32"
 
@@ -46,11 +47,13 @@ def build(cfg: Config, tokens: int) -> Graph:
     H = cfg.hidden
     ids = g.input("tokens", (tokens,))
     pos = g.input("positions", (tokens,))
-    x = g.embedding(ids, g.weight("tok_embd", (cfg.vocab, H)))
+    embd = g.weight("tok_embd", (cfg.vocab, H), Role.VOCAB if cfg.tied else Role.REPLICATED)
+    x = g.embedding(ids, embd)
     for il in range(cfg.n_layer):
         x = block(g, cfg, x, pos, il)
     h = g.rms_norm(x, g.weight("output_norm", (H,)), eps=1e-5)
-    g.output("logits", g.linear(h, g.weight("output", (cfg.vocab, H), Role.VOCAB)))
+    head = embd if cfg.tied else g.weight("output", (cfg.vocab, H), Role.VOCAB)
+    g.output("logits", g.linear(h, head))
     return g
 
 
