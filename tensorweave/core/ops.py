@@ -7,7 +7,9 @@ equivalence tests. View ops (reshape, transpose, slice, shard) return a view of 
 
 A sharding rule gets the split states of the inputs (see ``sharding``) and returns the states it needs them in
 (the planner inserts the conversions: allreduce, allgather or a local slice) and the state of the output.
-Third parties add ops with ``register(OpDef(...))``; an op without a rule makes the planner refuse the graph.
+Ops whose attributes depend on the device's part (reshape targets, slice bounds, vocabulary offsets) give a
+``localize`` function. Third parties add ops with ``register(OpDef(...))``; an op without a rule makes the planner
+refuse the graph.
 """
 
 from __future__ import annotations
