@@ -211,7 +211,8 @@ def _demo_tensor_parallel(devs: list[Device], tensor_split: list[float], n_new: 
     same = ids == ref_ids
     split = ",".join(f"{r:g}" for r in plan.ratios)
     print(
-        f"\na synthetic transformer (4 layers: 2 dense, 2 MoE with 4 experts; 8 heads / 4 KV heads) split over "
+        f"\na synthetic transformer (random weights; 4 layers: 2 dense, 2 MoE with 4 experts; 8 heads / 4 KV heads) "
+        f"split over "
         f"{len(devs)} devices with tensor_split {split}, against 1 device, {n_new} greedy tokens:"
     )
     rows = [
