@@ -362,7 +362,7 @@ class Executor:
         for name, t in graph.weights.items():
             if name not in self.weights:
                 raise PlanError(f"weight {name!r} of graph {graph.name!r} is not loaded; call load_weights first")
-            if _spec(self._specs[name]) != _spec(t):
+            if self._specs[name].spec != t.spec:
                 raise PlanError(f"weight {name!r} was loaded with another shape/dtype/role than {graph.name!r} uses")
         self._ensure_caches(graph)
         comp = _Compiled(graph, p, [], [], [], [], [], {v.name: v.id for v in p.values if v.kind == "input"})
@@ -427,10 +427,6 @@ class Executor:
                 [exp[i.inputs[0]] for exp, i in zip(comp.exported, per_device, strict=True)],
                 out=[exp[i.out] for exp, i in zip(comp.exported, per_device, strict=True)],
             )
-
-
-def _spec(t: Tensor) -> tuple[Any, ...]:
-    return (t.shape, t.dtype, t.role, t.groups, t.layer)
 
 
 def _zero(a: Any) -> None:

@@ -46,6 +46,11 @@ class Tensor:
     def ndim(self) -> int:
         return len(self.shape)
 
+    @property
+    def spec(self) -> tuple[Any, ...]:
+        """What must agree between two declarations of one weight or cache: shape, dtype, role, groups, layer."""
+        return (self.shape, self.dtype, self.role, self.groups, self.layer)
+
     def __add__(self, other: Tensor) -> Tensor:
         return self.graph.op("add", self, other)
 
@@ -135,7 +140,7 @@ class Graph:
         old = table.get(name)
         if old is not None:
             self.tensors.pop()
-            if (old.shape, old.dtype, old.role, old.groups, old.layer) != (t.shape, t.dtype, role, groups, layer):
+            if old.spec != t.spec:
                 raise ShapeError(f"{self.name}: {kind} {name!r} declared twice with different shape/dtype/role")
             return old
         axis = role.axis(len(t.shape)) if t.shape else None
