@@ -79,10 +79,9 @@ def test_uneven_split_with_zero_size_shards_plans() -> None:
     assert p.count("allreduce") == 4
 
 
-def test_op_without_a_sharding_rule_is_a_plan_error_naming_it() -> None:
-    name = "test_planner_norule"
-    if name not in ops.OPS:
-        ops.register(ops.OpDef(name, lambda metas, attrs: metas[0], lambda xp, out, x: None, None))
+def test_op_without_a_sharding_rule_is_a_plan_error_naming_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    name = "test_planner_norule"  # registered for this test only: the op registry is process-wide
+    monkeypatch.setitem(ops.OPS, name, ops.OpDef(name, lambda metas, attrs: metas[0], lambda xp, out, x: None, None))
     g = Graph()
     x = g.input("x", (2, 4), "float32")
     g.output("y", g.op(name, x))
