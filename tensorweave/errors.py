@@ -67,6 +67,11 @@ class CommunicationLibraryError(TensorweaveError, RuntimeError):
     """NCCL, RCCL or MPI reported a failure; the message carries the library's own words and what to do."""
 
 
+class ModelFormatError(TensorweaveError, ValueError):
+    """A model file (safetensors, GGUF, config.json, tokenizer) is corrupt, truncated or does not fit its config;
+    the message names the file and, where there is one, the tensor."""
+
+
 def format_bytes(n: float) -> str:
     """Human-readable binary size: 1536 -> '1.5 KiB'."""
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
