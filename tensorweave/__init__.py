@@ -6,6 +6,8 @@ Public API::
     devs = tw.devices("cpu-sim:4,mem=512MiB,peer=ring")
     comm = tw.communicator(devs)            # the backend's default, or name="peer" / "local" / ...
     comm.allreduce(buffers)                 # one buffer per local rank
+    model = tw.load("model_dir_or.gguf", devices="cpu-sim:3", tensor_split=[3, 1, 1])
+    model.logits(token_ids)                 # float32 [len(token_ids), vocab], fresh context
 
 Plugin authors: ``tw.hookimpl`` marks hook implementations (see plugins.md); errors live in ``tw.errors``.
 """
@@ -18,10 +20,11 @@ from . import errors
 from .core.communicator import open_communicator as communicator
 from .core.device import open_devices as devices
 from .core.hookspecs import hookimpl
+from .runtime.model import Model, load
 
 try:
     __version__ = version("tensorweave")
 except PackageNotFoundError:  # running from a source tree that was never installed
     __version__ = "0+unknown"
 
-__all__ = ["__version__", "communicator", "devices", "errors", "hookimpl"]
+__all__ = ["Model", "__version__", "communicator", "devices", "errors", "hookimpl", "load"]

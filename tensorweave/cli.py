@@ -43,7 +43,13 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     rows = [p.as_dict() for p in reg.plugins]
     _emit(
         args,
-        {"plugins": rows, "backends": sorted(reg.backends), "communicators": sorted(reg.communicators)},
+        {
+            "plugins": rows,
+            "backends": sorted(reg.backends),
+            "communicators": sorted(reg.communicators),
+            "models": sorted(reg.models),
+            "loaders": sorted(reg.loaders),
+        },
         table(
             ["plugin", "distribution", "version", "status", "hooks", "registered"],
             [
@@ -53,7 +59,16 @@ def cmd_plugins(args: argparse.Namespace) -> int:
                     p.version,
                     p.status + (f" ({p.error})" if p.error else ""),
                     ", ".join(h.removeprefix("tensorweave_") for h in p.hooks) or "-",
-                    ", ".join([f"backend {b}" for b in p.backends] + [f"communicator {c}" for c in p.communicators])
+                    ", ".join(
+                        f"{kind} {n}"
+                        for kind, names in (
+                            ("backend", p.backends),
+                            ("communicator", p.communicators),
+                            ("model", p.models),
+                            ("loader", p.loaders),
+                        )
+                        for n in names
+                    )
                     or "-",
                 ]
                 for p in reg.plugins

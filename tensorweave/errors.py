@@ -72,6 +72,10 @@ class ModelFormatError(TensorweaveError, ValueError):
     the message names the file and, where there is one, the tensor."""
 
 
+class StateError(TensorweaveError, RuntimeError):
+    """A session or saved state cannot be used here: superseded by another session, full, or from another model."""
+
+
 def format_bytes(n: float) -> str:
     """Human-readable binary size: 1536 -> '1.5 KiB'."""
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):

@@ -105,7 +105,7 @@ def test_tied_vocab_split_embedding_costs_one_allreduce_per_step() -> None:
     cfg = Config(n_layer=2, tied=True)
     p = plan(build(cfg, 3), 3)
     assert p.count("allreduce") == 2 * cfg.n_layer + 1 and p.count("allgather") == 1
-    embd = next(v for v in p.values if v.name == "tok_embd")
+    embd = next(v for v in p.values if v.name == "token_embd")
     assert isinstance(embd.state, Split) and embd.state.axis == 0
 
 

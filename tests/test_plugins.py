@@ -40,6 +40,44 @@ PLUGINS = {
         @tw.hookimpl
         def tensorweave_register_communicators(register):
             register(ToyCommunicator)
+
+        import json
+        from pathlib import Path
+        import numpy as np
+        from tensorweave.core.model import Checkpoint, Loader
+        from tensorweave.models.llama import Llama
+
+        class ToyLlama(Llama):  # a new model_type reusing llama's graph
+            name = "toy-llama"
+            hf_model_types = ("toy_llama",)
+            gguf_architectures = ()
+
+        class NpzCheckpoint(Checkpoint):  # config.json + weights.npz keyed by graph weight names
+            def __init__(self, path, families):
+                self.path, self.family = path, families["toy-llama"]
+                self.config = self.family.config_from_hf(json.loads((path / "config.json").read_text()))
+                self.arrays, self.dtype = np.load(path / "weights.npz"), np.dtype("float32")
+            def shape(self, name):
+                return self.arrays[name].shape if name in self.arrays.files else None
+            def names(self):
+                return list(self.arrays.files)
+            def read(self, name, index):
+                return self.arrays[name][index]
+
+        class NpzLoader(Loader):
+            name = "npz"
+            def probe(self, path):
+                return (path / "weights.npz").exists()
+            def open(self, path, families):
+                return NpzCheckpoint(path, families)
+
+        @tw.hookimpl
+        def tensorweave_register_models(register):
+            register(ToyLlama())
+
+        @tw.hookimpl
+        def tensorweave_register_loaders(register):
+            register(NpzLoader())
     ''',
     "tw_broken_plugin.py": 'raise ImportError("needs libfoo.so, which is not installed")\n',
     "tw_typo_plugin.py": """
@@ -138,8 +176,18 @@ def test_third_party_plugin_is_discovered_and_listed(site: Path) -> None:
         "0.0.1",
         False,
     )
-    assert toy["hooks"] == ["tensorweave_register_backends", "tensorweave_register_communicators"]
-    assert (toy["backends"], toy["communicators"]) == (["toy"], ["toy-comm"])
+    assert toy["hooks"] == [
+        "tensorweave_register_backends",
+        "tensorweave_register_communicators",
+        "tensorweave_register_loaders",
+        "tensorweave_register_models",
+    ]
+    assert (toy["backends"], toy["communicators"], toy["models"], toy["loaders"]) == (
+        ["toy"],
+        ["toy-comm"],
+        ["toy-llama"],
+        ["npz"],
+    )
     assert "toy" in data["backends"] and "toy-comm" in data["communicators"]
     assert {"cpu-sim", "local", "peer"} <= set(data["backends"]) | set(data["communicators"])
     # The table form names the same things.
@@ -171,12 +219,49 @@ def test_toy_backend_and_communicator_work(site: Path) -> None:
     assert proc.stdout.strip() == "['toy:0', 'toy:1', 'toy:2'] [6.0, 6.0, 6.0, 6.0]"
 
 
+def test_toy_model_family_and_loader_load_a_model(site: Path, tmp_path: Path) -> None:
+    code = textwrap.dedent(f"""
+        import json, numpy as np, tensorweave as tw
+        from pathlib import Path
+        from tensorweave.core.plugins import registry
+        from tensorweave.models.synthetic import random_weights
+        d = Path({str(tmp_path)!r})
+        raw = dict(model_type="toy_llama", vocab_size=40, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=2, intermediate_size=48, max_position_embeddings=64)
+        (d / "config.json").write_text(json.dumps(raw))
+        fam = registry().models["toy-llama"]
+        np.savez(d / "weights.npz", **random_weights(fam.build(fam.config_from_hf(raw), 1), seed=3))
+        ids = [1, 5, 9, 39, 0, 7]
+        whole = tw.load(d).logits(ids)
+        split = tw.load(d, devices="cpu-sim:2", tensor_split=[3, 1]).logits(ids)
+        print(type(tw.load(d).checkpoint).__name__, whole.shape, float(np.abs(whole - split).max()) < 1e-5)
+    """)
+    proc = run(site, "-W", "ignore", "-c", code)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "NpzCheckpoint (6, 40) True"
+
+
 def test_tensorweave_plugins_env_selects_and_blocks(site: Path) -> None:
     data, stderr = plugins_json(site, select="")  # empty: built-ins only
     status = {p["name"]: p["status"] for p in data["plugins"]}
     assert status == {
         **dict.fromkeys(
-            ["cpu-sim", "local", "peer", "shm", "mpi", "nccl", "cuda", "rocm"], "loaded"
+            [
+                "cpu-sim",
+                "local",
+                "peer",
+                "shm",
+                "mpi",
+                "nccl",
+                "cuda",
+                "rocm",
+                "llama",
+                "qwen3",
+                "qwen3_moe",
+                "hf",
+                "gguf",
+            ],
+            "loaded",
         ),  # no GPU/MPI needed
         "toy": "blocked",
         "broken": "blocked",

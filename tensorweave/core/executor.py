@@ -293,11 +293,14 @@ class Executor:
 
     # --- weights and caches ---------------------------------------------------------------------------------
 
-    def load_weights(self, graph: Graph, source: WeightSource) -> None:
+    def load_weights(
+        self, graph: Graph, source: WeightSource, progress: Callable[[str, int], None] | None = None
+    ) -> None:
         """Place every weight ``graph`` declares: each device gets only its slice.
 
         ``source``: name -> array (anything numpy can index, e.g. a memmap), or a callable ``(name, index) ->
         array`` returning just ``array[index]``, so loaders never build a whole tensor they do not need.
+        ``progress(name, nbytes)`` is called after each weight with its whole size (for a progress bar).
         """
         for name, t in graph.weights.items():
             state = weight_state(t.role, t.shape, t.groups, self.ratios, t.layer)
@@ -319,6 +322,8 @@ class Executor:
                 parts.append(dev.from_host(np.ascontiguousarray(host, dtype=t.dtype)))
             self.weights[name] = parts
             self._specs[name] = t
+            if progress is not None:
+                progress(name, t.nbytes)
         self._compiled.clear()  # compiled programs hold the previous weight arrays
 
     def reset_caches(self) -> None:

@@ -15,6 +15,7 @@ with it the executor's plan and buffers. ``Graph.evaluate`` runs a graph unshard
 from __future__ import annotations
 
 import functools
+import math
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -45,6 +46,10 @@ class Tensor:
     @property
     def ndim(self) -> int:
         return len(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
 
     @property
     def spec(self) -> tuple[Any, ...]:

@@ -14,6 +14,7 @@ import pluggy
 if TYPE_CHECKING:
     from .communicator import Communicator
     from .device import Backend
+    from .model import Loader, ModelFamily
 
 PROJECT = "tensorweave"
 hookspec = pluggy.HookspecMarker(PROJECT)
@@ -37,4 +38,23 @@ def tensorweave_register_communicators(register: Callable[[type[Communicator]], 
     ``register(cls)`` takes a Communicator *subclass*; ``cls.name`` is what ``tw.communicator(devs, name=...)``
     selects and ``cls.capabilities`` describes what it can do. tensorweave instantiates it per device group as
     ``cls(devices, **options)``.
+    """
+
+
+@hookspec
+def tensorweave_register_models(register: Callable[[ModelFamily], None]) -> None:
+    """Register model architecture families.
+
+    ``register(family)`` takes a ModelFamily *instance*; checkpoints whose config.json ``model_type`` is in
+    ``family.hf_model_types`` (or whose GGUF ``general.architecture`` is in ``family.gguf_architectures``) load
+    with it. ``family.name`` must be unique.
+    """
+
+
+@hookspec
+def tensorweave_register_loaders(register: Callable[[Loader], None]) -> None:
+    """Register model file formats.
+
+    ``register(loader)`` takes a Loader *instance*; ``tw.load(path)`` opens ``path`` with the first loader whose
+    ``probe(path)`` is true, asking third-party loaders before the built-ins (``hf``, ``gguf``).
     """

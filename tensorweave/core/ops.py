@@ -354,8 +354,15 @@ def rope_inv_freq(n_rot: int, theta: float, scaling: dict[str, Any] | None = Non
     kind = scaling.get("rope_type", scaling.get("type", "none"))
     if kind in ("none", "default"):
         return inv
+    if kind == "factors":  # llama.cpp's rope_freqs tensor: one divisor per pair (how GGUF stores llama3 scaling)
+        factors = np.asarray(scaling.get("factors", ()), dtype=np.float64)
+        if factors.shape != inv.shape:
+            raise UnsupportedError(f"rope: {factors.size} frequency factors for {inv.size} rotated pairs")
+        return inv / factors
     if kind not in ROPE_SCALING_KEYS:
-        raise UnsupportedError(f"rope scaling type {kind!r} is not supported (known: none, default, linear, llama3)")
+        raise UnsupportedError(
+            f"rope scaling type {kind!r} is not supported (known: none, default, linear, llama3, factors)"
+        )
     missing = [k for k in ROPE_SCALING_KEYS[kind] if k not in scaling]
     if missing:
         raise UnsupportedError(f"rope scaling {kind!r} needs {', '.join(missing)}; got keys {sorted(scaling)}")
@@ -385,7 +392,7 @@ def _infer_rope(metas: list[Meta], attrs: dict[str, Any]) -> Meta:
     _need(ps == xs[:1] and pd == dtypes.int32, f"rope: positions must be int32 [{xs[0]}], got {ps} {pd.name}")
     n_rot = attrs.get("n_rot") or xs[2]
     _need(n_rot % 2 == 0 and n_rot <= xs[2], f"rope: n_rot {n_rot} must be even and <= head_dim {xs[2]}")
-    rope_inv_freq(2, 1.0, attrs.get("scaling"))  # rejects unknown scaling types at trace time
+    rope_inv_freq(n_rot, 1.0, attrs.get("scaling"))  # rejects unknown scaling types at trace time
     return xs, xd
 
 

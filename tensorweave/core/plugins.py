@@ -25,6 +25,7 @@ from ..errors import PluginError
 from . import hookspecs
 from .communicator import Communicator
 from .device import Backend
+from .model import Loader, ModelFamily
 
 ENV_SELECT = "TENSORWEAVE_PLUGINS"
 
@@ -43,13 +44,15 @@ class PluginInfo:
     hooks: list[str] = field(default_factory=list)
     backends: list[str] = field(default_factory=list)
     communicators: list[str] = field(default_factory=list)
+    models: list[str] = field(default_factory=list)
+    loaders: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
 
 
 class Registry:
-    """Backends and communicators contributed by the loaded plugins."""
+    """Backends, communicators, model families and loaders contributed by the loaded plugins."""
 
     def __init__(self) -> None:
         self.pm = pluggy.PluginManager(hookspecs.PROJECT)
@@ -57,6 +60,8 @@ class Registry:
         self.plugins: list[PluginInfo] = []
         self.backends: dict[str, Backend] = {}
         self.communicators: dict[str, type[Communicator]] = {}
+        self.models: dict[str, ModelFamily] = {}
+        self.loaders: dict[str, Loader] = {}
 
     def load_entry_points(self, group: str = hookspecs.PROJECT) -> None:
         selected = _selected_plugins()
@@ -102,6 +107,8 @@ class Registry:
             adders: dict[str, Callable[[PluginInfo, Any], None]] = {
                 "tensorweave_register_backends": self._add_backend,
                 "tensorweave_register_communicators": self._add_communicator,
+                "tensorweave_register_models": self._add_model,
+                "tensorweave_register_loaders": self._add_loader,
             }
             for hook, add in adders.items():
                 for impl in getattr(self.pm.hook, hook).get_hookimpls():
@@ -109,11 +116,10 @@ class Registry:
                         impl.function(register=functools.partial(add, info))
         except BaseException:
             self.pm.unregister(module)
-            for n in info.backends:
-                self.backends.pop(n, None)
-            for n in info.communicators:
-                self.communicators.pop(n, None)
-            info.backends, info.communicators = [], []
+            for table, names in self._contributions(info):
+                for n in names:
+                    table.pop(n, None)
+                names.clear()
             raise
 
     def _add_backend(self, info: PluginInfo, backend: Backend) -> None:
@@ -127,6 +133,26 @@ class Registry:
             raise PluginError(f"register() expects a Communicator subclass, got {cls!r}")
         _claim(self.communicators, cls.name, cls, info, "communicator")
         info.communicators.append(cls.name)
+
+    def _add_model(self, info: PluginInfo, family: ModelFamily) -> None:
+        if not isinstance(family, ModelFamily):
+            raise PluginError(f"register() expects a ModelFamily instance, got {family!r}")
+        _claim(self.models, family.name, family, info, "model family")
+        info.models.append(family.name)
+
+    def _add_loader(self, info: PluginInfo, loader: Loader) -> None:
+        if not isinstance(loader, Loader):
+            raise PluginError(f"register() expects a Loader instance, got {loader!r}")
+        _claim(self.loaders, loader.name, loader, info, "loader")
+        info.loaders.append(loader.name)
+
+    def _contributions(self, info: PluginInfo) -> list[tuple[dict[str, Any], list[str]]]:
+        return [
+            (self.backends, info.backends),
+            (self.communicators, info.communicators),
+            (self.models, info.models),
+            (self.loaders, info.loaders),
+        ]
 
     def backend(self, name: str) -> Backend:
         try:

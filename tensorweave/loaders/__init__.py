@@ -1,0 +1,1 @@
+"""Loaders: model files (Hugging Face safetensors, GGUF) and tokenizers into tensorweave."""

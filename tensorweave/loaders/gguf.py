@@ -1,0 +1,153 @@
+"""GGUF files (llama.cpp's format) through the ``gguf`` package: metadata -> config, tensors -> device slices.
+
+The file is memory-mapped by ``gguf.GGUFReader``. A device's slice of a float tensor is a view; a quantized tensor
+(Q8_0, Q4_0, Q4_K, Q6_K and the rest ``gguf.quants`` can dequantize) is dequantized a bounded chunk of rows at a
+time, only over the rows the slice needs, so the whole tensor never exists in float. Tensor names are the graph's
+names plus ``.weight``. For the ``llama`` architecture llama.cpp's converter interleaved the rows of each Q and K
+head (for ggml's "normal" rope); we undo that per head, so the graph runs the same NEOX rope as the HF model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..core import dtypes
+from ..core.hookspecs import hookimpl
+from ..core.model import Checkpoint, Loader, ModelFamily
+from ..errors import ModelFormatError, UnsupportedError
+
+CHUNK_BYTES = 16 << 20  # dequantize at most this much float output at a time
+
+
+class GGUFCheckpoint(Checkpoint):
+    def __init__(self, path: Path, families: Mapping[str, ModelFamily]) -> None:
+        from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader
+
+        from .tokenizer import gguf_metadata
+
+        self.path = path
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            if f.read(4) != b"GGUF":
+                raise ModelFormatError(f"{path}: not a GGUF file (no GGUF magic)")
+        try:
+            self.reader = GGUFReader(path)
+            self.meta = gguf_metadata(self.reader)
+        except Exception as e:  # the reader fails with numpy/struct/Value errors on truncated or corrupt files
+            raise ModelFormatError(f"{path}: corrupt or truncated GGUF ({type(e).__name__}: {e})") from None
+        self.tensors = {}
+        for t in self.reader.tensors:
+            try:
+                qtype = GGMLQuantizationType(int(t.tensor_type))
+                block, type_size = GGML_QUANT_SIZES[qtype]
+            except (ValueError, KeyError):
+                raise ModelFormatError(f"{path}: tensor {t.name!r} has unknown type {int(t.tensor_type)}") from None
+            ne = [int(d) for d in t.shape]
+            nbytes = math.prod(ne) // block * type_size
+            if ne and ne[0] % block:
+                raise ModelFormatError(f"{path}: tensor {t.name!r} rows of {ne[0]} are not whole {qtype.name} blocks")
+            if t.data_offset + nbytes > size or t.data.nbytes != nbytes:
+                raise ModelFormatError(
+                    f"{path}: tensor {t.name!r} ({qtype.name} {ne}) at offset {t.data_offset} needs {nbytes} bytes "
+                    f"but the file has {size}: truncated or corrupt"
+                )
+            self.tensors[t.name.removesuffix(".weight")] = t
+        self.shapes = {n: tuple(int(d) for d in reversed(t.shape)) for n, t in self.tensors.items()}
+        arch = self.meta.get("general.architecture")
+        fam = next((f for f in families.values() if arch in f.gguf_architectures), None)
+        if fam is None:
+            known = sorted(a for f in families.values() for a in f.gguf_architectures)
+            raise UnsupportedError(f"{path}: unknown GGUF architecture {arch!r}; supported: {', '.join(known)}")
+        self.family = fam
+        meta = dict(self.meta)
+        if "rope_freqs" in self.tensors:  # llama3-style rope scaling is stored as per-pair factors
+            meta["rope_freqs"] = self.read("rope_freqs", (slice(None),)).tolist()
+        try:
+            self.config = fam.config_from_gguf(meta, {n: s for n, s in self.shapes.items() if n != "rope_freqs"})
+        except (KeyError, TypeError, ValueError) as e:
+            raise ModelFormatError(f"{path}: missing or malformed metadata {e}") from None
+        embd = self.tensors.get("token_embd")
+        kinds: dict[int, np.dtype[Any]] = {
+            int(GGMLQuantizationType.F32): dtypes.float32,
+            int(GGMLQuantizationType.F16): dtypes.float16,
+            int(GGMLQuantizationType.BF16): dtypes.bfloat16,
+        }
+        self.dtype = kinds.get(int(embd.tensor_type), dtypes.float32) if embd is not None else dtypes.float32
+
+    def shape(self, name: str) -> tuple[int, ...] | None:
+        return self.shapes.get(name)
+
+    def names(self) -> list[str]:
+        return [n for n in self.shapes if n != "rope_freqs"]
+
+    def read(self, name: str, index: tuple[slice, ...]) -> np.ndarray:
+        from gguf import GGMLQuantizationType
+        from gguf.quants import dequantize
+
+        t = self.tensors[name]
+        qtype = GGMLQuantizationType(int(t.tensor_type))
+        lead, last = index[:-1], index[-1]
+        if qtype in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
+            out = t.data[index]
+        elif qtype == GGMLQuantizationType.BF16:  # the reader hands BF16 out as raw bytes
+            out = t.data.view(dtypes.bfloat16)[index]
+        else:
+            rows = t.data[lead]  # [..., bytes per row], still quantized
+            flat = rows.reshape(-1, rows.shape[-1])
+            n_cols = self.shapes[name][-1]
+            width = len(range(*last.indices(n_cols)))
+            step = max(1, CHUNK_BYTES // (4 * n_cols))
+            out = np.empty((flat.shape[0], width), np.float32)
+            for i in range(0, flat.shape[0], step):
+                out[i : i + step] = dequantize(flat[i : i + step], qtype)[:, last]
+            out = out.reshape(*rows.shape[:-1], width)
+        if self.family.gguf_permuted_qk and name.endswith((".attn_q", ".attn_k", ".attn_q.bias", ".attn_k.bias")):
+            out = _unpermute(np.asarray(out), self.config.head_dim)
+        return np.asarray(out)
+
+    def tokenizer(self) -> Any:
+        if "tokenizer.ggml.tokens" not in self.meta:
+            return None
+        from .tokenizer import Tokenizer
+
+        return Tokenizer.from_gguf(self.meta)
+
+    def fingerprint(self) -> str:
+        h = hashlib.sha256()
+        for name, t in sorted(self.tensors.items()):
+            raw = t.data.reshape(-1).view(np.uint8)
+            h.update(name.encode() + bytes(raw[:256]) + bytes(raw[-256:]))
+        return h.hexdigest()[:16]
+
+    def close(self) -> None:
+        self.tensors = {}
+
+
+def _unpermute(w: np.ndarray, head_dim: int) -> np.ndarray:
+    """Undo llama.cpp's per-head row interleave ``reshape(heads, 2, hd/2, ...).swapaxes(1, 2)`` on whole heads."""
+    rows = w.shape[0]
+    if rows % head_dim:
+        raise ModelFormatError(f"q/k slice of {rows} rows is not whole heads of {head_dim}")
+    heads = rows // head_dim
+    return w.reshape(heads, head_dim // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+class GGUFLoader(Loader):
+    name = "gguf"
+
+    def probe(self, path: Path) -> bool:
+        return path.is_file() and path.suffix.lower() == ".gguf"
+
+    def open(self, path: Path, families: Mapping[str, ModelFamily]) -> Checkpoint:
+        return GGUFCheckpoint(path, families)
+
+
+@hookimpl
+def tensorweave_register_loaders(register: Callable[[Loader], None]) -> None:
+    register(GGUFLoader())

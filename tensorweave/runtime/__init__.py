@@ -1,0 +1,1 @@
+"""The runtime: a loaded model over devices (``Model``), its sessions (KV cache and positions), and generation."""

@@ -1,0 +1,171 @@
+"""``tw.load``: open a checkpoint with the registered loaders, place each device's weight slices, and run.
+
+Loading checks every weight the family's graph declares against the checkpoint's index first (missing, extra,
+misshapen tensors are one ``ModelFormatError`` naming the file and tensor) and only then reads data, streaming one
+slice per device and weight: the checkpoint hands out ``weight[index]`` and the executor copies it to the device.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..core import dtypes
+from ..core.communicator import Communicator
+from ..core.device import Device
+from ..core.executor import Executor
+from ..core.graph import Graph, GraphCache
+from ..core.model import Checkpoint
+from ..core.planner import Plan
+from ..core.plugins import registry
+from ..errors import ModelFormatError
+from .session import Session
+
+DEFAULT_CTX = 4096  # KV-cache tokens when the caller does not say (a model's own maximum can be 128k and more)
+
+
+class Model:
+    """A checkpoint placed on devices. ``logits(ids)`` runs a fresh context; ``session()`` keeps one going."""
+
+    def __init__(
+        self,
+        checkpoint: Checkpoint,
+        devices: str | Sequence[Device] = "cpu-sim",
+        tensor_split: Sequence[float] | None = None,
+        dtype: Any = None,
+        communicator: Communicator | str | None = None,
+        ctx: int | None = None,
+        progress: bool | None = None,
+    ) -> None:
+        self.checkpoint = checkpoint
+        self.family = checkpoint.family
+        dt = checkpoint.dtype if dtype is None else dtypes.to_dtype(dtype)
+        cfg = checkpoint.config
+        self.config = replace(cfg, ctx=int(ctx or min(cfg.ctx, DEFAULT_CTX)), dtype=dtypes.name(dt))
+        self.executor = Executor(devices, communicator, tensor_split)
+        self.graphs = GraphCache(lambda tokens: self.family.build(self.config, tokens), maxsize=8)
+        g = self.graphs(tokens=1)
+        self._check(g)
+        with _progress_bar(sum(t.nbytes for t in g.weights.values()), progress, checkpoint.path.name) as bar:
+            self.executor.load_weights(g, checkpoint.read, lambda _name, n: bar.update(n))
+        self.tokenizer = checkpoint.tokenizer()
+        self.active: Session | None = None  # the session whose tokens the KV caches hold
+
+    def _check(self, g: Graph) -> None:
+        ck = self.checkpoint
+        for name, t in g.weights.items():
+            shape = ck.shape(name)
+            if shape is None:
+                raise ModelFormatError(f"{ck.path}: tensor {name!r} {t.shape} is missing ({self.family.name} model)")
+            if tuple(shape) != t.shape:
+                raise ModelFormatError(
+                    f"{ck.path}: tensor {name!r} has shape {tuple(shape)} but the config implies {t.shape}"
+                )
+        extra = sorted(set(ck.names()) - set(g.weights))
+        if extra:
+            more = f" and {len(extra) - 3} more" if len(extra) > 3 else ""
+            raise ModelFormatError(
+                f"{ck.path}: tensors {', '.join(map(repr, extra[:3]))}{more} have no place in this "
+                f"{self.family.name} config (wrong architecture or config?)"
+            )
+
+    @property
+    def vocab(self) -> int:
+        return int(self.config.vocab)
+
+    @property
+    def plan(self) -> Plan:
+        """The plan of one decode step: per-device weight and KV bytes, collectives and bytes moved per token."""
+        return self.executor.plan(self.graphs(tokens=1))
+
+    def session(self) -> Session:
+        return Session(self)
+
+    def logits(self, token_ids: Sequence[int] | np.ndarray) -> np.ndarray:
+        """float32 [len(token_ids), vocab] for ``token_ids`` as a fresh context (position 0 onward)."""
+        return self.session().eval(token_ids)
+
+    def close(self) -> None:
+        self.checkpoint.close()
+
+    def __enter__(self) -> Model:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (
+            f"<Model {self.family.name} {self.checkpoint.path.name} on {self.executor.world_size} device(s) "
+            f"{self.config.dtype}, ctx {self.config.ctx}>"
+        )
+
+
+def load(
+    path: str | Path,
+    devices: str | Sequence[Device] = "cpu-sim",
+    tensor_split: Sequence[float] | None = None,
+    dtype: Any = None,
+    *,
+    communicator: Communicator | str | None = None,
+    ctx: int | None = None,
+    progress: bool | None = None,
+) -> Model:
+    """Open a Hugging Face model directory or a .gguf file and place it on ``devices`` split by ``tensor_split``.
+
+    ``dtype``: the compute and storage dtype (None: the checkpoint's own float dtype; quantized GGUF weights are
+    dequantized to float32). ``ctx``: KV-cache length in tokens (None: the model's maximum, at most 4096).
+    ``progress``: a progress bar on stderr (None: only when stderr is a terminal).
+    """
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise ModelFormatError(f"{p}: no such file or directory")
+    reg = registry()
+    # Third-party loaders are asked first so a plugin can claim files a built-in would also accept.
+    builtin = {n for info in reg.plugins if info.builtin for n in info.loaders}
+    order = sorted(reg.loaders.values(), key=lambda ld: ld.name in builtin)
+    loader = next((ld for ld in order if ld.probe(p)), None)
+    if loader is None:
+        raise ModelFormatError(
+            f"{p}: not a model file tensorweave can open (a Hugging Face directory with config.json, or a .gguf "
+            f"file); loaders: {', '.join(reg.loaders)}"
+        )
+    ckpt = loader.open(p, reg.models)
+    try:
+        return Model(ckpt, devices, tensor_split, dtype, communicator, ctx, progress)
+    except BaseException:
+        ckpt.close()
+        raise
+
+
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
+
+    def __enter__(self) -> _NoBar:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+
+def _progress_bar(total: int, enabled: bool | None, what: str) -> Any:
+    if enabled is False:
+        return _NoBar()
+    from tqdm import tqdm
+
+    return tqdm(
+        total=total,
+        desc=f"loading {what}",
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1024,
+        file=sys.stderr,
+        disable=None if enabled is None else False,  # None: only on a terminal
+        leave=False,
+    )
