@@ -228,10 +228,9 @@ class HFCheckpoint(Checkpoint):
                 )
             first = self._owner[names[0]].entries[names[0]][1]
             for n in names:
-                if self._owner[n].entries[n][1] != first:
-                    raise ModelFormatError(
-                        f"{self._owner[n].path}: tensor {n!r} has shape {self._owner[n].entries[n][1]}, expert 0 has {first}"
-                    )
+                shape = self._owner[n].entries[n][1]
+                if shape != first:
+                    raise ModelFormatError(f"{self._owner[n].path}: tensor {n!r} has shape {shape}, expert 0 {first}")
             sources[name] = _stacked([_view(self._owner[n], n) for n in names])
             shapes[name] = (len(names), *first)
         return sources, shapes
