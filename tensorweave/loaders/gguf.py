@@ -48,6 +48,8 @@ class GGUFCheckpoint(Checkpoint):
                 block, type_size = GGML_QUANT_SIZES[qtype]
             except (ValueError, KeyError):
                 raise ModelFormatError(f"{path}: tensor {t.name!r} has unknown type {int(t.tensor_type)}") from None
+            if qtype.name in ("I8", "I16", "I32", "I64"):  # no weight of ours is an integer tensor
+                raise ModelFormatError(f"{path}: tensor {t.name!r} is {qtype.name}, not a float or quantized type")
             ne = [int(d) for d in t.shape]
             nbytes = math.prod(ne) // block * type_size
             if ne and ne[0] % block:

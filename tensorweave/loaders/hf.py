@@ -37,6 +37,7 @@ ST_DTYPES: dict[str, np.dtype[Any]] = {
     "BOOL": np.dtype(np.bool_),
 }
 MAX_HEADER = 100 << 20  # the format's own limit on the JSON header
+FLOATS = {dtypes.float64, dtypes.float32, dtypes.float16, dtypes.bfloat16}
 
 
 class SafetensorsFile:
@@ -216,11 +217,14 @@ class HFCheckpoint(Checkpoint):
                 name = name and f"blk.{m.group(1)}.{name}"
             if name is None:
                 raise ModelFormatError(f"{f.path}: tensor {hf!r} has no place in a {self.family.name} model")
+            _check_float(f, hf)
             sources[name] = _view(f, hf)
             shapes[name] = f.entries[hf][1]
         for (il, which), by_index in experts.items():
             name = f"blk.{il}.ffn_{which}_exps"
             names = [by_index.get(e, "") for e in range(max(by_index) + 1)]
+            for n in names:
+                _check_float(self._owner[n], n)
             if "" in names:
                 missing = names.index("")
                 raise ModelFormatError(
@@ -239,6 +243,9 @@ class HFCheckpoint(Checkpoint):
     def _fused_gate_up(
         il: int, hf: str, f: SafetensorsFile, sources: dict[str, Source], shapes: dict[str, tuple[int, ...]]
     ) -> None:
+        _check_float(f, hf)
+        if len(f.entries[hf][1]) != 3:
+            raise ModelFormatError(f"{f.path}: tensor {hf!r} {f.entries[hf][1]} is not [experts, 2 x ffn, hidden]")
         E, two_f, H = f.entries[hf][1]
         if two_f % 2:
             raise ModelFormatError(f"{f.path}: tensor {hf!r} {f.entries[hf][1]}: axis 1 is not gate and up halves")
@@ -274,6 +281,12 @@ class HFCheckpoint(Checkpoint):
     def close(self) -> None:
         for f in self.files.values():
             f._map = None
+
+
+def _check_float(f: SafetensorsFile, hf: str) -> None:
+    dt = f.entries[hf][0]
+    if dt not in FLOATS:
+        raise ModelFormatError(f"{f.path}: tensor {hf!r} is {dt.name}; weights must be F32, F16, BF16 or F64")
 
 
 def _view(f: SafetensorsFile, hf: str) -> Source:
