@@ -247,6 +247,55 @@ def _demo_tensor_parallel(devs: list[Device], tensor_split: list[float], n_new: 
     return same and nmse < 1e-6 and allocs == 0
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    """Greedy generation from a prompt; one process for all devices, or one rank per process under launch/mpiexec.
+
+    Every rank runs the same steps (the executor gathers the logits to each) and takes the same argmax, so no
+    token has to be broadcast; rank 0 alone prints.
+    """
+    from .core.spmd import SpmdEnv, spmd_from_env
+    from .runtime.model import load
+
+    spmd = SpmdEnv.detect()
+    common = {"tensor_split": args.tensor_split, "dtype": args.dtype, "ctx": args.ctx}
+    if spmd is not None:  # started by `tensorweave launch` or mpiexec: this process is one rank with one device
+        backend = (args.devices or "cpu-sim").split(",")[0].split(":")[0]
+        comm = spmd_from_env(backend=backend, name=args.communicator)
+        model = load(args.model, communicator=comm, progress=False if spmd.rank else None, **common)
+    else:
+        model = load(args.model, devices=args.devices or "cpu-sim", communicator=args.communicator, **common)
+    printing = spmd is None or spmd.rank == 0
+    tok = model.tokenizer
+    if tok is None:
+        raise errors.ModelFormatError(f"{args.model}: the model has no tokenizer (tokenizer.json or GGUF vocabulary)")
+    ids = tok.encode(args.prompt)
+    if not ids:
+        raise errors.ShapeError("the prompt encodes to no tokens")
+    sess, stream, stop = model.session(), tok.decode_stream(skip_special=True), set(tok.eos_ids)
+    t0 = time.perf_counter()
+    logits = sess.eval(ids)
+    t_prompt, generated = time.perf_counter() - t0, 0
+    t0 = time.perf_counter()
+    for _ in range(args.n_predict):
+        nxt = int(np.argmax(logits[-1]))
+        if nxt in stop and not args.ignore_eos:
+            break
+        generated += 1
+        if printing:
+            print(stream.step(nxt), end="", flush=True)
+        if generated < args.n_predict:
+            logits = sess.eval([nxt])
+    t_gen = time.perf_counter() - t0
+    if printing:
+        print(stream.flush())
+        print(
+            f"prompt {len(ids)} tokens {len(ids) / t_prompt:.1f} tok/s, generated {generated} tokens "
+            f"{generated / max(t_gen, 1e-9):.1f} tok/s on {model.executor.world_size} device(s)",
+            file=sys.stderr,
+        )
+    return 0
+
+
 def cmd_launch(args: argparse.Namespace) -> int:
     from .launch import launch
 
@@ -309,6 +358,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("-n", "--tokens", type=_positive_int, default=16, help="tokens to generate (default: %(default)s)")
     p.set_defaults(func=cmd_demo)
+    p = sub.add_parser(
+        "run",
+        help="generate text from a prompt with a model split over devices (greedy)",
+        description="Load MODEL (a Hugging Face directory or a .gguf file), split it over --devices by "
+        "--tensor-split, and print the greedy continuation of -p. Under `tensorweave launch -n N` or mpiexec each "
+        "rank holds only its shard and rank 0 prints.",
+    )
+    p.add_argument("model", help="Hugging Face model directory or .gguf file")
+    p.add_argument("-p", "--prompt", required=True, help="the prompt text")
+    p.add_argument("-n", "--n-predict", type=_positive_int, default=64, help="tokens to generate (default: 64)")
+    p.add_argument("--devices", help="device spec (default: cpu-sim; per rank under launch/mpiexec: its backend)")
+    p.add_argument("-ts", "--tensor-split", type=_ratios, help="ratios per device, e.g. 3,1 (default: even)")
+    p.add_argument(
+        "-sm", "--split-mode", choices=["tensor"], default="tensor", help="accepted for llama.cpp familiarity"
+    )
+    p.add_argument("--communicator", help="communicator name (default: the backend's, or the launcher's)")
+    p.add_argument("--dtype", help="compute dtype (default: the checkpoint's; quantized GGUF: float32)")
+    p.add_argument("--ctx", type=_positive_int, help="KV-cache length in tokens (default: the model's, at most 4096)")
+    p.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence tokens")
+    p.set_defaults(func=cmd_run)
     p = sub.add_parser("devices", help="list backends, or the devices a spec names")
     p.add_argument("spec", nargs="?", help="device spec, e.g. cpu-sim:4,mem=256MiB,peer=ring")
     p.add_argument("--json", action="store_true", help="machine-readable output")

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+
+FIXTURES = Path(__file__).parent / "fixtures" / "models"
 
 
 def tw(*args: str) -> subprocess.CompletedProcess[str]:
@@ -56,6 +61,11 @@ def test_devices_json_and_table() -> None:
             ("demo", "--elements", "10", "--repeat", "1", "-ts", "1,1,1"),
             "tensorweave: error: tensor_split has 3 entries",
         ),
+        (("run", "no/such/model", "-p", "hi"), "tensorweave: error: no/such/model: no such file or directory"),
+        (
+            ("run", str(FIXTURES / "llama" / "expected.npz"), "-p", "hi"),
+            f"tensorweave: error: {FIXTURES / 'llama' / 'expected.npz'}: not a model file tensorweave can open",
+        ),
     ],
 )
 def test_user_errors_are_one_line_and_exit_2(args: tuple[str, ...], message: str) -> None:
@@ -67,3 +77,44 @@ def test_user_errors_are_one_line_and_exit_2(args: tuple[str, ...], message: str
 def test_debug_shows_the_traceback() -> None:
     proc = tw("--debug", "devices", "cpu-sim:0")
     assert proc.returncode != 0 and "Traceback" in proc.stderr and "DeviceSpecError" in proc.stderr
+
+
+RUN = ["run", str(FIXTURES / "qwen3_moe" / "model-f32.gguf"), "-p", "The café pays 42 €", "-n", "10"]
+
+
+def test_run_prints_the_same_greedy_text_on_one_and_three_devices() -> None:
+    one = tw(*RUN)
+    three = tw(*RUN, "--devices", "cpu-sim:3", "-ts", "1,2,1", "-sm", "tensor")
+    assert one.returncode == 0 and three.returncode == 0, one.stderr + three.stderr
+    assert one.stdout == three.stdout and len(one.stdout) > 1  # stdout holds only the generated text
+    assert "generated 10 tokens" in one.stderr and "on 3 device(s)" in three.stderr
+
+
+@pytest.mark.parametrize("launcher", ["launch", "mpiexec"])
+def test_run_with_one_process_per_rank_prints_the_same_text_once(launcher: str) -> None:
+    if launcher == "mpiexec" and shutil.which("mpiexec") is None:
+        pytest.skip("mpiexec is not installed (pip install 'tensorweave[mpi]')")
+    want = tw(*RUN).stdout
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TENSORWEAVE_")}
+    if launcher == "launch":
+        cmd = [
+            sys.executable,
+            "-m",
+            "tensorweave.cli",
+            "launch",
+            "-n",
+            "2",
+            "--timeout",
+            "60",
+            "--",
+            *RUN,
+            "-ts",
+            "3,1",
+        ]
+    else:
+        cmd = ["mpiexec", "-n", "3", sys.executable, "-m", "tensorweave.cli", *RUN, "-ts", "1,0,2"]
+        cmd += ["--communicator", "mpi"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == want
+    assert proc.stderr.count("generated 10 tokens") == 1  # rank 0 alone reports
