@@ -27,7 +27,7 @@ CHUNK_BYTES = 16 << 20  # dequantize at most this much float output at a time
 
 class GGUFCheckpoint(Checkpoint):
     def __init__(self, path: Path, families: Mapping[str, ModelFamily]) -> None:
-        from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader
+        from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
         from .tokenizer import gguf_metadata
 
@@ -37,8 +37,10 @@ class GGUFCheckpoint(Checkpoint):
             if f.read(4) != b"GGUF":
                 raise ModelFormatError(f"{path}: not a GGUF file (no GGUF magic)")
         try:
-            self.reader = GGUFReader(path)
+            self.reader = _reader(path)
             self.meta = gguf_metadata(self.reader)
+        except ModelFormatError:
+            raise
         except Exception as e:  # the reader fails with numpy/struct/Value errors on truncated or corrupt files
             raise ModelFormatError(f"{path}: corrupt or truncated GGUF ({type(e).__name__}: {e})") from None
         self.tensors = {}
@@ -72,7 +74,9 @@ class GGUFCheckpoint(Checkpoint):
             meta["rope_freqs"] = self.read("rope_freqs", (slice(None),)).tolist()
         try:
             self.config = fam.config_from_gguf(meta, {n: s for n, s in self.shapes.items() if n != "rope_freqs"})
-        except (KeyError, TypeError, ValueError) as e:
+        except (ModelFormatError, UnsupportedError) as e:  # the family's own words, without the file
+            raise type(e)(f"{path}: {e}") from None
+        except (KeyError, TypeError, ValueError, ArithmeticError) as e:
             raise ModelFormatError(f"{path}: missing or malformed metadata {e}") from None
         embd = self.tensors.get("token_embd")
         kinds: dict[int, np.dtype[Any]] = {
@@ -129,6 +133,34 @@ class GGUFCheckpoint(Checkpoint):
 
     def close(self) -> None:
         self.tensors = {}
+
+
+def _reader(path: Path) -> Any:
+    """A ``gguf.GGUFReader`` that first checks every tensor's data against the file size, so a truncated file or a
+    corrupt offset is named by tensor (the reader itself only fails with a bare numpy reshape error)."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, ReaderField
+
+    class Reader(GGUFReader):
+        def _build_tensors(self, start_offs: int, fields: list[ReaderField]) -> None:
+            size = len(self.data)
+            for field in fields:
+                _, name_data, _, dims, raw_type, offset = field.parts
+                name = bytes(name_data).decode("utf-8", "replace")
+                try:
+                    qtype = GGMLQuantizationType(int(raw_type[0]))
+                    block, type_size = GGML_QUANT_SIZES[qtype]
+                except (ValueError, KeyError):
+                    raise ModelFormatError(f"{path}: tensor {name!r} has unknown type {int(raw_type[0])}") from None
+                ne = [int(d) for d in dims]
+                begin, nbytes = start_offs + int(offset[0]), math.prod(ne) // block * type_size
+                if begin + nbytes > size:
+                    raise ModelFormatError(
+                        f"{path}: tensor {name!r} ({qtype.name} {ne}) at offset {begin} needs {nbytes} bytes "
+                        f"but the file has {size}: truncated or corrupt"
+                    )
+            super()._build_tensors(start_offs, fields)
+
+    return Reader(path)
 
 
 def _unpermute(w: np.ndarray, head_dim: int) -> np.ndarray:

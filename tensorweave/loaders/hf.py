@@ -76,7 +76,7 @@ class SafetensorsFile:
             raise ModelFormatError(f"{where}: unknown dtype or missing field {e}") from None
         except (TypeError, ValueError):
             raise ModelFormatError(f"{where}: malformed header entry {info!r}") from None
-        if not all(isinstance(s, int) and s >= 0 for s in shape) or not isinstance(begin, int):
+        if not all(isinstance(s, int) and s >= 0 for s in (*shape, begin, end)):
             raise ModelFormatError(f"{where}: malformed shape {shape} or offsets {info['data_offsets']}")
         nbytes = math.prod(shape) * dt.itemsize
         if not 0 <= begin <= end or end - begin != nbytes:
@@ -154,7 +154,9 @@ class HFCheckpoint(Checkpoint):
         self.family = fam
         try:
             self.config = fam.config_from_hf(raw)
-        except (KeyError, TypeError, ValueError) as e:
+        except UnsupportedError as e:
+            raise UnsupportedError(f"{cfg_path}: {e}") from None
+        except (KeyError, TypeError, ValueError, ArithmeticError) as e:
             raise ModelFormatError(f"{cfg_path}: missing or malformed field {e}") from None
         self.files = self._open_files()
         self.sources, self.shapes = self._map_names()
@@ -199,6 +201,7 @@ class HFCheckpoint(Checkpoint):
         sources: dict[str, Source] = {}
         shapes: dict[str, tuple[int, ...]] = {}
         experts: dict[tuple[int, str], dict[int, str]] = {}
+        self.origin: dict[str, str] = {}  # graph name -> "file: tensor 'hf name'", for messages
         tied = getattr(self.config, "tied", False)
         for hf, f in self._owner.items():
             if IGNORED.match(hf) or (tied and hf == "lm_head.weight"):
@@ -219,29 +222,30 @@ class HFCheckpoint(Checkpoint):
                 raise ModelFormatError(f"{f.path}: tensor {hf!r} has no place in a {self.family.name} model")
             _check_float(f, hf)
             sources[name] = _view(f, hf)
+            self.origin[name] = f"{f.path}: tensor {hf!r}"
             shapes[name] = f.entries[hf][1]
         for (il, which), by_index in experts.items():
             name = f"blk.{il}.ffn_{which}_exps"
             names = [by_index.get(e, "") for e in range(max(by_index) + 1)]
-            for n in names:
-                _check_float(self._owner[n], n)
             if "" in names:
                 missing = names.index("")
                 raise ModelFormatError(
                     f"{self.path}: expert tensor model.layers.{il}.mlp.experts.{missing}.{which}_proj.weight is missing"
                 )
+            for n in names:
+                _check_float(self._owner[n], n)
             first = self._owner[names[0]].entries[names[0]][1]
             for n in names:
                 shape = self._owner[n].entries[n][1]
                 if shape != first:
                     raise ModelFormatError(f"{self._owner[n].path}: tensor {n!r} has shape {shape}, expert 0 {first}")
             sources[name] = _stacked([_view(self._owner[n], n) for n in names])
+            self.origin[name] = f"{self.path}: tensors 'model.layers.{il}.mlp.experts.*.{which}_proj.weight'"
             shapes[name] = (len(names), *first)
         return sources, shapes
 
-    @staticmethod
     def _fused_gate_up(
-        il: int, hf: str, f: SafetensorsFile, sources: dict[str, Source], shapes: dict[str, tuple[int, ...]]
+        self, il: int, hf: str, f: SafetensorsFile, sources: dict[str, Source], shapes: dict[str, tuple[int, ...]]
     ) -> None:
         _check_float(f, hf)
         if len(f.entries[hf][1]) != 3:
@@ -253,12 +257,17 @@ class HFCheckpoint(Checkpoint):
         for k, which in enumerate(("gate", "up")):
             sources[f"blk.{il}.ffn_{which}_exps"] = _part(f, hf, k * half)
             shapes[f"blk.{il}.ffn_{which}_exps"] = (E, half, H)
+            self.origin[f"blk.{il}.ffn_{which}_exps"] = f"{f.path}: tensor {hf!r} ({which} half)"
 
     def shape(self, name: str) -> tuple[int, ...] | None:
         return self.shapes.get(name)
 
     def names(self) -> list[str]:
         return list(self.shapes)
+
+    def describe(self, name: str) -> str:
+        """Where graph weight ``name`` comes from, for messages: the file and the Hugging Face tensor name."""
+        return f"{self.origin[name]} ({name})" if name in self.origin else f"{self.path}: tensor {name!r}"
 
     def read(self, name: str, index: tuple[slice, ...]) -> np.ndarray:
         return self.sources[name](index)
@@ -320,7 +329,8 @@ class HFLoader(Loader):
     name = "hf"
 
     def probe(self, path: Path) -> bool:
-        return path.is_dir() and (path / "config.json").exists() and any(path.glob("*.safetensors*"))
+        # A directory with config.json or safetensors is ours even when the other is missing: open() says which.
+        return path.is_dir() and ((path / "config.json").exists() or any(path.glob("*.safetensors*")))
 
     def open(self, path: Path, families: Mapping[str, ModelFamily]) -> Checkpoint:
         return HFCheckpoint(path, families)

@@ -23,7 +23,7 @@ from ..core.graph import Graph, GraphCache
 from ..core.model import Checkpoint
 from ..core.planner import Plan
 from ..core.plugins import registry
-from ..errors import ModelFormatError
+from ..errors import ModelFormatError, ShapeError, UnsupportedError
 from .session import Session
 
 DEFAULT_CTX = 4096  # KV-cache tokens when the caller does not say (a model's own maximum can be 128k and more)
@@ -49,7 +49,12 @@ class Model:
         self.config = replace(cfg, ctx=int(ctx or min(cfg.ctx, DEFAULT_CTX)), dtype=dtypes.name(dt))
         self.executor = Executor(devices, communicator, tensor_split)
         self.graphs = GraphCache(lambda tokens: self.family.build(self.config, tokens), maxsize=8)
-        g = self.graphs(tokens=1)
+        try:
+            g = self.graphs(tokens=1)
+        except UnsupportedError as e:  # a setting of the checkpoint's config the graph cannot run (rope scaling ...)
+            raise UnsupportedError(f"{checkpoint.path}: {e}") from None
+        except ShapeError as e:  # a config that is no valid model (heads not in whole KV-head groups ...)
+            raise ModelFormatError(f"{checkpoint.path}: the config does not describe a valid model: {e}") from None
         self._check(g)
         with _progress_bar(sum(t.nbytes for t in g.weights.values()), progress, checkpoint.path.name) as bar:
             self.executor.load_weights(g, checkpoint.read, lambda _name, n: bar.update(n))
@@ -58,14 +63,14 @@ class Model:
 
     def _check(self, g: Graph) -> None:
         ck = self.checkpoint
+        # A checkpoint may say where a weight comes from (``describe``: file and tensor name in the file).
+        where = getattr(ck, "describe", lambda name: f"{ck.path}: tensor {name!r}")
         for name, t in g.weights.items():
             shape = ck.shape(name)
             if shape is None:
                 raise ModelFormatError(f"{ck.path}: tensor {name!r} {t.shape} is missing ({self.family.name} model)")
             if tuple(shape) != t.shape:
-                raise ModelFormatError(
-                    f"{ck.path}: tensor {name!r} has shape {tuple(shape)} but the config implies {t.shape}"
-                )
+                raise ModelFormatError(f"{where(name)} has shape {tuple(shape)} but the config implies {t.shape}")
         extra = sorted(set(ck.names()) - set(g.weights))
         if extra:
             more = f" and {len(extra) - 3} more" if len(extra) > 3 else ""
