@@ -66,6 +66,11 @@ class Checkpoint:
         """``weight[index]`` as a host array, reading no more of the file than the slice needs."""
         raise NotImplementedError
 
+    def describe(self, name: str) -> str:
+        """Where graph weight ``name`` comes from, for error messages (override to name the file and the tensor's
+        own name in it)."""
+        return f"{self.path}: tensor {name!r}"
+
     def tokenizer(self) -> Any:
         """The checkpoint's tokenizer (``tensorweave.loaders.tokenizer.Tokenizer``), or None without one."""
         return None

@@ -267,7 +267,7 @@ class HFCheckpoint(Checkpoint):
 
     def describe(self, name: str) -> str:
         """Where graph weight ``name`` comes from, for messages: the file and the Hugging Face tensor name."""
-        return f"{self.origin[name]} ({name})" if name in self.origin else f"{self.path}: tensor {name!r}"
+        return f"{self.origin[name]} ({name})" if name in self.origin else super().describe(name)
 
     def read(self, name: str, index: tuple[slice, ...]) -> np.ndarray:
         return self.sources[name](index)

@@ -63,14 +63,12 @@ class Model:
 
     def _check(self, g: Graph) -> None:
         ck = self.checkpoint
-        # A checkpoint may say where a weight comes from (``describe``: file and tensor name in the file).
-        where = getattr(ck, "describe", lambda name: f"{ck.path}: tensor {name!r}")
         for name, t in g.weights.items():
             shape = ck.shape(name)
             if shape is None:
                 raise ModelFormatError(f"{ck.path}: tensor {name!r} {t.shape} is missing ({self.family.name} model)")
             if tuple(shape) != t.shape:
-                raise ModelFormatError(f"{where(name)} has shape {tuple(shape)} but the config implies {t.shape}")
+                raise ModelFormatError(f"{ck.describe(name)} has shape {tuple(shape)} but the config implies {t.shape}")
         extra = sorted(set(ck.names()) - set(g.weights))
         if extra:
             more = f" and {len(extra) - 3} more" if len(extra) > 3 else ""
