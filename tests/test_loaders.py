@@ -263,6 +263,9 @@ def write_gguf(
             data, kind, held[name] = a.astype(np.float32), Q.F32, a.astype(np.float32)
         elif qtype == Q.F16:
             data, kind, held[name] = a.astype(np.float16), Q.F16, a.astype(np.float16)
+        elif qtype in (Q.Q4_K, Q.Q6_K):  # gguf cannot quantize K-quants: random blocks with sane scales stand in
+            data, kind = random_k_blocks(a.shape, qtype), qtype
+            held[name] = dequantize(data, qtype)
         else:
             data, kind = quantize(a.astype(np.float32), qtype), qtype
             held[name] = dequantize(data, qtype)
@@ -274,6 +277,16 @@ def write_gguf(
     w.write_tensors_to_file()
     w.close()
     return {n: a for n, a in held.items() if n in weights}
+
+
+def random_k_blocks(shape: tuple[int, ...], qtype: Q, seed: int = 0) -> np.ndarray:
+    """Random Q4_K / Q6_K rows whose f16 scales are set so the weights come out ~N(0, 1/fan_in)-sized."""
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    raw = np.random.default_rng(seed).integers(0, 256, (math.prod(shape) // block, size), dtype=np.uint8)
+    scale = np.array([3e-4 if qtype == Q.Q4_K else 5e-5], np.float16).view(np.uint8)
+    for at in (0, 2) if qtype == Q.Q4_K else (size - 2,):  # Q4_K: d, dmin lead a block; Q6_K: d ends it
+        raw[:, at : at + 2] = scale
+    return raw.reshape(*shape[:-1], shape[-1] // block * size)
 
 
 def gguf_model(tmp_path: Path, cfg_json: dict[str, Any], arch: str, qtype: Q = Q.F32, **kw: Any) -> tuple[Path, Any]:
@@ -401,6 +414,19 @@ def test_gguf_quantized(tmp_path: Path, split: Any, qtype: Q, cfg_json: dict[str
     path, want = gguf_model(tmp_path, cfg_json, arch, qtype)
     model = check_logits(path, want, split)
     assert model.config.dtype == "float32"  # quantized weights dequantize to float32
+
+
+K_QUANT_LLAMA = {**LLAMA, "hidden_size": 256, "num_attention_heads": 4, "num_key_value_heads": 2}
+K_QUANT_LLAMA.update(intermediate_size=256, num_hidden_layers=1)  # K-quant rows are whole 256-element blocks
+
+
+@pytest.mark.parametrize("split", SPLITS)
+@pytest.mark.parametrize("qtype", [Q.BF16, Q.Q4_K, Q.Q6_K], ids=lambda q: q.name)
+def test_gguf_bf16_and_k_quants(tmp_path: Path, split: Any, qtype: Q) -> None:
+    path, want = gguf_model(tmp_path, K_QUANT_LLAMA, "llama", qtype)
+    check_logits(path, want, split, dtype="float32")
+    own = tw.load(path).config.dtype  # dtype=None: BF16 stays bfloat16, K-quants dequantize to float32
+    assert own == ("bfloat16" if qtype == Q.BF16 else "float32")
 
 
 @pytest.mark.parametrize("split", SPLITS)
