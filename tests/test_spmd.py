@@ -238,11 +238,19 @@ def test_shm_mismatched_collectives_fail_on_every_rank() -> None:
         "try:\n    c.allreduce(b)\nexcept tw.errors.CollectiveError as e:\n    print(e)\n"
         "c.barrier()\n"  # still usable afterwards: the ranks agree where they are
         "print('barrier ok')\n"
+        # an `out` that does not fit on rank 1 only: rank 1 still takes part (rank 0 completes), then raises
+        "r = c.local_ranks[0]; x = [d.from_host(np.full((2, 3), r, np.float32))]\n"
+        "out = [d.empty((4 if r == 0 else 5, 3), np.float32)]\n"
+        "try:\n    print('gathered', d.to_host(c.allgather(x, out=out)[0])[:, 0].tolist())\n"
+        "except tw.errors.CollectiveError as e:\n    print(e, file=__import__('sys').stderr)\n"
     )
     proc = launch(2, "python", "-c", code)
     assert proc.returncode == 0, proc.stderr
     assert "ranks called mismatched collectives: rank 1 passes 5 elements while rank 0 passes 4" in proc.stdout
-    assert "barrier ok" in proc.stdout and "[rank 1] " not in proc.stderr
+    assert "barrier ok" in proc.stdout
+    assert "gathered [0.0, 0.0, 1.0, 1.0]" in proc.stdout  # rank 0's stdout: rank 1 took part
+    assert proc.stderr.count("[rank 1] ") == 1, proc.stderr  # ... and then refused its `out`
+    assert "out has shape (5, 3) float32, expected (4, 3) float32" in proc.stderr
 
 
 def test_shm_option_errors_are_one_clear_line() -> None:

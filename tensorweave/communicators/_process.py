@@ -125,6 +125,19 @@ def reduce_into(out: np.ndarray, parts: Sequence[np.ndarray], op: str, scratch: 
     np.copyto(out, acc, casting="unsafe")  # the one rounding
 
 
+def gather_target(out: np.ndarray | None, want: tuple[int, ...], dtype: np.dtype[Any]) -> np.ndarray:
+    """Where an allgather writes: ``out`` when it fits, else a temporary. A rank whose ``out`` does not fit still
+    takes part in the exchange (the others would wait for it until the timeout) and raises after: refuse_out."""
+    return out if out is not None and out.shape == want and out.dtype == dtype else np.empty(want, dtype)
+
+
+def refuse_out(who: str, out: np.ndarray | None, target: np.ndarray) -> None:
+    if out is not None and target is not out:
+        raise CollectiveError(
+            f"{who}: out has shape {out.shape} {out.dtype.name}, expected {target.shape} {target.dtype.name}"
+        )
+
+
 class PlanCache(Generic[P]):
     """Small-allreduce plans by (dtype, op, element count), built once each: the hot path then allocates nothing.
     Cleared when ``limit`` are held, so a caller cycling through many sizes cannot grow it without bound."""

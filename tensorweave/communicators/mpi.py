@@ -54,8 +54,10 @@ from ._process import (
     ProcessGroupCommunicator,
     Scratch,
     checksum,
+    gather_target,
     header,
     reduce_into,
+    refuse_out,
     verify_headers,
 )
 
@@ -358,7 +360,7 @@ class MpiGroup:
         assert headers is not None
         rows = headers[:, 4].tolist()
         want = (sum(rows), *trailing)
-        target = out if out is not None and out.shape == want and out.dtype == x.dtype else np.empty(want, x.dtype)
+        target = gather_target(out, want, x.dtype)
         row_bytes = int(np.prod(trailing, dtype=np.int64)) * x.dtype.itemsize
         starts = np.cumsum([0, *rows]).tolist()
         spec = ([r * row_bytes for r in rows], [s * row_bytes for s in starts[:-1]])
@@ -367,11 +369,7 @@ class MpiGroup:
                 [self.comm.Iallgatherv(self._bytes(x), [target.reshape(-1).view(np.uint8), spec, self.MPI.BYTE])],
                 target.nbytes,
             )
-        if out is not None and target is not out:
-            raise CollectiveError(
-                f"mpi allgather #{self._seq} (rank {self.rank}): out has shape {out.shape} {out.dtype.name}, "
-                f"expected {want} {x.dtype.name}"
-            )
+        refuse_out(f"mpi allgather #{self._seq} (rank {self.rank})", out, target)
         return target
 
     def broadcast(self, x: np.ndarray, root: int) -> None:

@@ -83,9 +83,11 @@ from ._process import (
     ProcessGroupCommunicator,
     Scratch,
     checksum,
+    gather_target,
     header,
     pid_alive,
     reduce_into,
+    refuse_out,
     verify_headers,
 )
 
@@ -562,7 +564,7 @@ class ShmGroup:
             int(self._ctrl[(r + 1) * LINE + HDR + (self._seq & 1) * HEADER_WORDS + 4]) for r in range(self.world_size)
         ]
         want = (sum(rows), *trailing)
-        target = out if out is not None and out.shape == want and out.dtype == dt else np.empty(want, dt)
+        target = gather_target(out, want, dt)
         tflat, row = target.reshape(-1), math.prod(trailing)
         offsets = np.cumsum([0, *rows]) * row
         counts = [r * row for r in rows]
@@ -573,11 +575,7 @@ class ShmGroup:
                 if c > a:
                     b = min(a + step, c)
                     np.copyto(tflat[offsets[r] + a : offsets[r] + b], self._slot(r, half, dt)[: b - a])
-        if out is not None and target is not out:
-            raise CollectiveError(
-                f"shm allgather #{self._seq} (rank {self.rank}): out has shape {out.shape} {out.dtype.name}, "
-                f"expected {want} {dt.name}"
-            )
+        refuse_out(f"shm allgather #{self._seq} (rank {self.rank})", out, target)
         return target
 
     def broadcast(self, x: np.ndarray, root: int) -> None:
