@@ -233,6 +233,7 @@ def write_gguf(
     qtype: Q = Q.F32,
     extra_tensors: dict[str, np.ndarray] | None = None,
     skip_meta: tuple[str, ...] = (),
+    extra_meta: dict[str, Any] | None = None,
 ) -> dict[str, np.ndarray]:
     """Write ``weights`` (graph names) as a GGUF of ``arch``; matrices in ``qtype``, 1-D tensors F32. Returns the
     weights as the file holds them (dequantized / rounded), for the reference."""
@@ -257,6 +258,9 @@ def write_gguf(
     for key, add in meta.items():
         if key not in skip_meta:
             add()
+    for key, v in (extra_meta or {}).items():  # "{arch}." is prefixed; bool before int: a bool is an int
+        kind = {bool: w.add_bool, int: w.add_uint32, float: w.add_float32, str: w.add_string}[type(v)]
+        kind(f"{arch}.{key}", v)
     held = {}
     for name, a in {**weights, **(extra_tensors or {})}.items():
         if a.ndim == 1 or qtype == Q.F32:
@@ -427,6 +431,37 @@ def test_gguf_bf16_and_k_quants(tmp_path: Path, split: Any, qtype: Q) -> None:
     check_logits(path, want, split, dtype="float32")
     own = tw.load(path).config.dtype  # dtype=None: BF16 stays bfloat16, K-quants dequantize to float32
     assert own == ("bfloat16" if qtype == Q.BF16 else "float32")
+
+
+@pytest.mark.parametrize("split", SPLITS)
+def test_gguf_moe_and_rope_keys_are_honoured(tmp_path: Path, split: Any) -> None:
+    """Keys that change semantics when present: sigmoid gating, routing-weight scale, linear rope scaling."""
+    fam, config, weights = config_and_weights(QWEN3_MOE, seed=5)
+    keys = {"expert_gating_func": 2, "expert_weights_scale": 2.5, "rope.scaling.type": "linear"}
+    path = tmp_path / "keys.gguf"
+    write_gguf(path, "qwen3moe", config, weights, extra_meta={**keys, "rope.scaling.factor": 4.0})
+    meant = replace(
+        config, route_gating="sigmoid", route_scale=2.5, rope_scaling=(("factor", 4.0), ("rope_type", "linear"))
+    )
+    want = reference(fam, meant, weights)
+    assert np.abs(want - reference(fam, config, weights)).max() > 100 * TOL
+    check_logits(path, want, split)
+
+
+@pytest.mark.parametrize(
+    ("meta", "words"),
+    [
+        ({"expert_shared_count": 1}, "shared experts"),
+        ({"rope.scaling.type": "yarn"}, "rope scaling 'yarn'"),
+        ({"expert_gating_func": 7}, "expert_gating_func 7"),
+    ],
+)
+def test_gguf_keys_we_cannot_honour_are_refused(tmp_path: Path, meta: dict[str, Any], words: str) -> None:
+    _, config, weights = config_and_weights(QWEN3_MOE, seed=5)
+    path = tmp_path / "refuse.gguf"
+    write_gguf(path, "qwen3moe", config, weights, extra_meta=meta)
+    kind = ModelFormatError if "gating" in words else UnsupportedError
+    expect_error(path, words, kind=kind)
 
 
 @pytest.mark.parametrize("split", SPLITS)

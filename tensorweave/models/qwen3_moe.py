@@ -10,7 +10,7 @@ from typing import Any
 
 from tensorweave.core.hookspecs import hookimpl
 from tensorweave.core.model import ModelFamily
-from tensorweave.errors import ModelFormatError
+from tensorweave.errors import ModelFormatError, UnsupportedError
 from tensorweave.models.llama import gguf_common
 from tensorweave.models.qwen3 import Qwen3, hf_qwen3
 from tensorweave.models.transformer import Config
@@ -44,8 +44,12 @@ class Qwen3Moe(Qwen3):
         sparse = [il for il in range(n_layer) if il not in dense]
         if not sparse:
             raise ModelFormatError(f"{arch} GGUF has no expert tensors (blk.N.ffn_up_exps) in any layer")
-        if meta.get(f"{arch}.expert_gating_func", 1) != 1:  # llama.cpp: 1 softmax, 2 sigmoid
-            raise ModelFormatError(f"{arch}: expert_gating_func {meta[f'{arch}.expert_gating_func']} is not softmax")
+        # MoE keys llama.cpp honours when present; a file that sets them means them
+        gating = {1: "softmax", 2: "sigmoid"}.get(int(meta.get(f"{arch}.expert_gating_func", 1)))
+        if gating is None:
+            raise ModelFormatError(f"{arch}: unknown expert_gating_func {meta[f'{arch}.expert_gating_func']}")
+        if int(meta.get(f"{arch}.expert_shared_count", 0)):
+            raise UnsupportedError(f"{arch}: shared experts (expert_shared_count) are not part of this family")
         return gguf_common(
             meta,
             shapes,
@@ -54,6 +58,8 @@ class Qwen3Moe(Qwen3):
             top_k=int(meta[f"{arch}.expert_used_count"]),
             # llama.cpp's qwen3moe always renormalizes unless the file says otherwise
             norm_topk=bool(meta.get(f"{arch}.expert_weights_norm", True)),
+            route_gating=gating,
+            route_scale=float(meta.get(f"{arch}.expert_weights_scale", 1.0)),
             expert_ffn=int(meta.get(f"{arch}.expert_feed_forward_length") or shapes[f"blk.{sparse[0]}.ffn_up_exps"][1]),
             dense_layers=dense,
         )

@@ -15,7 +15,7 @@ from typing import Any
 
 from tensorweave.core.graph import Graph, Tensor
 from tensorweave.core.sharding import Role
-from tensorweave.errors import ModelFormatError
+from tensorweave.errors import ModelFormatError, UnsupportedError
 
 
 @dataclass(frozen=True)
@@ -31,6 +31,8 @@ class Config:
     top_k: int = 2
     norm_topk: bool = True  # renormalize the top-k routing weights to sum to 1
     expert_ffn: int = 0  # FFN width of one expert (0: same as ffn)
+    route_gating: str = "softmax"  # router probabilities: "softmax" over all experts or per-expert "sigmoid"
+    route_scale: float = 1.0  # multiplies the routing weights after top-k (and renormalization)
     dense_layers: tuple[int, ...] = ()  # layers that stay dense in an MoE model
     qk_norm: bool = False  # RMSNorm over each q/k head before rope (qwen3)
     qkv_bias: bool = False
@@ -105,7 +107,8 @@ def block(g: Graph, cfg: Config, x: Tensor, pos: Tensor, il: int) -> Tensor:
     h = g.rms_norm(x, w("ffn_norm", (H,)), eps=cfg.norm_eps)
     if cfg.is_moe(il):
         E, F = cfg.n_expert, cfg.expert_ffn or cfg.ffn
-        route = g.topk_route(g.linear(h, w("ffn_gate_inp", (E, H))), k=cfg.top_k, norm=cfg.norm_topk)
+        logits = g.linear(h, w("ffn_gate_inp", (E, H)))
+        route = g.topk_route(logits, k=cfg.top_k, norm=cfg.norm_topk, gating=cfg.route_gating, scale=cfg.route_scale)
         y = g.moe_ffn(
             h,
             route,
@@ -169,6 +172,12 @@ def gguf_config(meta: dict[str, Any], arch: str) -> dict[str, Any]:
     head_dim = int(get("attention.key_length", hidden // nh))
     vocab = meta.get(f"{arch}.vocab_size") or len(meta.get("tokenizer.ggml.tokens") or ())
     window = meta.get(f"{arch}.attention.sliding_window")
+    scaling: tuple[tuple[str, Any], ...] = ()
+    kind = meta.get(f"{arch}.rope.scaling.type", "none")
+    if kind == "linear":
+        scaling = (("factor", float(get("rope.scaling.factor"))), ("rope_type", "linear"))
+    elif kind != "none":
+        raise UnsupportedError(f"GGUF rope scaling {kind!r} is not supported (known: none, linear, rope_freqs)")
     return {
         "vocab": int(vocab),
         "hidden": hidden,
@@ -178,6 +187,7 @@ def gguf_config(meta: dict[str, Any], arch: str) -> dict[str, Any]:
         "head_dim": head_dim,
         "ffn": int(get("feed_forward_length", 0)),
         "rope_theta": float(get("rope.freq_base", 10000.0)),
+        "rope_scaling": scaling,
         "n_rot": None if int(get("rope.dimension_count", head_dim)) == head_dim else int(get("rope.dimension_count")),
         "norm_eps": float(get("attention.layer_norm_rms_epsilon", 1e-6)),
         "window": int(window) if window else None,
