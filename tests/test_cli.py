@@ -36,7 +36,7 @@ def test_demo_runs_a_model_split_over_the_devices_like_one_device() -> None:
     assert "tokens agree" in proc.stdout and "0 device allocations in steady-state decode" in proc.stdout
     zero_ratio = [line.split() for line in proc.stdout.splitlines() if line.startswith("cpu-sim:1 ")][-1]
     assert zero_ratio[1] != "0" and zero_ratio[-2:] == ["0", "B"]  # replicated weights (norms, router), no KV heads
-    assert "collectives per decode step: 8 allreduce + 1 allgather" in proc.stdout
+    assert "collectives per decode step: 9 allreduce + 1 allgather" in proc.stdout
 
 
 def test_devices_json_and_table() -> None:

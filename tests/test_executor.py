@@ -229,7 +229,7 @@ def test_backend_kernels_and_capabilities_are_honoured() -> None:
         kernels = MappingProxyType({"matmul": counting_matmul})
 
     class Limited(CpuSimBackend):
-        capabilities = Capabilities(dtypes=frozenset({"float32", "int32"}), ops=frozenset({"add", "embedding"}))
+        capabilities = Capabilities(dtypes=frozenset({"float32", "int32"}), ops=frozenset({"add", "embedding", "copy"}))
 
     cfg = Config(n_layer=1)
     g = build(cfg, 2)

@@ -119,7 +119,7 @@ def test_plan_reports_per_device_memory_and_traffic() -> None:
     model = tw.load(FIXTURES / "qwen3" / "hf", devices="cpu-sim:2", tensor_split=[3, 1])
     plan = model.plan
     assert len(plan.weight_bytes) == 2 and plan.weight_bytes[0] > plan.weight_bytes[1] > 0
-    # attention and FFN per layer, plus the vocab-split (tied) embedding; the vocab-split logits are gathered
+    # attention and FFN per layer, plus the vocab-split embedding; the vocab-split logits are gathered
     assert (plan.count("allreduce"), plan.count("allgather")) == (2 * model.config.n_layer + 1, 1)
     assert (plan.comm_bytes_per_token or 0) > 0 and len(plan.cache_bytes_per_token) == 2
 

@@ -28,19 +28,19 @@ from tensorweave.models.synthetic import Config, build
 def test_two_allreduces_per_layer_and_one_logits_gather(cfg: Config, world: int) -> None:
     tokens = 5
     p = plan(build(cfg, tokens), world, [world - r for r in range(world)])
-    assert p.count("allreduce") == 2 * cfg.n_layer
+    assert p.count("allreduce") == 2 * cfg.n_layer + 1  # + the vocab-split embedding lookup
     assert p.count("allgather") == 1
     item = np.dtype(cfg.dtype).itemsize
     for c in p.collectives:
-        if c.kind == "allreduce":  # attention output and FFN/MoE output, hidden x tokens each
+        if c.kind == "allreduce":  # embedding, attention output and FFN/MoE output: hidden x tokens each
             assert c.shape == (tokens, cfg.hidden) and c.nbytes == tokens * cfg.hidden * item
         else:
             assert c.shape == (tokens, cfg.vocab) and c.nbytes == tokens * cfg.vocab * item
-    expected = (2 * cfg.n_layer * cfg.hidden + cfg.vocab) * tokens * item
+    expected = ((2 * cfg.n_layer + 1) * cfg.hidden + cfg.vocab) * tokens * item
     assert p.comm_bytes == expected and p.comm_bytes_per_token == expected / tokens
     assert p.to_dict()["bytes_per_token"] == expected / tokens
     text = p.summary()
-    assert f"{2 * cfg.n_layer} x allreduce" in text and "1 x allgather" in text
+    assert f"{2 * cfg.n_layer + 1} x allreduce" in text and "1 x allgather" in text
 
 
 def test_moe_reduces_once_after_the_expert_sum() -> None:
@@ -48,7 +48,9 @@ def test_moe_reduces_once_after_the_expert_sum() -> None:
     p = plan(build(Config(n_layer=1, n_expert=4), 3), 2)
     moe = next(s for s in p.steps if s.op == "moe_ffn")
     assert p.values[moe.out].state == PARTIAL
-    (reduce,) = [s for s in p.steps if s.op == "allreduce" and s.inputs == (moe.out,)]
+    after = p.steps[p.steps.index(moe) + 1 :]
+    # one allreduce, of the residual sum: x (partial too, from the vocab-split embedding) + the MoE's partials
+    (reduce,) = [s for s in after if s.op == "allreduce"]
     assert p.values[reduce.out].state == REPLICATED
 
 
@@ -76,7 +78,7 @@ def test_uneven_split_with_zero_size_shards_plans() -> None:
     p = plan(build(Config(n_kv=2, n_head=4), 3), 8, [1, 0, 2, 1, 1, 0, 3, 1])
     q = next(v for v in p.values if v.name == "blk.0.attn_q")
     assert isinstance(q.state, Split) and sum(q.state.sizes) == 32 and 0 in q.state.sizes
-    assert p.count("allreduce") == 4
+    assert p.count("allreduce") == 5  # 2 per layer + the embedding
 
 
 def test_op_without_a_sharding_rule_is_a_plan_error_naming_it(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -99,14 +101,16 @@ def test_a_weight_used_against_its_role_is_a_plan_error() -> None:
         plan(g, 2)
 
 
-def test_tied_vocab_split_embedding_costs_one_allreduce_per_step() -> None:
-    """A tied embedding/LM head split by vocabulary: each device looks up its rows (partial sums), reduced once
-    before the first layer; the head stays split and the logits are gathered."""
-    cfg = Config(n_layer=2, tied=True)
+@pytest.mark.parametrize("tied", [False, True])
+def test_vocab_split_embedding_costs_one_allreduce_per_step(tied: bool) -> None:
+    """The embedding (tied to the LM head or not) split by vocabulary: each device looks up its rows (partial
+    sums), reduced once before the first layer; the head stays split and the logits are gathered."""
+    cfg = Config(n_layer=2, tied=tied)
     p = plan(build(cfg, 3), 3)
     assert p.count("allreduce") == 2 * cfg.n_layer + 1 and p.count("allgather") == 1
     embd = next(v for v in p.values if v.name == "token_embd")
     assert isinstance(embd.state, Split) and embd.state.axis == 0
+    assert ("output" in p.graph.weights) != tied
 
 
 def test_malformed_tensor_split_is_a_clear_error() -> None:

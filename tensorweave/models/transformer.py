@@ -5,7 +5,7 @@ sliding window), as transformers' modular files and llama.cpp's shared graph bui
 lives once, here, and each family file holds its config mapping. Weight names are llama.cpp's GGUF names without the
 ``.weight`` suffix (``blk.3.attn_q``); a bias is ``blk.3.attn_q.bias``. Roles say how a weight splits over devices:
 q/k/v and gate/up are column-parallel, o and down row-parallel, all in whole KV-head groups, experts along their
-FFN axis, the LM head (and a tied embedding) by vocabulary rows.
+FFN axis, the embedding and the LM head (tied or not) by vocabulary rows.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ class Config:
     rope_theta: float = 10000.0
     rope_scaling: tuple[tuple[str, Any], ...] = ()  # HF rope_scaling items, e.g. (("rope_type", "llama3"), ...)
     norm_eps: float = 1e-5
-    tied: bool = False  # one vocab-split matrix for the embedding and the LM head
+    tied: bool = False  # one matrix for the embedding and the LM head
     ctx: int = 32  # KV-cache length in tokens
     dtype: str = "float32"
 
@@ -63,7 +63,9 @@ def build(cfg: Config, tokens: int) -> Graph:
     g.tokens = tokens
     ids = g.input("tokens", (tokens,))
     pos = g.input("positions", (tokens,))
-    embd = g.weight("token_embd", (cfg.vocab, cfg.hidden), Role.VOCAB if cfg.tied else Role.REPLICATED)
+    # Split by vocabulary rows (as vLLM's VocabParallelEmbedding): a device holds 1/N of the table and one small
+    # allreduce per step joins the lookups; replicated, a 150k x 4096 table would cost every device ~1 GiB.
+    embd = g.weight("token_embd", (cfg.vocab, cfg.hidden), Role.VOCAB)
     x = g.embedding(ids, embd)
     for il in range(cfg.n_layer):
         x = block(g, cfg, x, pos, il)
