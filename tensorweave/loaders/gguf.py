@@ -27,12 +27,11 @@ CHUNK_BYTES = 16 << 20  # dequantize at most this much float output at a time
 
 class GGUFCheckpoint(Checkpoint):
     def __init__(self, path: Path, families: Mapping[str, ModelFamily]) -> None:
-        from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+        from gguf import GGMLQuantizationType
 
         from .tokenizer import gguf_metadata
 
         self.path = path
-        size = path.stat().st_size
         with open(path, "rb") as f:
             if f.read(4) != b"GGUF":
                 raise ModelFormatError(f"{path}: not a GGUF file (no GGUF magic)")
@@ -43,25 +42,7 @@ class GGUFCheckpoint(Checkpoint):
             raise
         except Exception as e:  # the reader fails with numpy/struct/Value errors on truncated or corrupt files
             raise ModelFormatError(f"{path}: corrupt or truncated GGUF ({type(e).__name__}: {e})") from None
-        self.tensors = {}
-        for t in self.reader.tensors:
-            try:
-                qtype = GGMLQuantizationType(int(t.tensor_type))
-                block, type_size = GGML_QUANT_SIZES[qtype]
-            except (ValueError, KeyError):
-                raise ModelFormatError(f"{path}: tensor {t.name!r} has unknown type {int(t.tensor_type)}") from None
-            if qtype.name in ("I8", "I16", "I32", "I64"):  # no weight of ours is an integer tensor
-                raise ModelFormatError(f"{path}: tensor {t.name!r} is {qtype.name}, not a float or quantized type")
-            ne = [int(d) for d in t.shape]
-            nbytes = math.prod(ne) // block * type_size
-            if ne and ne[0] % block:
-                raise ModelFormatError(f"{path}: tensor {t.name!r} rows of {ne[0]} are not whole {qtype.name} blocks")
-            if t.data_offset + nbytes > size or t.data.nbytes != nbytes:
-                raise ModelFormatError(
-                    f"{path}: tensor {t.name!r} ({qtype.name} {ne}) at offset {t.data_offset} needs {nbytes} bytes "
-                    f"but the file has {size}: truncated or corrupt"
-                )
-            self.tensors[t.name.removesuffix(".weight")] = t
+        self.tensors = {t.name.removesuffix(".weight"): t for t in self.reader.tensors}  # checked by _reader
         self.shapes = {n: tuple(int(d) for d in reversed(t.shape)) for n, t in self.tensors.items()}
         arch = self.meta.get("general.architecture")
         fam = next((f for f in families.values() if arch in f.gguf_architectures), None)
@@ -136,8 +117,9 @@ class GGUFCheckpoint(Checkpoint):
 
 
 def _reader(path: Path) -> Any:
-    """A ``gguf.GGUFReader`` that first checks every tensor's data against the file size, so a truncated file or a
-    corrupt offset is named by tensor (the reader itself only fails with a bare numpy reshape error)."""
+    """A ``gguf.GGUFReader`` that first checks every tensor's type, row blocks and data range against the file, so
+    a truncated file or a corrupt offset is named by tensor (the reader itself only fails with a bare numpy reshape
+    error)."""
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, ReaderField
 
     class Reader(GGUFReader):
@@ -151,7 +133,11 @@ def _reader(path: Path) -> Any:
                     block, type_size = GGML_QUANT_SIZES[qtype]
                 except (ValueError, KeyError):
                     raise ModelFormatError(f"{path}: tensor {name!r} has unknown type {int(raw_type[0])}") from None
+                if qtype.name in ("I8", "I16", "I32", "I64"):  # no weight of ours is an integer tensor
+                    raise ModelFormatError(f"{path}: tensor {name!r} is {qtype.name}, not a float or quantized type")
                 ne = [int(d) for d in dims]
+                if ne and ne[0] % block:
+                    raise ModelFormatError(f"{path}: tensor {name!r} rows of {ne[0]} are not whole {qtype.name} blocks")
                 begin, nbytes = start_offs + int(offset[0]), math.prod(ne) // block * type_size
                 if begin + nbytes > size:
                     raise ModelFormatError(
