@@ -160,10 +160,8 @@ class HFCheckpoint(Checkpoint):
             raise ModelFormatError(f"{cfg_path}: missing or malformed field {e}") from None
         self.files = self._open_files()
         self.sources, self.shapes = self._map_names()
-        embd = self.files_of("model.embed_tokens.weight")
+        embd = self._owner.get("model.embed_tokens.weight")  # a float: _map_names checked it
         self.dtype = embd.entries["model.embed_tokens.weight"][0] if embd else dtypes.float32
-        if self.dtype.kind != "f" and self.dtype != dtypes.bfloat16:
-            self.dtype = dtypes.float32
 
     def _open_files(self) -> dict[str, SafetensorsFile]:
         index = self.path / "model.safetensors.index.json"
@@ -193,9 +191,6 @@ class HFCheckpoint(Checkpoint):
                     )
                 self._owner[t] = f
         return files
-
-    def files_of(self, hf_name: str) -> SafetensorsFile | None:
-        return self._owner.get(hf_name)
 
     def _map_names(self) -> tuple[dict[str, Source], dict[str, tuple[int, ...]]]:
         sources: dict[str, Source] = {}
@@ -318,8 +313,8 @@ def _stacked(parts: list[Source]) -> Source:
 
     def read(index: tuple[slice, ...]) -> np.ndarray:
         chosen = parts[index[0]]
-        if not chosen:
-            return np.zeros((0, *parts[0](index[1:]).shape), parts[0](index[1:]).dtype)
+        if not chosen:  # np.stack of nothing has no shape: an empty stack of expert 0's slice
+            return parts[0](index[1:])[None][:0]
         return np.stack([p(index[1:]) for p in chosen])
 
     return read
