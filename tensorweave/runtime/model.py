@@ -146,20 +146,7 @@ def load(
         raise
 
 
-class _NoBar:
-    def update(self, n: int) -> None:
-        pass
-
-    def __enter__(self) -> _NoBar:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        pass
-
-
 def _progress_bar(total: int, enabled: bool | None, what: str) -> Any:
-    if enabled is False:
-        return _NoBar()
     from tqdm import tqdm
 
     return tqdm(
@@ -169,6 +156,6 @@ def _progress_bar(total: int, enabled: bool | None, what: str) -> Any:
         unit_scale=True,
         unit_divisor=1024,
         file=sys.stderr,
-        disable=None if enabled is None else False,  # None: only on a terminal
+        disable=None if enabled is None else not enabled,  # None: only when stderr is a terminal
         leave=False,
     )
