@@ -16,7 +16,7 @@ import numpy as np
 from . import errors
 from .core import dtypes
 from .core.communicator import open_communicator
-from .core.device import Device, open_devices
+from .core.device import Device, DeviceSpec, open_devices
 from .core.plugins import registry
 from .core.sharding import normalize_split
 
@@ -259,7 +259,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     spmd = SpmdEnv.detect()
     common = {"tensor_split": args.tensor_split, "dtype": args.dtype, "ctx": args.ctx}
     if spmd is not None:  # started by `tensorweave launch` or mpiexec: this process is one rank with one device
-        backend = (args.devices or "cpu-sim").split(",")[0].split(":")[0]
+        backend = DeviceSpec.parse(args.devices or "cpu-sim").backend
         comm = spmd_from_env(backend=backend, name=args.communicator)
         model = load(args.model, communicator=comm, progress=False if spmd.rank else None, **common)
     else:
