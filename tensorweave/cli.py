@@ -231,8 +231,8 @@ def _demo_tensor_parallel(devs: list[Device], tensor_split: list[float], n_new: 
         f"{len(devs)} devices with tensor_split {split}, against 1 device, {n_new} greedy tokens:"
     )
     rows = [
-        [d.name, errors.format_bytes(w), errors.format_bytes(c * cfg.ctx)]
-        for d, w, c in zip(devs, plan.weight_bytes, plan.cache_bytes_per_token, strict=True)
+        [d.name, errors.format_bytes(w), errors.format_bytes(c)]
+        for d, w, c in zip(devs, plan.weight_bytes, plan.cache_bytes, strict=True)
     ]
     print(table(["device", "weights", f"kv cache ({cfg.ctx} tokens)"], rows))
     print(

@@ -121,7 +121,7 @@ def test_plan_reports_per_device_memory_and_traffic() -> None:
     assert len(plan.weight_bytes) == 2 and plan.weight_bytes[0] > plan.weight_bytes[1] > 0
     # attention and FFN per layer, plus the vocab-split embedding; the vocab-split logits are gathered
     assert (plan.count("allreduce"), plan.count("allgather")) == (2 * model.config.n_layer + 1, 1)
-    assert (plan.comm_bytes_per_token or 0) > 0 and len(plan.cache_bytes_per_token) == 2
+    assert (plan.comm_bytes_per_token or 0) > 0 and len(plan.cache_bytes) == 2
 
 
 def test_progress_bar_goes_to_stderr(capsys: pytest.CaptureFixture[str]) -> None:

@@ -872,6 +872,30 @@ def test_attention_kv_cache_prompt_vs_token_by_token(case: str) -> None:
         assert not caches["k_cache"][total:].any() and not caches["v_cache"][total:].any()
 
 
+@pytest.mark.parametrize("window", [1, 3, 4])
+@pytest.mark.parametrize("chunks", [[1] * 11, [5, 1, 3, 2], [11], [2, 7, 1, 1]])
+def test_attention_ring_cache_of_window_slots_serves_any_context(window: int, chunks: list[int]) -> None:
+    """A sliding-window layer's cache holds only ``window`` slots (position p in slot p % window); prefilling and
+    decoding past the ring's length in any chunking equals attention over the whole history."""
+    n_head, n_kv, head_dim, total = 4, 2, 3, sum(chunks)
+    rng = np.random.default_rng(12)
+    q = randn(rng, (total, n_head, head_dim))
+    k, v = randn(rng, (total, n_kv, head_dim)), randn(rng, (total, n_kv, head_dim))
+    positions = np.arange(total, dtype=np.int32)
+    ref = ref_attention(q, k, v, positions, positions, scale=0.6, window=window)
+    caches: dict[str, Array] = {}
+    outs, lo = [], 0
+    for n in chunks:
+        g = attention_graph(n, n_head, n_kv, head_dim, window, scale=0.6, window=window)
+        feeds = {"q": q[lo : lo + n], "k": k[lo : lo + n], "v": v[lo : lo + n], "pos": positions[lo : lo + n]}
+        outs.append(g.evaluate(feeds, {}, caches)["y"])
+        lo += n
+    np.testing.assert_allclose(np.concatenate(outs), ref, rtol=1e-12, atol=1e-13)
+    last = np.arange(total - window, total)  # the ring holds the last `window` positions, each in its slot
+    np.testing.assert_array_equal(caches["k_cache"][last % window], k[last])
+    np.testing.assert_array_equal(caches["v_cache"][last % window], v[last])
+
+
 def test_attention_cache_writes_at_the_given_positions() -> None:
     rng = np.random.default_rng(11)
     q, k, v = randn(rng, (2, 2, 4)), randn(rng, (2, 1, 4)), randn(rng, (2, 1, 4))

@@ -66,7 +66,7 @@ def test_plan_reports_weight_and_cache_bytes_per_device() -> None:
     p = plan(g, 2, [1, 1])
     item = 4
     # KV cache: k and v, [ctx, n_kv, hd] per layer, split by KV head: one of two heads each
-    assert p.cache_bytes_per_token == [2 * cfg.n_layer * 1 * cfg.head_dim * item] * 2
+    assert p.cache_bytes == [2 * cfg.n_layer * cfg.ctx * 1 * cfg.head_dim * item] * 2
     total = sum(np.prod(t.shape) * item for t in g.weights.values())
     replicated = sum(np.prod(t.shape) * item for t in g.weights.values() if t.role is Role.REPLICATED)
     assert sum(p.weight_bytes) == total + replicated  # split weights once, replicated ones on both devices

@@ -210,6 +210,8 @@ class Graph:
 
         With ``cache=(k_cache, v_cache)`` the new keys/values are written at ``positions`` and the queries attend
         over the cache. Key j is visible from the query at position p iff j <= p (causal) and p - window < j.
+        With a ``window`` the cache may be a ring shorter than the context (position j in slot j % len): a
+        session's consecutive positions then need only ``window`` slots however long the context grows.
         """
         extra = [*(cache or ()), *([sinks] if sinks is not None else [])]
         return self.op(

@@ -468,7 +468,9 @@ def _k_attention(
     n_tok, n_head, hd = q.shape
     n_kv = k.shape[1]
     group = n_head // n_kv if n_kv else 0  # a device may hold zero heads
-    if ck is not None:  # append this step's keys/values, then attend over the cache up to the last position
+    if ck is not None and window:
+        k, v, kpos = _ring_cache(xp, ck, cv, k, v, pos)
+    elif ck is not None:  # append this step's keys/values, then attend over the cache up to the last position
         ck[pos] = k
         cv[pos] = v
         length = int(pos.max()) + 1 if n_tok else 0
@@ -485,6 +487,8 @@ def _k_attention(
     visible = xp.ones((n_tok, kpos.shape[0]), dtype=bool)
     if causal:
         visible &= kpos[None, :] <= pos[:, None]
+    if cache and window:
+        visible &= kpos[None, :] >= 0
     if window:
         visible &= kpos[None, :] > pos[:, None] - window
     if not bool(visible.all()):
@@ -498,6 +502,24 @@ def _k_attention(
         probs = xp.where(visible, probs, 0.0)  # rows with nothing visible give 0, not NaN
     y = xp.matmul(probs.reshape(n_kv, group * n_tok, n_keys), _acc(v).transpose(1, 0, 2))  # [kv, group * tokens, hd]
     out[...] = y.reshape(n_kv, group, n_tok, hd).transpose(2, 0, 1, 3).reshape(n_tok, n_head, hd)
+
+
+def _ring_cache(xp: Any, ck: Any, cv: Any, k: Any, v: Any, pos: Any) -> tuple[Any, Any, Any]:
+    """A sliding-window layer's cache is a ring of R slots: position p lives in slot p % R, so R = window slots
+    serve any context length. The step's positions must be consecutive and follow the cached ones (a session's
+    are). The queries attend over the ring as it was before this step plus the step's own keys; then the step's
+    last R keys overwrite their slots. Returns (keys, values, key positions); never-written slots get negative
+    positions, which no query sees."""
+    n_slots, n_tok = ck.shape[0], k.shape[0]
+    start = int(pos[0]) if n_tok else 0
+    slots = xp.arange(n_slots)
+    held = start - 1 - (start - 1 - slots) % n_slots  # the latest position before this step in each slot
+    keys, values = xp.concatenate([ck, k]), xp.concatenate([cv, v])
+    keep = min(n_tok, n_slots)
+    if keep:
+        ck[pos[n_tok - keep :] % n_slots] = k[n_tok - keep :]
+        cv[pos[n_tok - keep :] % n_slots] = v[n_tok - keep :]
+    return keys, values, xp.concatenate([held, pos.astype(held.dtype)])
 
 
 def _rule_attention(

@@ -105,7 +105,7 @@ class Plan:
     programs: list[Program] = field(default_factory=list)
     collectives: list[Collective] = field(default_factory=list)
     weight_bytes: list[int] = field(default_factory=list)  # per device
-    cache_bytes_per_token: list[int] = field(default_factory=list)  # per device, KV cache bytes per context token
+    cache_bytes: list[int] = field(default_factory=list)  # per device, the KV cache as preallocated (all ctx)
 
     @property
     def tokens(self) -> int | None:
@@ -132,11 +132,9 @@ class Plan:
         """A readable report: per-device bytes, the collectives of one step, bytes communicated."""
         ratios = ", ".join(f"{r:g}" for r in self.ratios)
         lines = [f"plan of {self.graph.name!r}: {self.world_size} device(s), tensor_split [{ratios}]"]
-        lines.append(f"{'rank':>6}  {'weights':>12}  {'kv cache/token':>15}")
+        lines.append(f"{'rank':>6}  {'weights':>12}  {'kv cache':>12}")
         for r in range(self.world_size):
-            lines.append(
-                f"{r:>6}  {format_bytes(self.weight_bytes[r]):>12}  {format_bytes(self.cache_bytes_per_token[r]):>15}"
-            )
+            lines.append(f"{r:>6}  {format_bytes(self.weight_bytes[r]):>12}  {format_bytes(self.cache_bytes[r]):>12}")
         groups: dict[tuple[str, Shape, str], int] = {}
         for c in self.collectives:
             key = (c.kind, c.shape, c.dtype)
@@ -159,8 +157,8 @@ class Plan:
             "tensor_split": list(self.ratios),
             "tokens_per_step": self.tokens,
             "devices": [
-                {"rank": r, "weight_bytes": self.weight_bytes[r], "kv_cache_bytes_per_token": c}
-                for r, c in enumerate(self.cache_bytes_per_token)
+                {"rank": r, "weight_bytes": w, "kv_cache_bytes": c}
+                for r, (w, c) in enumerate(zip(self.weight_bytes, self.cache_bytes, strict=True))
             ],
             "collectives": [
                 {"kind": c.kind, "value": c.value, "shape": list(c.shape), "dtype": c.dtype, "bytes": c.nbytes}
@@ -263,9 +261,8 @@ class _Planner:
         ]
         prog_bytes = [[math.prod(p.shapes[v.id]) * v.dtype.itemsize for v in self.values] for p in plan.programs]
         plan.weight_bytes = [sum(b[v.id] for v in self.values if v.kind == "weight") for b in prog_bytes]
-        plan.cache_bytes_per_token = [
-            sum(b[v.id] // max(v.shape[0], 1) for v in self.values if v.kind == "cache") for b in prog_bytes
-        ]
+        caches = [v for v in self.values if v.kind == "cache"]
+        plan.cache_bytes = [sum(b[v.id] for v in caches) for b in prog_bytes]
         return plan
 
     def program(self, rank: int) -> Program:

@@ -95,14 +95,14 @@ def block(g: Graph, cfg: Config, x: Tensor, pos: Tensor, il: int) -> Tensor:
         k = g.rms_norm(k, w("attn_k_norm", (hd,)), eps=cfg.norm_eps)
     rope = {"theta": cfg.rope_theta, "neox": cfg.neox, "n_rot": cfg.n_rot, "scaling": dict(cfg.rope_scaling) or None}
     q, k = g.rope(q, pos, **rope), g.rope(k, pos, **rope)
+    window = cfg.window_of(il)
+    slots = min(cfg.ctx, window) if window else cfg.ctx  # a sliding-window layer keeps a ring of `window` slots
     cache = (
-        g.cache(p + "k_cache", (cfg.ctx, nkv, hd), groups=nkv, layer=il),
-        g.cache(p + "v_cache", (cfg.ctx, nkv, hd), groups=nkv, layer=il),
+        g.cache(p + "k_cache", (slots, nkv, hd), groups=nkv, layer=il),
+        g.cache(p + "v_cache", (slots, nkv, hd), groups=nkv, layer=il),
     )
     sinks = w("attn_sinks", (nh,), Role.COLUMN, nkv) if cfg.sinks else None
-    a = g.attention(
-        q, k, v, pos, scale=hd**-0.5, cache=cache, sinks=sinks, window=cfg.window_of(il), softcap=cfg.softcap
-    )
+    a = g.attention(q, k, v, pos, scale=hd**-0.5, cache=cache, sinks=sinks, window=window, softcap=cfg.softcap)
     a = g.reshape(a, shape=(tokens, nh * hd))
     o_bias = w("attn_output.bias", (H,)) if cfg.o_bias else None
     x = x + g.linear(a, w("attn_output", (H, nh * hd), Role.ROW, nkv), o_bias)
