@@ -83,3 +83,7 @@ def format_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     raise AssertionError("unreachable")
+
+
+class SamplingError(TensorweaveError, ValueError):
+    """A sampling parameter is out of range (the message names it), or logits or stop strings cannot be used."""
