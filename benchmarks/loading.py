@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import time
 import tracemalloc
 from pathlib import Path
@@ -27,13 +26,11 @@ import tensorweave as tw
 from tensorweave.cli import table
 from tensorweave.core.plugins import registry
 from tensorweave.errors import format_bytes
-from tensorweave.loaders.hf import GLOBAL_NAMES, LAYER_NAMES
+from tensorweave.loaders.hf import save_pretrained
 from tensorweave.models.synthetic import random_weights
 
 
 def write_model(d: Path, layers: int, hidden: int) -> None:
-    from safetensors.numpy import save_file
-
     config = {
         "model_type": "llama",
         "vocab_size": 32000,
@@ -46,19 +43,7 @@ def write_model(d: Path, layers: int, hidden: int) -> None:
         "rms_norm_eps": 1e-5,
     }
     fam = registry().models["llama"]
-    weights = random_weights(fam.build(fam.config_from_hf(config), 1), seed=0)
-    to_hf = {graph: hf for hf, graph in GLOBAL_NAMES.items()}
-    layer_hf = {graph: hf for hf, graph in LAYER_NAMES.items()}
-    tensors = {}
-    for name, a in weights.items():
-        if name.startswith("blk."):
-            _, il, rest = name.split(".", 2)
-            tensors[f"model.layers.{il}.{layer_hf[rest]}"] = a
-        else:
-            tensors[to_hf[name]] = a
-    d.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(d / "model.safetensors"))
-    (d / "config.json").write_text(json.dumps(config))
+    save_pretrained(d, config, random_weights(fam.build(fam.config_from_hf(config), 1), seed=0))
 
 
 def measure(fn: Any) -> tuple[float, int, int, Any]:

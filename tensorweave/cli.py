@@ -9,6 +9,7 @@ import os
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -19,10 +20,10 @@ from .core.communicator import open_communicator
 from .core.device import Device, DeviceSpec, open_devices
 from .core.plugins import registry
 from .core.sharding import normalize_split
+from .runtime.session import TextStream
 
 if TYPE_CHECKING:
-    from .core.executor import Executor
-    from .core.graph import GraphCache
+    from .runtime.model import Model
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
@@ -189,111 +190,231 @@ def cmd_demo(args: argparse.Namespace) -> int:
         f"\ncopies: {sum(s.peer_copies for s in stats)} direct peer, "
         f"{sum(s.staged_copies for s in stats)} staged through host (no peer access on that pair)"
     )
-    ok &= _demo_tensor_parallel(devs, args.tensor_split, args.tokens)
+    ok &= _demo_tensor_parallel(args.devices, args.tensor_split, args.tokens)
     return 0 if ok else 1
 
 
-def _demo_tensor_parallel(devs: list[Device], tensor_split: list[float], n_new: int) -> bool:
-    """A synthetic transformer (dense and MoE layers) split over ``devs`` vs one device: same greedy tokens."""
-    from .core.executor import Executor
-    from .core.graph import GraphCache
-    from .models.synthetic import Config, build, random_weights
+DEMO_CONFIG = {  # a Qwen3-MoE-style model: 2 dense and 2 MoE layers, GQA, q/k norms; 9.5M parameters, 36 MiB
+    "model_type": "qwen3_moe",
+    "hidden_size": 256,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 4,
+    "head_dim": 32,
+    "intermediate_size": 1024,
+    "moe_intermediate_size": 256,
+    "num_experts": 8,
+    "num_experts_per_tok": 2,
+    "norm_topk_prob": True,
+    "mlp_only_layers": [0, 1],
+    "max_position_embeddings": 512,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 10000.0,
+    "tie_word_embeddings": False,
+}
+DEMO_TEXT = (
+    "tensorweave runs a transformer model split across several devices, whatever vendor the devices come from. "
+    "Every layer's weights and its KV cache are divided by heads and columns; partial sums meet in an allreduce. "
+)
 
-    cfg = Config(
-        vocab=512,
-        hidden=128,
-        n_layer=4,
-        n_head=8,
-        n_kv=4,
-        head_dim=16,
-        ffn=256,
-        n_expert=4,
-        top_k=2,
-        dense_layers=(0, 1),
-        qk_norm=True,
-        ctx=64,
+
+def _write_demo_model(directory: Path) -> None:
+    """The embedded default: a byte-level BPE tokenizer trained on DEMO_TEXT and seeded random weights."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from .loaders.hf import save_pretrained
+    from .models.synthetic import random_weights
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=512,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
-    graphs = GraphCache(lambda tokens: build(cfg, tokens))
-    prompt = [(7 * i + 3) % cfg.vocab for i in range(16)]
-    weights = random_weights(graphs(tokens=len(prompt)), seed=0)
-    ref = Executor(open_devices("cpu-sim:1"))
-    ex = Executor(devs, tensor_split=tensor_split)
-    (ref_ids, ref_logits, ref_s, _), (ids, logits, step_s, allocs) = (
-        _greedy(e, graphs, weights, prompt, n_new) for e in (ref, ex)
-    )
-    nmse = float(((logits - ref_logits) ** 2).sum() / (ref_logits**2).sum())
-    plan = ex.plan(graphs(tokens=1))
-    same = ids == ref_ids
-    split = ",".join(f"{r:g}" for r in plan.ratios)
-    print(
-        f"\na synthetic transformer (random weights; 4 layers: 2 dense, 2 MoE with 4 experts; 8 heads / 4 KV heads) "
-        f"split over "
-        f"{len(devs)} devices with tensor_split {split}, against 1 device, {n_new} greedy tokens:"
-    )
-    rows = [
-        [d.name, errors.format_bytes(w), errors.format_bytes(c)]
-        for d, w, c in zip(devs, plan.weight_bytes, plan.cache_bytes, strict=True)
-    ]
-    print(table(["device", "weights", f"kv cache ({cfg.ctx} tokens)"], rows))
-    print(
-        f"collectives per decode step: {plan.count('allreduce')} allreduce + {plan.count('allgather')} allgather, "
-        f"{errors.format_bytes(plan.comm_bytes)} per token"
-    )
-    print(
-        f"tokens {'agree' if same else 'DIFFER'} ({' '.join(map(str, ids[:8]))} ...); logits NMSE {nmse:.1e}; "
-        f"decode {1 / step_s:.0f} tok/s on {len(devs)} devices vs {1 / ref_s:.0f} tok/s on 1 "
-        f"(simulated devices share this machine's cores); {allocs} device allocations in steady-state decode"
-    )
-    return same and nmse < 1e-6 and allocs == 0
+    tok.train_from_iterator([DEMO_TEXT], trainer)
+    directory.mkdir(parents=True, exist_ok=True)
+    tok.save(str(directory / "tokenizer.json"))
+    config = {**DEMO_CONFIG, "vocab_size": tok.get_vocab_size(), "eos_token_id": 0}
+    family = registry().models["qwen3_moe"]
+    weights = random_weights(family.build(family.config_from_hf(config), 1), seed=0)
+    save_pretrained(directory, config, weights)
+
+
+def _demo_tensor_parallel(spec: str, tensor_split: list[float], n_new: int) -> bool:
+    """The embedded model written to a temp dir, loaded at TP=1 and over ``spec`` split by ``tensor_split``:
+    the same greedy tokens, each device's memory, tok/s, and a state saved on one split and restored on the other."""
+    import tempfile
+
+    from .runtime.model import load
+    from .runtime.session import Generation
+
+    with tempfile.TemporaryDirectory(prefix="tensorweave-demo-") as tmp:
+        d = Path(tmp)
+        _write_demo_model(d)
+        one = load(d, devices="cpu-sim:1", progress=False)
+        tp = load(d, devices=spec, tensor_split=tensor_split, progress=False)
+        prompt = "tensorweave runs a transformer model"
+        runs = [m.generate(prompt, n_new, ignore_eos=True) for m in (one, tp)]
+        (g1, gn) = (g for g in runs if isinstance(g, Generation))
+        plan, cfg = tp.plan, tp.config
+        n = tp.executor.world_size
+        split = ",".join(f"{r:g}" for r in plan.ratios)
+        size = (d / "model.safetensors").stat().st_size
+        print(
+            f"\nthe embedded model: {cfg.n_layer} layers (2 dense, 2 MoE with {cfg.n_expert} experts), "
+            f"{cfg.n_head} heads / {cfg.n_kv} KV heads, random weights (the text is noise; what matters is that "
+            f"both runs agree), written to a temp dir as a Hugging Face checkpoint, {errors.format_bytes(size)} "
+            f"loaded on {n} devices with tensor_split {split} and on 1 device:"
+        )
+        rows = [
+            [dev.name, errors.format_bytes(w), errors.format_bytes(c), f"{w / max(sum(plan.weight_bytes), 1):.0%}"]
+            for dev, w, c in zip(tp.executor.devices, plan.weight_bytes, plan.cache_bytes, strict=True)
+        ]
+        print(table(["device", "weights", f"kv cache ({cfg.ctx} tokens)", "share"], rows))
+        print(
+            f"collectives per decode step: {plan.count('allreduce')} allreduce + {plan.count('allgather')} "
+            f"allgather, {errors.format_bytes(plan.comm_bytes)} per token"
+        )
+        same = g1.tokens == gn.tokens
+        print(
+            f"{n_new} greedy tokens {'agree' if same else 'DIFFER'}: {' '.join(map(str, gn.tokens[:10]))} ... = "
+            f"{gn.text[:48]!r}...\ndecode {gn.tokens_per_second:.0f} tok/s on {n} devices vs "
+            f"{g1.tokens_per_second:.0f} tok/s on 1 (simulated devices share this machine's cores)"
+        )
+        # a conversation's state saved on the split run, resumed on one device
+        sess = tp.session()
+        sess.eval(tp.tokenizer.encode(prompt) + gn.tokens)
+        sess.save(d / "state.tws")
+        resumed = one.restore(d / "state.tws").eval([1, 2, 3])
+        straight = one.logits(one.tokenizer.encode(prompt) + gn.tokens + [1, 2, 3])[-3:]
+        err = float(np.abs(resumed - straight).max())
+        print(
+            f"state saved on {n} devices ({sess.n_past} tokens) and restored on 1: next logits within "
+            f"{err:.1e} of an uninterrupted run"
+        )
+        tp.close()
+        one.close()
+    return same and err < 1e-4
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    """Greedy generation from a prompt; one process for all devices, or one rank per process under launch/mpiexec.
+    """Generate from a prompt; one process for all devices, or one rank per process under launch/mpiexec.
 
-    Every rank runs the same steps (the executor gathers the logits to each) and takes the same argmax, so no
-    token has to be broadcast; rank 0 alone prints.
+    Every rank runs the same steps (the executor gathers the logits to each) and samples with the same seed (rank
+    0's, broadcast), so every rank picks the same token without a broadcast per step; rank 0 alone prints.
     """
+    model, printing = _load_for_cli(args)
+    if model.tokenizer is None:
+        raise errors.ModelFormatError(f"{args.model}: the model has no tokenizer (tokenizer.json or GGUF vocabulary)")
+    stream = model.generate(
+        args.prompt, args.n_predict, stream=True, stop=args.stop, ignore_eos=args.ignore_eos, **_sampling(args)
+    )
+    assert isinstance(stream, TextStream)
+    for piece in stream:
+        if printing:
+            print(piece, end="", flush=True)
+    if printing:
+        g = stream.result
+        print()
+        print(
+            f"prompt {g.prompt_tokens} tokens {g.prompt_tokens_per_second:.1f} tok/s, generated {len(g.tokens)} "
+            f"tokens {g.tokens_per_second:.1f} tok/s on {model.executor.world_size} device(s) ({g.finish_reason})",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    """An interactive conversation: each answer streams as it is generated; the session keeps the conversation's
+    KV cache, so a turn evaluates only its new tokens. Commands: /save FILE, /load FILE, /reset, /exit."""
+    model, _ = _load_for_cli(args)
+    if model.tokenizer is None or model.tokenizer.chat_template is None:
+        raise errors.ModelFormatError(f"{args.model}: the model has no chat template; use `tensorweave run`")
+    sess = model.session()
+    messages: list[dict[str, str]] = [{"role": "system", "content": args.system}] if args.system else []
+    params = _sampling(args)
+    print(
+        f"{model!r}\n/exit or Ctrl-D ends, /reset forgets, /save FILE and /load FILE keep a conversation",
+        file=sys.stderr,
+    )
+    while True:
+        try:
+            line = input("> ").strip()
+        except EOFError:
+            print(file=sys.stderr)
+            return 0
+        if line in ("/exit", "/quit"):
+            return 0
+        if line == "/reset":
+            messages, sess = messages[:1] if args.system else [], model.session()
+            continue
+        if line.startswith(("/save ", "/load ")):
+            path = line[6:].strip()
+            if line.startswith("/save"):
+                sess.save(path)
+                Path(path + ".json").write_text(json.dumps(messages))
+            else:
+                sess, messages = model.restore(path), json.loads(Path(path + ".json").read_text())
+            print(f"{line[1:5]}d {path} ({sess.n_past} tokens)", file=sys.stderr)
+            continue
+        if not line:
+            continue
+        messages.append({"role": "user", "content": line})
+        stream = sess.chat(messages, args.n_predict, stream=True, stop=args.stop, ignore_eos=args.ignore_eos, **params)
+        assert isinstance(stream, TextStream)
+        for piece in stream:
+            print(piece, end="", flush=True)
+        print()
+        messages.append({"role": "assistant", "content": stream.result.text})
+        params = {}  # later turns continue the sampler (its RNG and penalties' history)
+
+
+def _load_for_cli(args: argparse.Namespace) -> tuple[Model, bool]:
+    """The model for run/chat/bench: all devices in this process, or this rank's under launch/mpiexec; and
+    whether this process prints (rank 0)."""
     from .core.spmd import SpmdEnv, spmd_from_env
     from .runtime.model import load
 
     spmd = SpmdEnv.detect()
     common = {"tensor_split": args.tensor_split, "dtype": args.dtype, "ctx": args.ctx}
-    if spmd is not None:  # started by `tensorweave launch` or mpiexec: this process is one rank with one device
-        backend = DeviceSpec.parse(args.devices or "cpu-sim").backend
-        comm = spmd_from_env(backend=backend, name=args.communicator)
-        model = load(args.model, communicator=comm, progress=False if spmd.rank else None, **common)
-    else:
-        model = load(args.model, devices=args.devices or "cpu-sim", communicator=args.communicator, **common)
-    printing = spmd is None or spmd.rank == 0
-    tok = model.tokenizer
-    if tok is None:
-        raise errors.ModelFormatError(f"{args.model}: the model has no tokenizer (tokenizer.json or GGUF vocabulary)")
-    ids = tok.encode(args.prompt)
-    if not ids:
-        raise errors.ShapeError("the prompt encodes to no tokens")
-    sess, stream, stop = model.session(), tok.decode_stream(skip_special=True), set(tok.eos_ids)
-    t0 = time.perf_counter()
-    logits = sess.eval(ids)
-    t_prompt, generated = time.perf_counter() - t0, 0
-    t0 = time.perf_counter()
-    for _ in range(args.n_predict):
-        nxt = int(np.argmax(logits[-1]))
-        if nxt in stop and not args.ignore_eos:
-            break
-        generated += 1
-        if printing:
-            print(stream.step(nxt), end="", flush=True)
-        if generated < args.n_predict:
-            logits = sess.eval([nxt])
-    t_gen = time.perf_counter() - t0
-    if printing:
-        print(stream.flush())
-        print(
-            f"prompt {len(ids)} tokens {len(ids) / t_prompt:.1f} tok/s, generated {generated} tokens "
-            f"{generated / max(t_gen, 1e-9):.1f} tok/s on {model.executor.world_size} device(s)",
-            file=sys.stderr,
-        )
-    return 0
+    if spmd is None:
+        return load(args.model, devices=args.devices or "cpu-sim", communicator=args.communicator, **common), True
+    # started by `tensorweave launch` or mpiexec: this process is one rank with one device
+    backend = DeviceSpec.parse(args.devices or "cpu-sim").backend
+    comm = spmd_from_env(backend=backend, name=args.communicator)
+    model = load(args.model, communicator=comm, progress=False if spmd.rank else None, **common)
+    if getattr(args, "seed", None) in (None, -1) and getattr(args, "temp", 0) > 0:
+        args.seed = _shared_seed(model)
+    return model, spmd.rank == 0
+
+
+def _shared_seed(model: Model) -> int:
+    """Rank 0's random seed on every rank: ranks must sample the same tokens."""
+    dev = model.executor.devices[0]
+    buf = dev.from_host(np.array([np.random.default_rng().integers(0, 2**31 - 1)], np.int32))
+    model.executor.comm.broadcast([buf])
+    return int(dev.to_host(buf)[0])
+
+
+def _sampling(args: argparse.Namespace) -> dict[str, Any]:
+    if args.seed is not None and args.seed < 0:  # llama.cpp's --seed -1: a fresh random seed
+        args.seed = None
+    return {
+        "temperature": args.temp,
+        "top_k": args.top_k,
+        "top_p": args.top_p,
+        "min_p": args.min_p,
+        "repeat_penalty": args.repeat_penalty,
+        "repeat_last_n": args.repeat_last_n,
+        "presence_penalty": args.presence_penalty,
+        "frequency_penalty": args.frequency_penalty,
+        "seed": args.seed,
+        "reasoning_budget": args.reasoning_budget,
+        "reasoning_budget_message": args.reasoning_budget_message,
+    }
 
 
 def cmd_launch(args: argparse.Namespace) -> int:
@@ -305,26 +426,6 @@ def cmd_launch(args: argparse.Namespace) -> int:
     if not command:
         args.parser.error("launch needs a command after --, e.g. tensorweave launch -n 2 -- python script.py")
     return launch(args.nprocs, command, subcommands=set(args.subcommands.choices), timeout=args.timeout)
-
-
-def _greedy(
-    ex: Executor, graphs: GraphCache, weights: dict[str, np.ndarray], prompt: list[int], n_new: int
-) -> tuple[list[int], np.ndarray, float, int]:
-    """Greedy decoding: (new ids, last-position logits per step, median decode step seconds, steady allocations)."""
-    ex.load_weights(graphs(tokens=len(prompt)), weights)
-    ids, logits, times, allocs = list(prompt), [], [], 0
-    for step in range(n_new + 1):
-        new = ids if step == 0 else ids[-1:]
-        feeds = {"tokens": np.array(new), "positions": np.arange(len(ids) - len(new), len(ids))}
-        before = sum(d.stats.allocations for d in ex.devices)
-        t0 = time.perf_counter()
-        out = ex.run(graphs(tokens=len(new)), feeds)["logits"][-1]
-        times.append(time.perf_counter() - t0)
-        if step > 1:  # step 1 is the first decode step: it plans its graph and places its buffers
-            allocs += sum(d.stats.allocations for d in ex.devices) - before
-        logits.append(out)
-        ids.append(int(np.argmax(out)))
-    return ids[len(prompt) :], np.array(logits), float(np.median(times[2:] or times)), allocs
 
 
 def _ratios(text: str) -> list[float]:
@@ -344,6 +445,44 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _model_args(p: argparse.ArgumentParser) -> None:
+    """What every command that loads a model takes: the model, devices, split, dtype, context."""
+    p.add_argument("model", help="Hugging Face model directory or .gguf file")
+    p.add_argument("--devices", help="device spec (default: cpu-sim; per rank under launch/mpiexec: its backend)")
+    p.add_argument("-ts", "--tensor-split", type=_ratios, help="ratios per device, e.g. 3,1 (default: even)")
+    p.add_argument(
+        "-sm", "--split-mode", choices=["tensor"], default="tensor", help="accepted for llama.cpp familiarity"
+    )
+    p.add_argument("--communicator", help="communicator name (default: the backend's, or the launcher's)")
+    p.add_argument("--dtype", help="compute dtype (default: the checkpoint's; quantized GGUF: float32)")
+    p.add_argument("--ctx", type=_positive_int, help="KV-cache length in tokens (default: the model's, at most 4096)")
+
+
+def _generation_args(p: argparse.ArgumentParser, n_predict: int) -> None:
+    """Sampling flags, named as llama.cpp names them."""
+    p.add_argument(
+        "-n", "--n-predict", type=_positive_int, default=n_predict, help="tokens to generate (default: %(default)s)"
+    )
+    p.add_argument("--temp", type=float, default=0.0, help="temperature; 0 is greedy (default: %(default)s)")
+    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens; 0 is off")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling; 1.0 is off")
+    p.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min-p x the top probability; 0 is off")
+    p.add_argument("--repeat-penalty", type=float, default=1.0, help="penalize repeated tokens; 1.0 is off")
+    p.add_argument("--repeat-last-n", type=int, default=64, help="tokens the penalties look back over (default: 64)")
+    p.add_argument("--presence-penalty", type=float, default=0.0, help="subtract for every token already present")
+    p.add_argument("--frequency-penalty", type=float, default=0.0, help="subtract per occurrence of a token")
+    p.add_argument("--seed", type=int, help="random seed: the same seed gives the same text (default, or -1: random)")
+    p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop at this text (repeatable)")
+    p.add_argument(
+        "--reasoning-budget",
+        type=int,
+        default=-1,
+        help="thinking tokens before the end tag is forced; -1 unlimited, 0 no thinking (default: -1)",
+    )
+    p.add_argument("--reasoning-budget-message", default="", help="text forced before the end tag")
+    p.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence tokens")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tensorweave", description=__doc__)
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
@@ -360,24 +499,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
     p = sub.add_parser(
         "run",
-        help="generate text from a prompt with a model split over devices (greedy)",
+        help="generate text from a prompt with a model split over devices",
         description="Load MODEL (a Hugging Face directory or a .gguf file), split it over --devices by "
-        "--tensor-split, and print the greedy continuation of -p. Under `tensorweave launch -n N` or mpiexec each "
-        "rank holds only its shard and rank 0 prints.",
+        "--tensor-split, and stream the continuation of -p (greedy unless --temp > 0). Under `tensorweave launch "
+        "-n N` or mpiexec each rank holds only its shard and rank 0 prints.",
     )
-    p.add_argument("model", help="Hugging Face model directory or .gguf file")
+    _model_args(p)
     p.add_argument("-p", "--prompt", required=True, help="the prompt text")
-    p.add_argument("-n", "--n-predict", type=_positive_int, default=64, help="tokens to generate (default: 64)")
-    p.add_argument("--devices", help="device spec (default: cpu-sim; per rank under launch/mpiexec: its backend)")
-    p.add_argument("-ts", "--tensor-split", type=_ratios, help="ratios per device, e.g. 3,1 (default: even)")
-    p.add_argument(
-        "-sm", "--split-mode", choices=["tensor"], default="tensor", help="accepted for llama.cpp familiarity"
-    )
-    p.add_argument("--communicator", help="communicator name (default: the backend's, or the launcher's)")
-    p.add_argument("--dtype", help="compute dtype (default: the checkpoint's; quantized GGUF: float32)")
-    p.add_argument("--ctx", type=_positive_int, help="KV-cache length in tokens (default: the model's, at most 4096)")
-    p.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence tokens")
+    _generation_args(p, n_predict=64)
     p.set_defaults(func=cmd_run)
+    p = sub.add_parser(
+        "chat",
+        help="talk to a model interactively (its chat template, streamed answers)",
+        description="An interactive conversation with MODEL split over devices. The session keeps the KV cache "
+        "across turns; /save FILE and /load FILE keep a conversation (restorable on another device count).",
+    )
+    _model_args(p)
+    p.add_argument("--system", help="a system message")
+    _generation_args(p, n_predict=512)
+    p.set_defaults(func=cmd_chat)
     p = sub.add_parser("devices", help="list backends, or the devices a spec names")
     p.add_argument("spec", nargs="?", help="device spec, e.g. cpu-sim:4,mem=256MiB,peer=ring")
     p.add_argument("--json", action="store_true", help="machine-readable output")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -32,11 +33,13 @@ def test_demo_checks_every_communicator_and_dtype() -> None:
 def test_demo_runs_a_model_split_over_the_devices_like_one_device() -> None:
     proc = tw("demo", "--elements", "1000", "--repeat", "1", "--devices", "cpu-sim:3", "-ts", "2,0,1", "-n", "4")
     assert proc.returncode == 0, proc.stderr
-    assert "split over 3 devices with tensor_split 2,0,1" in proc.stdout
-    assert "tokens agree" in proc.stdout and "0 device allocations in steady-state decode" in proc.stdout
+    assert "loaded on 3 devices with tensor_split 2,0,1 and on 1 device" in proc.stdout
+    assert "4 greedy tokens agree" in proc.stdout
     zero_ratio = [line.split() for line in proc.stdout.splitlines() if line.startswith("cpu-sim:1 ")][-1]
-    assert zero_ratio[1] != "0" and zero_ratio[-2:] == ["0", "B"]  # replicated weights (norms, router), no KV heads
+    assert zero_ratio[1] != "0" and zero_ratio[3:5] == ["0", "B"]  # replicated weights (norms, router), no KV heads
     assert "collectives per decode step: 9 allreduce + 1 allgather" in proc.stdout
+    err = re.search(r"restored on 1: next logits within (\S+) of an uninterrupted run", proc.stdout)
+    assert err and float(err.group(1)) < 1e-4
 
 
 def test_devices_json_and_table() -> None:
@@ -88,6 +91,62 @@ def test_run_prints_the_same_greedy_text_on_one_and_three_devices() -> None:
     assert one.returncode == 0 and three.returncode == 0, one.stderr + three.stderr
     assert one.stdout == three.stdout and len(one.stdout) > 1  # stdout holds only the generated text
     assert "generated 10 tokens" in one.stderr and "on 3 device(s)" in three.stderr
+
+
+def test_run_seed_reproduces_sampled_text() -> None:
+    sample = [*RUN, "--temp", "1.5", "--top-k", "50", "--top-p", "0.95", "--min-p", "0.01"]
+    a, b, c = (
+        tw(*sample, "--seed", "3"),
+        tw(*sample, "--seed", "3", "--devices", "cpu-sim:2"),
+        tw(*sample, "--seed", "4"),
+    )
+    assert a.returncode == 0, a.stderr
+    assert a.stdout == b.stdout and a.stdout != c.stdout
+
+
+def test_run_reasoning_budget_ends_thinking_after_exactly_n_tokens() -> None:
+    from tensorweave.loaders.tokenizer import Tokenizer
+
+    model = FIXTURES / "qwen3" / "hf"
+    prompt = "<|im_start|>user\nwhy?<|im_end|>\n<|im_start|>assistant\n<think>\n"
+    common = ["run", str(model), "-p", prompt, "-n", "12", "--ignore-eos"]
+    free = tw(*common)
+    budget = tw(*common, "--reasoning-budget", "4", "--reasoning-budget-message", " Enough.")
+    assert free.returncode == 0 and budget.returncode == 0, free.stderr + budget.stderr
+    tok = Tokenizer.from_hf_dir(model)
+    four = tok.decode(tok.encode(free.stdout, add_special=False)[:4])
+    assert "</think>" not in free.stdout
+    assert budget.stdout.startswith(four + " Enough.</think>")  # 4 free tokens, then the forced message and end tag
+
+
+def test_chat_streams_answers_and_saves_a_restorable_conversation(tmp_path: Path) -> None:
+    state = tmp_path / "talk.tws"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tensorweave.cli",
+            "chat",
+            str(FIXTURES / "qwen3" / "hf"),
+            "-n",
+            "5",
+            "--devices",
+            "cpu-sim:2",
+            "-ts",
+            "3,1",
+        ],
+        input=f"hello\nand more\n/save {state}\n/exit\n",
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("> ") == 4 and len(proc.stdout) > 4 * 2 + 2 * 5  # 4 prompts, two 5-token answers
+    import tensorweave as tw_api
+
+    resumed = tw_api.load(FIXTURES / "qwen3" / "hf").restore(state)
+    assert json.loads(state.with_name("talk.tws.json").read_text())[-1]["role"] == "assistant"
+    assert resumed.n_past > 10
 
 
 @pytest.mark.parametrize("launcher", ["launch", "mpiexec"])

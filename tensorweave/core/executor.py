@@ -29,7 +29,7 @@ from .device import Device, DeviceArray, open_devices
 from .graph import Graph, Tensor
 from .ops import OPS, Shape
 from .planner import Plan, plan
-from .sharding import local_shape, local_slice, normalize_split, weight_state
+from .sharding import Split, local_shape, local_slice, normalize_split, weight_state
 
 ALIGN = 256  # bytes; every buffer in an arena starts on this boundary
 WeightSource = Mapping[str, Any] | Callable[[str, tuple[slice, ...]], Any]
@@ -334,14 +334,44 @@ class Executor:
         for dev in self.devices:
             dev.synchronize()
 
-    def _ensure_caches(self, graph: Graph) -> None:
+    def ensure_caches(self, graph: Graph) -> None:
+        """Allocate (zeroed) every cache ``graph`` declares that is not on the devices yet."""
         for name, t in graph.caches.items():
             if name in self.caches:
                 continue
             state = weight_state(t.role, t.shape, t.groups, self.ratios, t.layer)
             self.caches[name] = [dev.empty(local_shape(t.shape, state, r), t.dtype) for dev, r in self._local()]
+            self._specs[name] = t
             for dev, a in zip(self.devices, self.caches[name], strict=True):
                 dev.submit(_zero, a)
+
+    def read_cache(self, name: str, rows: np.ndarray) -> np.ndarray:
+        """Rows ``rows`` (context slots) of cache ``name``, whole along its split axis, on the host. Under one
+        process per rank the other ranks' parts come through the communicator (every rank must call this)."""
+        t = self._specs[name]
+        state = weight_state(t.role, t.shape, t.groups, self.ratios, t.layer)
+        parts: list[np.ndarray] = [dev.to_host(a)[rows] for dev, a in zip(self.devices, self.caches[name], strict=True)]
+        if not isinstance(state, Split):
+            return parts[0]
+        if len(self.devices) == self.world_size:
+            return np.concatenate(parts, axis=state.axis)
+        # allgather concatenates along axis 0: bring the split axis to the front and back again
+        moved = [
+            dev.from_host(np.ascontiguousarray(np.moveaxis(p, state.axis, 0)))
+            for dev, p in zip(self.devices, parts, strict=True)
+        ]
+        whole = self.comm.allgather(moved)
+        return np.moveaxis(self.devices[0].to_host(whole[0]), 0, state.axis)
+
+    def write_cache(self, name: str, slots: np.ndarray, values: np.ndarray) -> None:
+        """Write ``values`` (whole along the split axis) into context slots ``slots`` of cache ``name``; each
+        device takes its own part."""
+        t = self._specs[name]
+        state = weight_state(t.role, t.shape, t.groups, self.ratios, t.layer)
+        for dev, rank, a in zip(self.devices, self.ranks, self.caches[name], strict=True):
+            host = dev.to_host(a)
+            host[slots] = values[(slice(None), *local_slice(t.shape, state, rank)[1:])]
+            dev.from_host(np.ascontiguousarray(host), out=a)
 
     def _local(self) -> list[tuple[Device, int]]:
         return list(zip(self.devices, self.ranks, strict=True))
@@ -369,7 +399,7 @@ class Executor:
                 raise PlanError(f"weight {name!r} of graph {graph.name!r} is not loaded; call load_weights first")
             if self._specs[name].spec != t.spec:
                 raise PlanError(f"weight {name!r} was loaded with another shape/dtype/role than {graph.name!r} uses")
-        self._ensure_caches(graph)
+        self.ensure_caches(graph)
         comp = _Compiled(graph, p, [], [], [], [], [], {v.name: v.id for v in p.values if v.kind == "input"})
         ids = {v.name: v.id for v in p.values if v.kind in ("weight", "cache")}
         for j, (dev, rank) in enumerate(self._local()):

@@ -101,6 +101,25 @@ class SafetensorsFile:
             return hashlib.sha256(f.read(self.start)).digest()
 
 
+def write_safetensors(path: Path, tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str]) -> None:
+    """Write ``tensors`` as a .safetensors file atomically: a temporary file beside ``path`` is renamed over it
+    only when complete, so an interrupted write never destroys an older file of the same name."""
+    names = {v: k for k, v in ST_DTYPES.items()}
+    header: dict[str, Any] = {"__metadata__": dict(metadata)}
+    offset = 0
+    for name, a in tensors.items():
+        header[name] = {"dtype": names[a.dtype], "shape": list(a.shape), "data_offsets": [offset, offset + a.nbytes]}
+        offset += a.nbytes
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)  # the format aligns the data to 8 bytes
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(len(head).to_bytes(8, "little") + head)
+        for a in tensors.values():
+            f.write(np.ascontiguousarray(a).tobytes())
+    tmp.replace(path)
+
+
 # Hugging Face names -> graph names (llama.cpp's GGUF names without ".weight").
 GLOBAL_NAMES = {
     "model.embed_tokens.weight": "token_embd",
@@ -126,6 +145,28 @@ LAYER_NAMES = {
 IGNORED = re.compile(r"(.*\.)?rotary_emb\.inv_freq$")  # buffers some exporters save; recomputed from the config
 LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)$")
 EXPERT = re.compile(r"mlp\.experts\.(\d+)\.(gate|up|down)_proj\.weight$")
+
+
+def save_pretrained(directory: Path, config: Mapping[str, Any], weights: Mapping[str, np.ndarray]) -> None:
+    """Write graph-named ``weights`` as a Hugging Face checkpoint (config.json + model.safetensors, experts one
+    tensor per expert as ``save_pretrained`` does): the loader's inverse, for synthetic models and benchmarks."""
+    to_hf = {graph: hf for hf, graph in GLOBAL_NAMES.items()}
+    layer_hf = {graph: hf for hf, graph in LAYER_NAMES.items()}
+    tensors: dict[str, np.ndarray] = {}
+    for name, a in weights.items():
+        if not name.startswith("blk."):
+            tensors[to_hf[name]] = a
+            continue
+        _, il, rest = name.split(".", 2)
+        if rest.endswith("_exps"):
+            for e, expert in enumerate(a):
+                tensors[f"model.layers.{il}.mlp.experts.{e}.{rest.split('_')[1]}_proj.weight"] = expert
+        else:
+            tensors[f"model.layers.{il}.{layer_hf[rest]}"] = a
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.json").write_text(json.dumps(config, indent=2))
+    write_safetensors(directory / "model.safetensors", tensors, {"format": "pt"})
+
 
 # A graph weight is read from: one tensor, a [lo, hi) part of axis 1 of a fused tensor, or stacked experts.
 Source = Callable[[tuple[slice, ...]], np.ndarray]

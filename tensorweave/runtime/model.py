@@ -8,7 +8,7 @@ slice per device and weight: the checkpoint hands out ``weight[index]`` and the 
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -24,7 +24,7 @@ from ..core.model import Checkpoint
 from ..core.planner import Plan
 from ..core.plugins import registry
 from ..errors import ModelFormatError, ShapeError, UnsupportedError
-from .session import Session
+from .session import Generation, Session, TextStream
 
 DEFAULT_CTX = 4096  # KV-cache tokens when the caller does not say (a model's own maximum can be 128k and more)
 
@@ -88,6 +88,25 @@ class Model:
 
     def session(self) -> Session:
         return Session(self)
+
+    def generate(self, prompt: str | Sequence[int], max_tokens: int = 256, **kwargs: Any) -> Generation | TextStream:
+        """Text (or token ids) in, a continuation out, in a fresh session; keywords as ``Session.generate``
+        (sampling parameters, ``stop``, ``stream=True``...)."""
+        return self.session().generate(prompt, max_tokens, **kwargs)
+
+    def chat(
+        self, messages: Sequence[Mapping[str, Any]], max_tokens: int = 256, **kwargs: Any
+    ) -> Generation | TextStream:
+        """The answer to a conversation rendered with the model's chat template, in a fresh session (keep a
+        ``session()`` and call its ``chat`` to reuse the cached conversation across turns)."""
+        return self.session().chat(messages, max_tokens, **kwargs)
+
+    def restore(self, path: str | Path) -> Session:
+        """A session resumed from a file ``Session.save`` wrote, on this model's devices and split (which may
+        differ from the saver's); refused with ``StateError`` when the file belongs to another model."""
+        from .state import restore
+
+        return restore(self, path)
 
     def logits(self, token_ids: Sequence[int] | np.ndarray) -> np.ndarray:
         """float32 [len(token_ids), vocab] for ``token_ids`` as a fresh context (position 0 onward)."""

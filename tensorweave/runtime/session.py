@@ -1,50 +1,118 @@
-"""A session: one running context over a model's sharded KV cache (tokens seen, next position).
+"""A session: one running context over a model's sharded KV cache, and text generation on top of it.
 
-The KV caches live on the devices inside the model's executor, split by KV head; a session owns them while it is
-the model's active session. Starting another session (or ``model.logits``) takes them over, and the older session
-then refuses to run instead of silently reading someone else's cache.
+The KV caches live on the devices inside the model's executor, split by KV head (sliding-window layers as rings of
+``window`` slots); a session owns them while it is the model's active session. Starting another session (or
+``model.logits``) takes them over, and the older session then refuses to run instead of silently reading someone
+else's cache. ``generate`` samples token by token (``runtime.sampling``), streams text, stops on EOS, stop strings
+or the token limit; ``chat`` renders a conversation with the model's chat template and reuses the cached prefix
+that the conversation shares with what the session already holds. ``save`` writes the state to a file that
+``Model.restore`` reads on any device count or split (``runtime.state``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..errors import ShapeError, StateError
+from ..errors import SamplingError, ShapeError, StateError
+from .sampling import Sampler, SamplingParams, StopStrings, reasoning_tags
 
 if TYPE_CHECKING:
     from .model import Model
 
 UBATCH = 512  # tokens per step when prefilling: bounds activation memory and the number of traced graph shapes
+PARAMS = {f.name for f in fields(SamplingParams)}
+
+
+@dataclass
+class Generation:
+    """What ``generate``/``chat`` produced: the text (stop strings removed), the new token ids, why it stopped
+    ("eos", "stop" or "length"), and timings."""
+
+    text: str
+    tokens: list[int]
+    finish_reason: str
+    prompt_tokens: int
+    prompt_seconds: float
+    gen_seconds: float
+
+    @property
+    def prompt_tokens_per_second(self) -> float:
+        return self.prompt_tokens / self.prompt_seconds if self.prompt_seconds > 0 else 0.0
+
+    @property
+    def tokens_per_second(self) -> float:
+        return len(self.tokens) / self.gen_seconds if self.gen_seconds > 0 else 0.0
+
+
+class TextStream:
+    """Text pieces as they are generated (``for piece in stream``); ``result`` is the Generation once done."""
+
+    def __init__(self, pieces: Iterator[str], result: list[Generation]) -> None:
+        self._pieces, self._result = pieces, result
+
+    def __iter__(self) -> Iterator[str]:
+        return self._pieces
+
+    @property
+    def result(self) -> Generation:
+        if not self._result:
+            raise StateError("the generation has not finished: iterate the stream to the end first")
+        return self._result[0]
+
+    def collect(self) -> Generation:
+        for _ in self._pieces:
+            pass
+        return self.result
 
 
 class Session:
     def __init__(self, model: Model) -> None:
         self.model = model
-        self.tokens: list[int] = []
+        self.tokens: list[int] = []  # evaluated: their keys/values are in the KV cache
+        self.last_logits: np.ndarray | None = None  # logits after the last evaluated token
+        self.sampler: Sampler | None = None  # the last generation's sampler (continued by a bare generate())
+        self._pending: list[int] = []  # sampled but not evaluated yet (a generation's last token)
 
     @property
     def n_past(self) -> int:
         return len(self.tokens)
 
+    @property
+    def context(self) -> list[int]:
+        """Every token of the conversation: evaluated ones and a generation's last, not yet evaluated, token."""
+        return self.tokens + self._pending
+
+    def take_over(self) -> None:
+        """Make this the model's active session, with an empty KV cache."""
+        self.model.executor.reset_caches()
+        self.model.active = self
+        self.tokens, self._pending, self.last_logits = [], [], None
+
     def eval(self, ids: Sequence[int] | np.ndarray) -> np.ndarray:
-        """Append ``ids`` to the context; returns float32 logits [len(ids), vocab], one row per new token."""
+        """Append ``ids`` to the context; returns float32 logits [len(ids), vocab], one row per new token.
+        (A generation's last sampled token, if any, is evaluated first; its row is not returned.)"""
         m = self.model
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
         if ids.size and (ids.min() < 0 or ids.max() >= m.vocab):
             bad = int(ids[(ids < 0) | (ids >= m.vocab)][0])
             raise ShapeError(f"token id {bad} is outside the vocabulary [0, {m.vocab})")
+        pending, self._pending = self._pending, []
+        ids = np.concatenate([np.asarray(pending, np.int64), ids])
         if self.n_past + ids.size > m.config.ctx:
+            self._pending = pending
             raise StateError(
                 f"context full: {self.n_past} + {ids.size} tokens exceed ctx {m.config.ctx} (load with a larger ctx=)"
             )
         if m.active is not self:
             if self.n_past:
                 raise StateError("this session's KV cache was taken over by a newer session of the same model")
-            m.executor.reset_caches()
-            m.active = self
+            self.take_over()
         out = np.empty((ids.size, m.vocab), np.float32)
         for lo in range(0, ids.size, UBATCH):
             chunk = ids[lo : lo + UBATCH]
@@ -54,4 +122,172 @@ class Session:
                 "logits"
             ]
             self.tokens.extend(int(t) for t in chunk)
-        return out
+        if ids.size:
+            self.last_logits = out[-1].copy()
+        return out[len(pending) :]
+
+    def flush(self) -> None:
+        """Evaluate a generation's last sampled token, so the KV cache holds the whole context."""
+        if self._pending:
+            self.eval([])
+
+    def rewind(self, n: int) -> None:
+        """Keep only the first ``n`` tokens of the context. A sliding-window layer's ring has overwritten old
+        positions once the context outgrew it, so then the session starts over (``n`` must be 0)."""
+        if n >= self.n_past:
+            self._pending = self.context[self.n_past : n]
+            return
+        wrapped = any(t.shape[0] < self.n_past for t in self.model.graphs(tokens=1).caches.values())
+        if wrapped and n:
+            raise StateError(f"cannot rewind to {n} tokens: a sliding-window layer's ring has already overwritten them")
+        if n == 0 or self.model.active is not self:
+            self.take_over()
+            return
+        # Full caches: positions >= n are rewritten before they are read again (attention reads up to the
+        # newest position); an unwrapped ring marks slots past the newest position as never written.
+        self.tokens, self._pending, self.last_logits = self.tokens[:n], [], None
+
+    # --- generation -------------------------------------------------------------------------------------------
+
+    def generate(
+        self,
+        prompt: str | Sequence[int] | None = None,
+        max_tokens: int = 256,
+        *,
+        sampling: SamplingParams | None = None,
+        stop: Sequence[str] = (),
+        ignore_eos: bool = False,
+        stream: bool = False,
+        add_special: bool | None = None,
+        **params: Any,
+    ) -> Generation | TextStream:
+        """Continue the context with ``prompt`` (text or token ids; None: continue from where it stands) and
+        sample up to ``max_tokens`` tokens. Sampling: ``sampling=SamplingParams(...)`` or its fields as keywords
+        (``temperature=0.7, top_p=0.9, seed=1, reasoning_budget=64, ...``); with neither, a session that has
+        generated before continues its sampler (RNG, penalties, reasoning budget), and a new one is greedy.
+        ``stop``: strings that end the generation (not included in the text). ``add_special``: BOS for a text
+        prompt (default: only at the start of the context). ``stream=True`` returns a TextStream to iterate."""
+        m, tok = self.model, self.model.tokenizer
+        if max_tokens < 0:
+            raise SamplingError(f"max_tokens={max_tokens}: must be >= 0")
+        if isinstance(prompt, str):
+            if tok is None:
+                raise StateError(f"{m.checkpoint.path}: the model has no tokenizer; pass token ids instead of text")
+            ids = tok.encode(prompt, add_special=not self.context if add_special is None else add_special)
+        else:
+            ids = [int(t) for t in (prompt or ())]
+        if not ids and not self._pending and self.last_logits is None:
+            raise StateError("nothing to continue from: give a prompt")
+        unknown = sorted(set(params) - PARAMS)
+        if unknown:
+            raise SamplingError(
+                f"unknown sampling parameter(s) {', '.join(unknown)}; known: {', '.join(sorted(PARAMS))}"
+            )
+        if sampling is None and (params or self.sampler is None):
+            sampling = SamplingParams(**params)
+        elif sampling is not None and params:
+            sampling = SamplingParams(**{**asdict(sampling), **params})
+        if sampling is not None:
+            self.sampler = Sampler(sampling, m.vocab, tok, reasoning_tags(m.family.name, tok))
+            self.sampler.prime(self.context + ids)
+        elif ids:
+            assert self.sampler is not None
+            self.sampler.prime(ids)
+        result: list[Generation] = []
+        text = TextStream(self._generate(ids, max_tokens, stop, ignore_eos, result), result)
+        return text if stream else text.collect()
+
+    def _generate(
+        self, ids: list[int], max_tokens: int, stop: Sequence[str], ignore_eos: bool, result: list[Generation]
+    ) -> Iterator[str]:
+        tok, sampler = self.model.tokenizer, self.sampler
+        assert sampler is not None
+        t0 = time.perf_counter()
+        if ids or self._pending:
+            self.eval(ids)
+        logits = self.last_logits
+        assert logits is not None
+        t1 = time.perf_counter()
+        eos = set() if ignore_eos or tok is None else set(tok.eos_ids)
+        decoder, stops = (tok.decode_stream() if tok else None), StopStrings(stop)
+        new: list[int] = []
+        pieces: list[str] = []
+        finish = "length"
+        for i in range(max_tokens):
+            t = sampler.sample(logits)
+            if t in eos:
+                finish = "eos"
+                break
+            new.append(t)
+            piece, stopped = stops.feed(decoder.step(t) if decoder else "")
+            if piece:
+                pieces.append(piece)
+                yield piece
+            if stopped:
+                finish = "stop"
+                self._pending.append(t)
+                break
+            if i + 1 < max_tokens:
+                logits = self.eval([t])[-1]
+            else:
+                self._pending.append(t)  # evaluated by whatever comes next (save, another generate)
+        if finish != "stop":
+            piece = stops.feed(decoder.flush())[0] + stops.flush() if decoder else stops.flush()
+            if piece:
+                pieces.append(piece)
+                yield piece
+        t2 = time.perf_counter()
+        result.append(Generation("".join(pieces), new, finish, len(ids), t1 - t0, t2 - t1))
+
+    def chat(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        max_tokens: int = 256,
+        *,
+        enable_thinking: bool | None = None,
+        **kwargs: Any,
+    ) -> Generation | TextStream:
+        """Answer the last message of a conversation (``[{"role": "user", "content": ...}, ...]``) rendered with
+        the model's chat template. Tokens the conversation shares with this session's context are not evaluated
+        again, so calling ``chat`` with a growing conversation costs only the new turns. Other keywords as for
+        ``generate``; ``enable_thinking`` reaches templates that have the switch (Qwen3)."""
+        tok = self.model.tokenizer
+        if tok is None:
+            raise StateError(f"{self.model.checkpoint.path}: the model has no tokenizer for chat")
+        extra = {} if enable_thinking is None else {"enable_thinking": enable_thinking}
+        ids = tok.encode(tok.apply_chat_template(messages, add_generation_prompt=True, **extra), add_special=False)
+        if not ids:
+            raise ShapeError("the conversation renders to no tokens")
+        ctx = self.context
+        common = 0
+        while common < min(len(ctx), len(ids) - 1) and ctx[common] == ids[common]:
+            common += 1  # at least the last token is fed again: its logits start the answer
+        try:
+            self.rewind(common)
+        except StateError:
+            self.take_over()
+            common = 0
+        return self.generate(ids[common:], max_tokens, **kwargs)
+
+    # --- state ------------------------------------------------------------------------------------------------
+
+    def save(self, path: str | Path) -> Path:
+        """Write this session (tokens, KV cache in the unsplit layout, sampler) to ``path``; ``Model.restore``
+        reads it back on any device count, split or backend."""
+        from .state import save
+
+        return save(self, path)
+
+    def sampler_state(self) -> dict[str, Any] | None:
+        if self.sampler is None:
+            return None
+        return {"params": asdict(self.sampler.params), "state": self.sampler.state_dict()}
+
+    def load_sampler_state(self, state: Mapping[str, Any] | None) -> None:
+        if not state:
+            self.sampler = None
+            return
+        m = self.model
+        params = SamplingParams(**state["params"])
+        self.sampler = Sampler(params, m.vocab, m.tokenizer, reasoning_tags(m.family.name, m.tokenizer))
+        self.sampler.load_state_dict(dict(state["state"]))
