@@ -144,6 +144,8 @@ class PeerCommunicator(Communicator):
 
 
 # --- device kernels (array-API code; run on the device through Device.submit) ---------------------------------
+# Strict array-API namespaces (array_api_strict) want every axis in an index (hence the trailing ``...``) and take
+# only their own dtype objects (hence the arrays' own ``.dtype`` where no widening is needed).
 
 
 def _assign(dst: Any, src: Any) -> None:
@@ -151,7 +153,7 @@ def _assign(dst: Any, src: Any) -> None:
 
 
 def _rows(x: Any, a: int, b: int) -> Any:
-    return x[a:b]
+    return x[a:b, ...]
 
 
 def _concat(xp: Any) -> Callable[[list[Any]], Any]:
@@ -161,7 +163,7 @@ def _concat(xp: Any) -> Callable[[list[Any]], Any]:
 def _concat_into(out: Any, parts: list[Any]) -> None:
     start = 0
     for p in parts:
-        out[start : start + p.shape[0]] = p
+        out[start : start + p.shape[0], ...] = p
         start += p.shape[0]
 
 
@@ -170,10 +172,12 @@ def _reduce_parts(xp: Any, op: str, dtype: np.dtype[Any]) -> Callable[[list[Any]
     acc_dtype = dtypes.accumulator(dtype)
 
     def reduce(parts: list[Any]) -> Any:
-        acc = xp.astype(parts[0], acc_dtype, copy=True)
+        native = parts[0].dtype
+        wide = native if acc_dtype == dtype else acc_dtype
+        acc = xp.astype(parts[0], wide, copy=True)
         for p in parts[1:]:
-            acc = fn(acc, xp.astype(p, acc_dtype))
-        return xp.astype(acc, dtype)
+            acc = fn(acc, p if wide is native else xp.astype(p, wide))
+        return acc if wide is native else xp.astype(acc, native)
 
     return reduce
 

@@ -34,7 +34,9 @@ class CommunicatorCapabilities:
     deterministic: bool  # bitwise-identical results run to run
     ops: frozenset[str] = frozenset(REDUCE_OPS)
     dtypes: frozenset[str] = frozenset(dtypes.DTYPES)  # canonical names, see core.dtypes
-    backends: frozenset[str] | None = None  # device backends it accepts; None: any
+    # Device backends it accepts; None: any, mixed in one group too (it moves data only through the Device contract).
+    # A group mixing backends must have every one of them here.
+    backends: frozenset[str] | None = None
 
 
 def even_sizes(total: int, parts: int) -> list[int]:
@@ -64,8 +66,15 @@ class Communicator(ABC):
         if len(set(names)) != len(names):
             raise CollectiveError(f"communicator {self.name!r}: a device appears twice in {names}")
         allowed = self.capabilities.backends
+        group = sorted({d.backend.name for d in devices})
         for d in devices:
             if allowed is not None and d.backend.name not in allowed:
+                if len(group) > 1:
+                    raise UnsupportedError(
+                        f"communicator {self.name!r} cannot span a group that mixes backends {', '.join(group)}: it "
+                        f"drives {', '.join(sorted(allowed))} only; the 'peer' communicator spans backends "
+                        "(copies between them go through host memory)"
+                    )
                 raise UnsupportedError(
                     f"communicator {self.name!r} does not drive {d.backend.name!r} devices ({d.name}); "
                     f"it supports: {', '.join(sorted(allowed))}"

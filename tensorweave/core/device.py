@@ -207,6 +207,10 @@ class DeviceSpec:
         """
         if not isinstance(spec, str) or not spec.strip():
             raise DeviceSpecError(f"empty device spec {spec!r}; expected e.g. 'cpu-sim:4' or 'cuda:0,1'")
+        if MIXED in spec:
+            raise DeviceSpecError(
+                f"device spec {spec!r} joins several backends; it names a group for tw.devices(), not one backend"
+            )
         head, _, rest = spec.strip().partition(":")
         backend, _, first_opts = head.partition(",")
         if not re.fullmatch(r"[A-Za-z][\w.-]*", backend):
@@ -237,10 +241,33 @@ def total_host_memory() -> int:
         return 1 << 40
 
 
+MIXED = "+"  # joins the specs of several backends into one group: "cpu-sim:1+array-api-strict:1"
+
+
 def open_devices(spec: str) -> list[Device]:
-    """``tw.devices(spec)``: look the backend up among the plugins and let it create the devices."""
+    """``tw.devices(spec)``: look the backend up among the plugins and let it create the devices.
+
+    ``A+B`` opens a mixed-backend group: each part is one backend's spec, and the group's ranks follow the
+    spec's order. Devices of different backends have no peer access to each other, so copies between them go
+    through host memory (``tw.communicator`` picks ``peer`` for such groups). Each backend appears once: its
+    devices are one group (``cpu-sim:2``, not ``cpu-sim:1+cpu-sim:1``) so they share topology and accounting.
+    """
     from .plugins import registry
 
+    if isinstance(spec, str) and MIXED in spec:
+        parts = [p.strip() for p in spec.split(MIXED)]
+        if not all(parts):
+            raise DeviceSpecError(
+                f"empty part in device spec {spec!r}; join backends' specs with {MIXED!r}, "
+                "e.g. cpu-sim:1+array-api-strict:1"
+            )
+        names = [DeviceSpec.parse(p).backend for p in parts]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise DeviceSpecError(
+                f"device spec {spec!r} names backend {twice[0]!r} more than once; give it one count (e.g. {twice[0]}:2)"
+            )
+        return [d for p in parts for d in open_devices(p)]
     parsed = DeviceSpec.parse(spec)
     backend = registry().backend(parsed.backend)
     if not backend.available():

@@ -1,9 +1,12 @@
 """The executor: runs a Plan's per-device programs on any backend's devices.
 
 Weights and KV caches live on the devices (``load_weights`` gives each device only its slice). For every graph it
-runs, the executor lowers each device's program once into a static buffer plan: one arena per device, each op
-output at a fixed offset, buffers reused as soon as their last reader ran, views (reshape, transpose, slice) taken
-once. Steady-state steps therefore allocate no device memory: they copy the feeds in, run, and read results out.
+runs, the executor lowers each device's program once into a static buffer plan: one arena per device and dtype,
+each op output at a fixed offset, buffers reused as soon as their last reader ran, views (reshape, transpose, slice)
+taken once. Steady-state steps therefore allocate no device memory: they copy the feeds in, run, and read results
+out. Arenas are typed (one per dtype, not one of raw bytes) because the array API standard cannot reinterpret
+bytes as another dtype, and backends built on it (see examples/tensorweave-array-api-strict) must run these plans
+too; view ops go through the backend's kernels for the same reason.
 
 A program runs segment by segment: inside a segment every device works concurrently through ``Device.submit``;
 between segments sits one collective, which goes to the ``Communicator`` (the only place devices exchange data).
@@ -71,13 +74,18 @@ class _Lowered:
     instrs: list[_Ins]
     shapes: dict[int, Shape]
     dtypes: dict[int, np.dtype[Any]]
-    slots: dict[int, int]  # buffer value -> byte offset in the arena
-    arena_bytes: int
+    slots: dict[int, int]  # buffer value -> byte offset in the arena of its dtype
+    arenas: dict[np.dtype[Any], int]  # dtype -> bytes of that dtype's arena
     exports: list[int]  # values the host touches: feeds, collective buffers, outputs
 
 
-def _k_reshape_copy(xp: Any, out: Any, x: Any, *, shape: Shape) -> None:
-    out[...] = x.reshape(shape)
+def _reshape_copy(reshape: Callable[..., Any]) -> Callable[..., None]:
+    """A kernel copying ``reshape(x)`` into ``out``: for values too strided to reshape in place."""
+
+    def kernel(xp: Any, out: Any, x: Any, *, shape: Shape) -> None:
+        out[...] = reshape(xp, x, shape=shape)
+
+    return kernel
 
 
 def lower(p: Plan, rank: int) -> _Lowered:
@@ -158,8 +166,8 @@ def lower(p: Plan, rank: int) -> _Lowered:
             instrs.append(_Ins("op", ins.op, buffer(ins.out), ins.inputs, ins.attrs))
     exports = [v.id for v in p.values if v.kind == "input"] + sends + list(p.outputs.values())
     pinned |= {root[v] for v in p.outputs.values() if root[v] in buffers}
-    slots, arena = _assign_offsets(instrs, root, buffers, pinned, shapes, dts)
-    return _Lowered(instrs, shapes, dts, slots, arena, exports)
+    slots, arenas = _assign_offsets(instrs, root, buffers, pinned, shapes, dts)
+    return _Lowered(instrs, shapes, dts, slots, arenas, exports)
 
 
 def _assign_offsets(
@@ -169,8 +177,9 @@ def _assign_offsets(
     pinned: set[int],
     shapes: dict[int, Shape],
     dts: dict[int, np.dtype[Any]],
-) -> tuple[dict[int, int], int]:
-    """Byte offsets for every buffer: a buffer is reused (same size) once its last reader has run."""
+) -> tuple[dict[int, int], dict[np.dtype[Any], int]]:
+    """Byte offsets for every buffer in its dtype's arena, and each arena's size: a buffer's place is reused (same
+    dtype and size) once its last reader has run."""
     last: dict[int, int] = {b: -1 for b in buffers}
     defined: dict[int, int] = {}
     for i, ins in enumerate(instrs):
@@ -180,21 +189,22 @@ def _assign_offsets(
                 last[r] = i
         if ins.out in last and ins.out not in defined:
             defined[ins.out] = i
-    free: dict[int, list[int]] = {}
+    free: dict[tuple[np.dtype[Any], int], list[int]] = {}
     slots: dict[int, int] = {}
-    end = 0
+    ends: dict[np.dtype[Any], int] = {}
 
-    def size(b: int) -> int:
+    def size(b: int) -> tuple[np.dtype[Any], int]:
         n = math.prod(shapes[b]) * dts[b].itemsize
-        return -(-n // ALIGN) * ALIGN
+        return dts[b], -(-n // ALIGN) * ALIGN
 
     def take(b: int) -> None:
-        nonlocal end
         pool = free.get(size(b))
         if pool:
             slots[b] = pool.pop()
         else:
-            slots[b], end = end, end + size(b)
+            dt, n = size(b)
+            slots[b] = ends.get(dt, 0)
+            ends[dt] = slots[b] + n
 
     for b in buffers:
         if b not in defined:  # inputs: live for the whole run
@@ -209,7 +219,7 @@ def _assign_offsets(
         for b in releases.get(i, []):
             if b in slots:
                 free.setdefault(size(b), []).append(slots[b])
-    return slots, end
+    return slots, ends
 
 
 class _Context:
@@ -220,19 +230,30 @@ class _Context:
 
 
 def _build_context(
-    xp: Any, kernels: Mapping[str, Callable[..., Any]], low: _Lowered, arena: Any, ext_ids: list[int], ext: list[Any]
+    xp: Any,
+    kernels: Mapping[str, Callable[..., Any]],
+    low: _Lowered,
+    arenas: list[Any],
+    ext_ids: list[int],
+    ext: list[Any],
 ) -> tuple[_Context, list[Any]]:
     env: dict[int, Any] = dict(zip(ext_ids, ext, strict=True))
-    arena = arena.view(np.uint8)
+    by_dtype = dict(zip(low.arenas, arenas, strict=True))
+
+    def kernel(op: str) -> Callable[..., Any]:
+        return kernels.get(op, OPS[op].kernel)
+
+    reshape = kernel("reshape")
     for v, off in low.slots.items():
-        n = math.prod(low.shapes[v]) * low.dtypes[v].itemsize
-        env[v] = arena[off : off + n].view(low.dtypes[v]).reshape(low.shapes[v])
+        dt, shape = low.dtypes[v], low.shapes[v]
+        start = off // dt.itemsize  # ALIGN is a multiple of every itemsize
+        env[v] = reshape(xp, by_dtype[dt][start : start + math.prod(shape)], shape=shape)
     segments: list[list[tuple[Any, ...]]] = [[]]
     for ins in low.instrs:
         if ins.kind == "view":
-            env[ins.out] = OPS[ins.op].kernel(xp, env[ins.inputs[0]], **ins.attrs)
+            env[ins.out] = kernel(ins.op)(xp, env[ins.inputs[0]], **ins.attrs)
         elif ins.kind == "op":
-            fn = _k_reshape_copy if ins.op == "reshape_copy" else kernels.get(ins.op, OPS[ins.op].kernel)
+            fn = _reshape_copy(reshape) if ins.op == "reshape_copy" else kernel(ins.op)
             segments[-1].append((ins.op, fn, env[ins.out], [env[i] for i in ins.inputs], ins.attrs))
         else:  # a collective: the segment ends; an in-place allreduce's result is its input's storage
             env.setdefault(ins.out, env[ins.inputs[0]])
@@ -255,7 +276,7 @@ class _Compiled:
     plan: Plan
     lowered: list[_Lowered]
     contexts: list[_Context]
-    arenas: list[DeviceArray]
+    arenas: list[list[DeviceArray]]  # per local device: one arena per dtype, in the order of _Lowered.arenas
     exported: list[dict[int, DeviceArray]]  # per local device: value id -> device array (a view of the arena)
     collectives: list[list[_Ins]]  # per local device, in program order
     inputs: dict[str, int]  # input name -> value id
@@ -410,15 +431,15 @@ class Executor:
                         f"{dev.name} ({dev.backend.name}) does not support op {ins.op!r} in "
                         f"{dtypes.name(low.dtypes[ins.out])}"
                     )
-            arena = dev.empty((low.arena_bytes // 4,), dtypes.float32)  # raw bytes; ALIGN keeps it a multiple of 4
+            arenas = [dev.empty((n // dt.itemsize,), dt) for dt, n in low.arenas.items()]
             tables = (self.weights, self.caches)
             ext = [(ids[n], parts[j]) for table in tables for n, parts in table.items() if n in ids]
             ctx, views = dev.submit(
-                _build_context, dev.xp, dev.backend.kernels, low, arena, [i for i, _ in ext], [a for _, a in ext]
+                _build_context, dev.xp, dev.backend.kernels, low, arenas, [i for i, _ in ext], [a for _, a in ext]
             ).result()
             comp.lowered.append(low)
             comp.contexts.append(ctx)
-            comp.arenas.append(arena)
+            comp.arenas.append(arenas)
             comp.exported.append(dict(zip(low.exports, views, strict=True)))
             comp.collectives.append([ins for ins in low.instrs if ins.kind in ("allreduce", "allgather")])
         return comp

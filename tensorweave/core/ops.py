@@ -1,7 +1,10 @@
 """The op registry: each op = shape/dtype inference + reference kernel + sharding rule.
 
 Kernels are written against an array namespace ``xp`` (numpy on cpu-sim, cupy on GPUs) with numpy's API, and
-write their result into a preallocated ``out`` so the executor's static buffer plan holds. 16-bit floats compute
+write their result into a preallocated ``out`` so the executor's static buffer plan holds. The math helpers
+(``sigmoid``, ``softmax``, ``ACTIVATIONS``) and the element-wise, softmax and norm kernels use only the array API
+standard, so backends over a strict array-API namespace reuse them and override the rest through
+``Backend.kernels`` (see examples/tensorweave-array-api-strict). 16-bit floats compute
 in float32 and round once into ``out``; float64 stays float64, which makes the float64 runs the reference for
 equivalence tests. View ops (reshape, transpose, slice, shard) return a view of their input instead.
 
@@ -70,27 +73,33 @@ def infer(name: str, metas: list[Meta], attrs: dict[str, Any]) -> Meta:
 # --- numeric helpers ------------------------------------------------------------------------------------------
 
 
+_WIDEN = (dtypes.float16, dtypes.bfloat16)
+
+
 def _acc(x: Any) -> Any:
-    """x in its accumulator dtype (float32 for 16-bit floats); no copy when it already is."""
-    return x.astype(dtypes.accumulator(x.dtype), copy=False)
+    """x in its accumulator dtype (float32 for 16-bit floats); x itself otherwise.
+
+    Only numpy dtypes (numpy, cupy) are widened: array-API namespaces with dtypes of their own (array_api_strict) have
+    no 16-bit floats, and comparing their dtypes with numpy's is an error there."""
+    return x.astype(dtypes.float32) if isinstance(x.dtype, np.dtype) and x.dtype in _WIDEN else x
 
 
-def _sigmoid(xp: Any, x: Any) -> Any:
+def sigmoid(xp: Any, x: Any) -> Any:
     # exp(-|x|) <= 1 never overflows; unlike 0.5 * (1 + tanh(x / 2)) it keeps full relative precision for x << 0
     e = xp.exp(-xp.abs(x))
     return xp.where(x >= 0, 1.0, e) / (1.0 + e)
 
 
 def _silu(xp: Any, x: Any) -> Any:
-    return x * _sigmoid(xp, x)
+    return x * sigmoid(xp, x)
 
 
 def _gelu_tanh(xp: Any, x: Any) -> Any:
     # 0.5 * (1 + tanh(u)) == sigmoid(2u), without the cancellation of 1 + tanh(u) for very negative u
-    return x * _sigmoid(xp, 2.0 * math.sqrt(2.0 / math.pi) * (x + 0.044715 * x * x * x))
+    return x * sigmoid(xp, 2.0 * math.sqrt(2.0 / math.pi) * (x + 0.044715 * x * x * x))
 
 
-def _softmax(xp: Any, x: Any, axis: int = -1) -> Any:
+def softmax(xp: Any, x: Any, axis: int = -1) -> Any:
     m = xp.max(x, axis=axis, keepdims=True)
     e = xp.exp(x - xp.where(xp.isfinite(m), m, 0))
     return e / xp.sum(e, axis=axis, keepdims=True)
@@ -209,7 +218,7 @@ def _k_softcap(xp: Any, out: Any, x: Any, *, cap: float) -> None:
 
 
 def _k_softmax(xp: Any, out: Any, x: Any, *, axis: int = -1) -> None:
-    out[...] = _softmax(xp, _acc(x), axis)
+    out[...] = softmax(xp, _acc(x), axis)
 
 
 def _glu(act: str) -> Callable[..., None]:
@@ -495,9 +504,9 @@ def _k_attention(
         scores = xp.where(visible, scores, -xp.inf)
     if sk is not None:  # a learned per-head logit that only joins the softmax's denominator
         sink = xp.broadcast_to(_acc(sk).reshape(n_kv, group, 1, 1), (*scores.shape[:3], 1))
-        probs = _softmax(xp, xp.concatenate([scores, sink], axis=-1))[..., :-1]
+        probs = softmax(xp, xp.concatenate([scores, sink], axis=-1))[..., :-1]
     else:
-        probs = _softmax(xp, scores)
+        probs = softmax(xp, scores)
     if not bool(visible.any(axis=-1).all()):
         probs = xp.where(visible, probs, 0.0)  # rows with nothing visible give 0, not NaN
     y = xp.matmul(probs.reshape(n_kv, group * n_tok, n_keys), _acc(v).transpose(1, 0, 2))  # [kv, group * tokens, hd]
@@ -554,7 +563,7 @@ def _k_topk(
     xp: Any, out: Any, logits: Any, *, k: int, gating: str = "softmax", norm: bool = True, scale: float = 1.0
 ) -> None:
     la = _acc(logits)
-    probs = _softmax(xp, la) if gating == "softmax" else _sigmoid(xp, la)
+    probs = softmax(xp, la) if gating == "softmax" else sigmoid(xp, la)
     # ties: the lower expert index wins (a stable sort; cupy's argsort always is, and accepts no other kind)
     idx = (xp.argsort(-probs, axis=-1, kind="stable") if xp is np else xp.argsort(-probs, axis=-1))[:, :k]
     w = xp.take_along_axis(probs, idx, axis=-1)
@@ -752,7 +761,7 @@ for _op in [
     OpDef("scale", _same, _k_scale, _elementwise("sum"), doc="x * scale"),
     OpDef("silu", _same, _unary(_silu), _elementwise(), doc="x * sigmoid(x)"),
     OpDef("gelu", _same, _unary(_gelu_tanh), _elementwise(), doc="gelu, tanh approximation"),
-    OpDef("sigmoid", _same, _unary(_sigmoid), _elementwise()),
+    OpDef("sigmoid", _same, _unary(sigmoid), _elementwise()),
     OpDef("softplus", _same, _unary(_k_softplus), _elementwise(), doc="log(1 + exp(x))"),
     OpDef("tanh_softcap", _same, _k_softcap, _elementwise(), doc="cap * tanh(x / cap)"),
     OpDef("swiglu", _broadcast("swiglu"), _glu("silu"), _elementwise(), arity=_BINARY, doc="silu(gate) * up"),

@@ -1,0 +1,59 @@
+"""plugins.md stays true to the code: every hookspec is in the hook reference with its exact signature, each of its
+arguments and an example implementation; the tutorial's pyproject snippet is what the example package declares."""
+
+from __future__ import annotations
+
+import inspect
+import re
+from pathlib import Path
+
+import pytest
+
+from tensorweave.core import hookspecs
+
+tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+
+ROOT = Path(__file__).resolve().parents[1]
+DOC = (ROOT / "plugins.md").read_text()
+EXAMPLE = ROOT / "examples" / "tensorweave-array-api-strict" / "pyproject.toml"
+HOOKS = sorted(n for n in dir(hookspecs) if n.startswith("tensorweave_"))
+
+
+def problems(doc: str, name: str) -> list[str]:
+    """What the hook reference in ``doc`` lacks for hookspec ``name`` (empty: documented)."""
+    sig = inspect.signature(getattr(hookspecs, name))  # annotations are strings: hookspecs defers them
+    params = list(sig.parameters.values())
+    heading = f"### `{name}({', '.join(p.name for p in params)})`"
+    if heading not in doc:
+        return [f"no heading {heading}"]
+    section = re.split(r"\n#{2,3} ", doc.split(heading, 1)[1], maxsplit=1)[0]
+    exact = f"def {name}({', '.join(f'{p.name}: {p.annotation}' for p in params)}) -> {sig.return_annotation}"
+    found = [] if exact in section else [f"no exact signature {exact!r}"]
+    found += [f"argument {p.name!r} undescribed" for p in params if f"- `{p.name}: {p.annotation}`" not in section]
+    if not re.search(rf"@tw\.hookimpl\ndef {name}\(", section):
+        found.append("no example implementation")
+    return found
+
+
+def test_there_are_hookspecs() -> None:
+    assert len(HOOKS) >= 4
+
+
+@pytest.mark.parametrize("name", HOOKS)
+def test_hookspec_is_documented(name: str) -> None:
+    assert problems(DOC, name) == [], f"plugins.md's entry for {name} is incomplete"
+
+
+def test_the_check_notices_a_missing_argument_or_hook() -> None:
+    name = HOOKS[0]
+    assert problems(DOC.replace("- `register: ", "- register: "), name) == ["argument 'register' undescribed"]
+    assert problems(DOC.replace(f"### `{name}(", "### `"), name) == [f"no heading ### `{name}(register)`"]
+
+
+def test_tutorial_pyproject_matches_the_example_package() -> None:
+    example = tomllib.loads(EXAMPLE.read_text())["project"]
+    blocks = [tomllib.loads(b) for b in re.findall(r"```toml\n(.*?)```", DOC, re.S)]
+    shown = [b["project"] for b in blocks if b.get("project", {}).get("name") == example["name"]]
+    assert len(shown) == 1, f"plugins.md should show {example['name']}'s pyproject once"
+    for key in ("version", "dependencies", "entry-points"):
+        assert shown[0][key] == example[key], f"plugins.md shows another {key} than {EXAMPLE.relative_to(ROOT)}"
