@@ -10,16 +10,21 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from . import DEFAULT_MAX_EXAMPLES, DEFAULT_WORLD_SIZE, NOT_SUPPORTED, OUTCOMES, SECTIONS
+
+if TYPE_CHECKING:  # the plugin loads in every pytest session: keep its import light
+    from ..core.communicator import Communicator
+    from ..core.device import Backend, Device
 
 KIT = pytest.StashKey["Kit"]()
 RecordProperty = Callable[[str, object], None]  # pytest's record_property fixture
@@ -69,8 +74,8 @@ def glob(pattern: str) -> re.Pattern[str]:
 class Kit:
     """What the suites test, resolved once per session from the options."""
 
-    backend: Any  # a core.device.Backend
-    communicator: Any  # a core.communicator.Communicator subclass
+    backend: Backend
+    communicator: type[Communicator]
     world_size: int
     max_examples: int
     devices_spec: str | None
@@ -78,7 +83,7 @@ class Kit:
     nmse_overrides: dict[str, float]
     report_path: Path | None
     declared: list[tuple[str, str, str, str]] = field(default_factory=list)  # (kind, pattern, reason, declared by)
-    _group: list[Any] | None = None
+    _group: list[Device] | None = None
 
     @classmethod
     def from_config(cls, config: pytest.Config) -> Kit:
@@ -92,13 +97,17 @@ class Kit:
         models_dir = default_models_dir() if models == "auto" else None if models == "none" else Path(models)
         if models_dir is not None and not models_dir.is_dir():
             raise pytest.UsageError(f"--tw-models {models}: no such directory")
+        from ..core.ops import OPS
+
         overrides = {}
         for item in filter(None, (s.strip() for s in opt("tw_nmse").split(","))):
-            op, _, value = item.partition("=")
+            op, _, value = (p.strip() for p in item.partition("="))
             try:
-                overrides[op.strip()] = float(value)
+                overrides[op] = float(value)
             except ValueError:
                 raise pytest.UsageError(f"--tw-nmse: expected OP=NUMBER, got {item!r}") from None
+            if op not in OPS:
+                raise pytest.UsageError(f"--tw-nmse: unknown op {op!r}; ops: {', '.join(sorted(OPS))}")
         kit = cls(
             backend,
             comm,
@@ -109,13 +118,14 @@ class Kit:
             overrides,
             Path(opt("tw_report")) if opt("tw_report") else None,
         )
+        kit.group()  # open the devices now: a spec that fails is a usage error, not a failure in every test
         for owner, obj in ((f"backend {backend.name}", backend), (f"communicator {comm.name}", comm)):
             for kind in ("xfail", "skip"):
                 for pattern, reason in dict(getattr(obj, f"conformance_{kind}", {}) or {}).items():
                     kit.declared.append((kind, pattern, reason, owner))
         return kit
 
-    def group(self) -> list[Any]:
+    def group(self) -> list[Device]:
         """The devices under test, opened once: ``--tw-devices``, else ``BACKEND:N``, else ``BACKEND``."""
         if self._group is None:
             self._group = open_group(self.backend.name, self.world_size, self.devices_spec)
@@ -143,13 +153,17 @@ class Kit:
         pytest.skip(NOT_SUPPORTED + why)
 
 
-def open_group(backend: str, n: int, spec: str | None) -> list[Any]:
+def open_group(backend: str, n: int, spec: str | None) -> list[Device]:
     from ..core.device import open_devices
     from ..errors import DeviceSpecError
 
     if spec:
-        return open_devices(spec)
-    best: list[Any] = []
+        devs = open_devices(spec)
+        others = sorted({d.backend.name for d in devs} - {backend})
+        if others:
+            raise DeviceSpecError(f"devices {spec!r} include {', '.join(others)} devices; the kit tests {backend} only")
+        return devs
+    best: list[Device] = []
     for candidate in (f"{backend}:{n}", backend):  # the count grammar; else the backend's own default group
         try:
             devs = open_devices(candidate)
@@ -160,7 +174,7 @@ def open_group(backend: str, n: int, spec: str | None) -> list[Any]:
         if len(best) >= n:
             break
     if not best:
-        raise pytest.UsageError(f"cannot open devices of {backend!r}: pass --tw-devices SPEC")
+        raise DeviceSpecError(f"cannot open {backend} devices as {backend}:{n} or {backend}; name them (--devices)")
     return best
 
 
@@ -210,7 +224,8 @@ class Recorder:
         if entry is None or entry.get("_final"):
             return
         entry["duration_s"] = round(entry.get("duration_s", 0.0) + report.duration, 4)
-        entry.update((k, v) for k, v in report.user_properties)
+        for key, value in report.user_properties:  # JSON has no inf: an NMSE of a misshapen result becomes null
+            entry[key] = None if isinstance(value, float) and not math.isfinite(value) else value
         xfail = hasattr(report, "wasxfail")
         if report.failed:
             entry.update(outcome="failed", message=_crash_message(report), _final=True)
@@ -238,7 +253,7 @@ class Recorder:
         return {
             "backend": self.kit.backend.name,
             "communicator": self.kit.communicator.name,
-            "devices": [d.name for d in self.kit.group()],
+            "devices": [d.name for d in self.kit.group()],  # opened in pytest_configure
             "world_size": self.kit.world_size,
             "max_examples": self.kit.max_examples,
             "thresholds": {op: self.kit.threshold(op) for op in sorted(OPS)},

@@ -19,7 +19,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     metafunc.parametrize(("case", "tp"), values, ids=ids)
 
 
-_reference: dict[str, list[np.ndarray]] = {}  # model name -> cpu-sim TP=1 logits per step, computed once
+_reference: dict[ModelCase, list[np.ndarray]] = {}  # cpu-sim TP=1 logits per step, computed once per model
 
 
 def test_model(kit: Kit, case: ModelCase, tp: int, record_property: RecordProperty) -> None:
@@ -28,15 +28,15 @@ def test_model(kit: Kit, case: ModelCase, tp: int, record_property: RecordProper
         kit.not_supported(f"TP={tp}: only {len(devs)} device(s) to test on (--devices)")
     if tp > 1 and not comm.capabilities.in_process:
         kit.not_supported(f"communicator {comm.name} runs one process per rank; the kit drives all ranks from one")
-    if case.name not in _reference:
-        _reference[case.name] = case.logits("cpu-sim:1", "local")
+    if case not in _reference:
+        _reference[case] = case.logits("cpu-sim:1", "local")
     try:
         got = case.logits(devs[:tp], comm.name, split_for(tp))
     except UnsupportedError as e:  # the executor refuses ops or dtypes outside the backend's capabilities
         kit.not_supported(str(e))
     worst = 0.0
     try:
-        for step, (g, w) in enumerate(zip(got, _reference[case.name], strict=True)):
+        for step, (g, w) in enumerate(zip(got, _reference[case], strict=True)):
             value, problem = compare(g, w, MODEL_NMSE)
             worst = max(worst, value)
             if problem:
