@@ -112,11 +112,11 @@ def _rope(g: Graph, d: Dims, rng: np.random.Generator) -> Built:
 def _attention(g: Graph, d: Dims, rng: np.random.Generator) -> Built:
     t, n_kv, group, hd = d.size("tokens", 1, 4), d.size("kv_heads", 1, 2), d.size("group", 1, 3), d.pick("hd", [2, 8])
     cached = d.pick("cache", [False, True])
-    ctx = t + d.size("past", 0, 4) if cached else t
-    pos, feed = _positions(g, d, t, ctx) if cached else (g.input("pos", (t,), "int32"), np.arange(t, dtype=np.int32))
-    cache = (
-        (g.cache("kc", (ctx, n_kv, hd), groups=n_kv), g.cache("vc", (ctx, n_kv, hd), groups=n_kv)) if cached else None
-    )
+    ctx = t + d.size("past", 0, 4) if cached else t  # with a cache, queries also see the (zero) slots before them
+    pos, feed = _positions(g, d, t, ctx)
+    cache = None
+    if cached:
+        cache = (g.cache("kc", (ctx, n_kv, hd), groups=n_kv), g.cache("vc", (ctx, n_kv, hd), groups=n_kv))
     sinks = g.weight("sinks", (n_kv * group,), Role.COLUMN, groups=n_kv) if d.pick("sinks", [False, True]) else None
     q, k, v = _f(g, "q", t, n_kv * group, hd), _f(g, "k", t, n_kv, hd), _f(g, "v", t, n_kv, hd)
     y = g.attention(
@@ -214,13 +214,10 @@ OP_CASES: dict[str, Case] = {
 
 # Special values an op's inputs may carry in the kit: where IEEE semantics alone fix the result. Element-wise ops
 # and copies get all of them; softmax gets -inf (attention masks); reductions over a NaN/inf are left alone.
-ALL_SPECIALS = (math.nan, math.inf, -math.inf)
+COPIES = ("copy", "cast", "embedding", "reshape", "transpose", "slice", "concat")
+ELEMENTWISE = ("add", "mul", "swiglu", "geglu", "scale", "silu", "gelu", "sigmoid", "softplus", "tanh_softcap")
 SPECIALS: dict[str, tuple[float, ...]] = {
-    **dict.fromkeys(
-        ["add", "mul", "swiglu", "geglu", "scale", "silu", "gelu", "sigmoid", "softplus", "tanh_softcap", "cast"],
-        ALL_SPECIALS,
-    ),
-    **dict.fromkeys(["copy", "embedding", "reshape", "transpose", "slice", "concat"], ALL_SPECIALS),
+    **dict.fromkeys([*ELEMENTWISE, *COPIES], (math.nan, math.inf, -math.inf)),
     "softmax": (-math.inf,),
 }
 
@@ -242,8 +239,8 @@ def random_feeds(
                 continue
             a = rng.standard_normal(t.shape) * scale
             if specials and a.size and table is feeds:
-                flat = a.reshape(-1)
-                flat[rng.integers(0, a.size, rng.integers(0, 4))] = rng.choice(np.asarray(specials))
+                where = rng.integers(0, a.size, rng.integers(0, 4))
+                a.reshape(-1)[where] = rng.choice(np.asarray(specials), where.size)
             table[name] = a.astype(t.dtype)
     return feeds, weights
 
@@ -251,7 +248,6 @@ def random_feeds(
 # --- judging -------------------------------------------------------------------------------------------------
 
 DEFAULT_NMSE = 1e-7
-COPIES = ("copy", "cast", "embedding", "reshape", "transpose", "slice", "concat")
 # llama.cpp test-backend-ops' bounds: mul_mat (and mul_mat_id: our moe_ffn) and flash-attn 5e-4, soft_max 1e-6,
 # copies 0, everything else 1e-7.
 NMSE: dict[str, float] = {

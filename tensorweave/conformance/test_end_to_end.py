@@ -26,7 +26,7 @@ def test_model(kit: Kit, case: ModelCase, tp: int, record_property: RecordProper
     devs, comm = kit.group(), kit.communicator
     if tp > len(devs):
         kit.not_supported(f"TP={tp}: only {len(devs)} device(s) to test on (--devices)")
-    if tp > 1 and not comm.capabilities.in_process:
+    if not comm.capabilities.in_process:
         kit.not_supported(f"communicator {comm.name} runs one process per rank; the kit drives all ranks from one")
     if case not in _reference:
         _reference[case] = case.logits("cpu-sim:1", "local")
