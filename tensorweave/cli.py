@@ -428,6 +428,22 @@ def cmd_launch(args: argparse.Namespace) -> int:
     return launch(args.nprocs, command, subcommands=set(args.subcommands.choices), timeout=args.timeout)
 
 
+def cmd_conformance(args: argparse.Namespace) -> int:
+    from .conformance import run
+
+    extra = list(args.pytest_args)
+    return run(
+        args.backend,
+        args.communicator,
+        args.world_size,
+        args.max_examples,
+        args.report,
+        args.devices,
+        args.models,
+        extra[1:] if extra[:1] == ["--"] else extra,
+    )
+
+
 def _ratios(text: str) -> list[float]:
     try:
         return [float(r) for r in text.split(",")]
@@ -535,6 +551,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, help="collective timeout in seconds (TENSORWEAVE_TIMEOUT; default 300)")
     p.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- ARGS", help="the command every rank runs")
     p.set_defaults(func=cmd_launch, parser=p, subcommands=sub)  # read when run: later subcommands count too
+    from .conformance import DEFAULT_MAX_EXAMPLES, DEFAULT_WORLD_SIZE
+
+    p = sub.add_parser(
+        "conformance",
+        help="check a backend and communicator against the cpu-sim reference (the conformance kit)",
+        description="Run the conformance kit's suites (device contract, ops, collectives, end to end) with pytest "
+        "against --backend. pytest's progress goes to stderr; the summary table to stdout. Arguments after -- go "
+        "to pytest (e.g. -- -k attention -x). Needs pip install 'tensorweave[conformance]'.",
+    )
+    p.add_argument("--backend", required=True, help="backend to test, as registered (tensorweave plugins)")
+    p.add_argument("--communicator", help="communicator to test (default: the backend's)")
+    p.add_argument("--devices", help="device spec to test on (default: BACKEND:N, else BACKEND)")
+    p.add_argument(
+        "--world-size", type=_positive_int, default=DEFAULT_WORLD_SIZE, help="test 1..N devices (default: %(default)s)"
+    )
+    p.add_argument(
+        "--max-examples",
+        type=_positive_int,
+        default=DEFAULT_MAX_EXAMPLES,
+        help="hypothesis examples per test (default: %(default)s)",
+    )
+    p.add_argument(
+        "--models", default="auto", help="HF model dirs for end to end: DIR, none, or auto (the source tree's fixtures)"
+    )
+    p.add_argument("--report", help="write the JSON report to this file")
+    p.add_argument("pytest_args", nargs=argparse.REMAINDER, metavar="-- PYTEST ARGS", help="passed on to pytest")
+    p.set_defaults(func=cmd_conformance)
     return parser
 
 

@@ -76,6 +76,10 @@ class StateError(TensorweaveError, RuntimeError):
     """A session or saved state cannot be used here: superseded by another session, full, or from another model."""
 
 
+class MissingDependencyError(TensorweaveError, ImportError):
+    """An optional dependency a feature needs is not installed; the message says which extra to install."""
+
+
 def format_bytes(n: float) -> str:
     """Human-readable binary size: 1536 -> '1.5 KiB'."""
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):

@@ -1,5 +1,6 @@
 """Every registered in-process communicator against a numpy float64 reference, for world sizes 1..8, every
-dtype and op, and lengths from 0 to ~1e5; plus the argument checks every communicator shares."""
+dtype and op, and lengths from 0 to ~1e5; plus the argument checks every communicator shares. The inputs and the
+error bound come from the conformance kit, which runs the same properties against any backend's communicator."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import tensorweave as tw
+from tensorweave.conformance.cases import assert_reduced, make_inputs
 from tensorweave.core import dtypes
 from tensorweave.core.communicator import REDUCE_OPS
 from tensorweave.core.plugins import registry
@@ -29,38 +31,6 @@ LENGTHS = st.one_of(
 
 def test_builtin_in_process_communicators_are_tested() -> None:
     assert {"local", "peer"} <= set(IN_PROCESS)
-
-
-def make_inputs(world: int, length: int, dtype: str, seed: int, trailing: tuple[int, ...] = ()) -> list[np.ndarray]:
-    rng = np.random.default_rng(seed)
-    dt = dtypes.to_dtype(dtype)
-    shape = (length, *trailing)
-    if dt == dtypes.int32:
-        return [rng.integers(-1000, 1000, shape).astype(dt) for _ in range(world)]
-    return [(rng.standard_normal(shape) * 4).astype(dt) for _ in range(world)]
-
-
-def reference(parts: list[np.ndarray], op: str) -> np.ndarray:
-    """float64 reduction of the inputs exactly as given (no intermediate rounding)."""
-    stack = np.stack([p.astype(np.float64) for p in parts])
-    return {"sum": stack.sum(0), "max": stack.max(0), "min": stack.min(0)}[op]
-
-
-def assert_reduced(result: np.ndarray, parts: list[np.ndarray], op: str) -> None:
-    """max/min and integers exactly; float sums within the final rounding plus float32 accumulation error."""
-    dt = parts[0].dtype
-    ref = reference(parts, op)
-    assert result.dtype == dt and result.shape == ref.shape
-    got = result.astype(np.float64)
-    if op != "sum" or dt == dtypes.int32:
-        np.testing.assert_array_equal(got, ref)
-        return
-    acc_eps = float(dtypes.finfo(dtypes.accumulator(dt)).eps)
-    out_eps = float(dtypes.finfo(dt).eps)
-    magnitude = np.sum([np.abs(p.astype(np.float64)) for p in parts], axis=0)
-    bound = out_eps * np.abs(ref) + len(parts) * acc_eps * magnitude + float(dtypes.finfo(dt).tiny)
-    excess = np.abs(got - ref) - bound
-    assert excess.max(initial=0.0) <= 0, f"error exceeds bound at {int(np.argmax(excess))}"
 
 
 def upload(devs: list[Any], hosts: list[np.ndarray]) -> list[Any]:
