@@ -76,3 +76,17 @@ def test_fixture_model_runs_at_tp2_like_the_reference(site: Path) -> None:
     assert out["diff"] <= 1e-4 and out["steps"] <= 1e-4, out
     assert all(u > 0 for u in out["used"])
     assert "array-api-strict has no bfloat16" in out["refused"]
+
+
+def test_conformance_kit_passes_on_the_example(site: Path, tmp_path: Path) -> None:
+    """What a third-party author runs: the kit on their backend after `pip install`; 16-bit floats, which the
+    array API standard lacks, come out NOT_SUPPORTED rather than failed."""
+    report = tmp_path / "report.json"
+    args = ["--backend", "array-api-strict", "--world-size", "2", "--max-examples", "3", "--report", str(report)]
+    proc = run(site, "-m", "tensorweave.cli", "conformance", *args)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    data = json.loads(report.read_text())
+    totals = data["summary"]
+    sections = ("device", "ops", "collectives", "end to end")
+    assert all(totals[s]["passed"] > 0 and totals[s]["failed"] == 0 for s in sections), totals
+    assert totals["ops"]["not_supported"] > 0 and data["backend"] == "array-api-strict"

@@ -44,6 +44,8 @@ def setup(kit: Kit, world: int, dtype: str, op: str | None = None) -> tuple[list
         kit.not_supported(f"communicator {cls.name} runs one process per rank; the kit drives all ranks from one")
     if dtype not in caps.dtypes:
         kit.not_supported(f"communicator {cls.name} does not support dtype {dtype}")
+    if dtype not in kit.backend.capabilities.dtypes:
+        kit.not_supported(f"backend {kit.backend.name} does not support dtype {dtype}")
     if op is not None and op not in caps.ops:
         kit.not_supported(f"communicator {cls.name} does not support reduce op {op}")
     comm = _comms.get(world)

@@ -426,10 +426,10 @@ class Executor:
         for j, (dev, rank) in enumerate(self._local()):
             low = lower(p, rank)
             for ins in low.instrs:
-                if ins.kind == "op" and not dev.backend.capabilities.supports(ins.op, dtypes.name(low.dtypes[ins.out])):
+                op = "reshape" if ins.op == "reshape_copy" else ins.op  # the copying reshape runs the reshape kernel
+                if ins.kind == "op" and not dev.backend.capabilities.supports(op, dtypes.name(low.dtypes[ins.out])):
                     raise UnsupportedError(
-                        f"{dev.name} ({dev.backend.name}) does not support op {ins.op!r} in "
-                        f"{dtypes.name(low.dtypes[ins.out])}"
+                        f"{dev.name} ({dev.backend.name}) does not support op {op!r} in {dtypes.name(low.dtypes[ins.out])}"
                     )
             arenas = [dev.empty((n // dt.itemsize,), dt) for dt, n in low.arenas.items()]
             tables = (self.weights, self.caches)
