@@ -427,10 +427,9 @@ class Executor:
             low = lower(p, rank)
             for ins in low.instrs:
                 op = "reshape" if ins.op == "reshape_copy" else ins.op  # the copying reshape runs the reshape kernel
-                if ins.kind == "op" and not dev.backend.capabilities.supports(op, dtypes.name(low.dtypes[ins.out])):
-                    raise UnsupportedError(
-                        f"{dev.name} ({dev.backend.name}) does not support op {op!r} in {dtypes.name(low.dtypes[ins.out])}"
-                    )
+                dt = dtypes.name(low.dtypes[ins.out])
+                if ins.kind == "op" and not dev.backend.capabilities.supports(op, dt):
+                    raise UnsupportedError(f"{dev.name} ({dev.backend.name}) does not support op {op!r} in {dt}")
             arenas = [dev.empty((n // dt.itemsize,), dt) for dt, n in low.arenas.items()]
             tables = (self.weights, self.caches)
             ext = [(ids[n], parts[j]) for table in tables for n, parts in table.items() if n in ids]
