@@ -384,6 +384,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
                 ["device", "weights", f"kv cache ({mp.ctx} tok)", "total", "memory", "fits"],
                 _memory_rows(mp.devices, with_capacity=True),
             ),
+            "",
             f"per decode token: {p.count('allreduce')} allreduce + {p.count('allgather')} allgather, "
             f"{errors.format_bytes(p.comm_bytes)} communicated",
         ]
