@@ -1,6 +1,6 @@
 """tensorweave against transformers (torch, CPU) on the same model in one process: prefill and decode speed.
 
-    python benchmarks/vs_transformers.py [--prompt 64] [--gen 32] [--runs 3] [--tp 1 2 4] [--dir DIR] [--json]
+    python benchmarks/vs_transformers.py [--prompt 64] [--gen 32] [--runs 3] [--tp 1 2 4] [--threads T] [--json]
 
 Writes the llama-like model of ../shared/REFERENCES.md (hidden 768, 12 layers, 12 heads / 4 KV heads, ffn 2048,
 vocab 32000, float32, 124.7M parameters) as a Hugging Face directory with ``benchmarks/loading.py``'s
@@ -16,14 +16,18 @@ with ``torch.set_num_threads``. cpu-sim devices share this machine's cores, so T
 (segments, collectives), not a speed-up from more hardware. Needs the ``fixtures`` extra
 (``pip install -e '.[fixtures]'``: torch, transformers, safetensors).
 
-Measured on the 2-core CI-class machine (shared with other jobs; torch 2.13.0 CPU, transformers 5.24.0,
-2 threads), --prompt 64 --gen 32 --runs 3:
+Measured on the 2-core development machine (shared with other jobs, load average ~1-1.6 during the run; torch
+2.13.0 CPU, transformers 5.24.0, 2 threads), default arguments (--prompt 64 --gen 32), --runs 5:
 
     framework     devices    pp64 t/s  tg32 t/s  pp x  tg x  max |dlogit|  tokens
-    transformers  torch cpu     PP_T      TG_T                               -
-    tensorweave   cpu-sim:1     PP_1      TG_1
-    tensorweave   cpu-sim:2     PP_2      TG_2
-    tensorweave   cpu-sim:4     PP_4      TG_4
+    transformers  torch cpu  653.5     34.6      1.00  1.00  0.0e+00       same
+    tensorweave   cpu-sim:1  468.7     38.2      0.72  1.10  9.1e-06       same
+    tensorweave   cpu-sim:2  318.8     22.3      0.49  0.65  9.1e-06       same
+    tensorweave   cpu-sim:4  301.9     20.7      0.46  0.60  8.8e-06       same
+
+Under heavier load (other jobs, load average 3-5) both frameworks' 2-thread BLAS/OpenMP pools collapse (torch
+tg 3.3 t/s, cpu-sim:1 10.7); ``--threads 1`` is steadier there. With --threads T below the device count each
+cpu-sim device still gets one thread, so TP > T then uses more threads than torch.
 """
 
 from __future__ import annotations
