@@ -374,6 +374,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     """Per-device memory and communication of a model split over devices, from its metadata alone."""
     from .runtime.bench import plan_model
 
+    args.devices = args.devices or "cpu-sim"
     mp = plan_model(args.model, args.devices, args.tensor_split, args.dtype, args.ctx)
     p = mp.plan
     text = "\n".join(
@@ -404,6 +405,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.ctx is not None and args.ctx < need:
         args.parser.error(f"--ctx {args.ctx} is shorter than the longest test ({need} tokens)")
     ctx = args.ctx or need
+    args.devices = args.devices or "cpu-sim"
     model = load(args.model, args.devices, args.tensor_split, args.dtype, ctx=ctx)
     with model:
         res = bench(model, args.n_prompt, args.n_gen, args.repetitions, args.seed)
