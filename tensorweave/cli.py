@@ -461,17 +461,26 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _model_args(p: argparse.ArgumentParser) -> None:
-    """What every command that loads a model takes: the model, devices, split, dtype, context."""
+def _model_args(
+    p: argparse.ArgumentParser,
+    devices: str = "device spec",
+    ctx: str = "KV-cache length in tokens (default: the model's, at most 4096)",
+) -> None:
+    """What every command that loads or plans a model takes: the model, devices, split, dtype, context."""
     p.add_argument("model", help="Hugging Face model directory or .gguf file")
-    p.add_argument("--devices", help="device spec (default: cpu-sim; per rank under launch/mpiexec: its backend)")
+    p.add_argument("--devices", help=f"{devices} (default: cpu-sim)")
     p.add_argument("-ts", "--tensor-split", type=_ratios, help="ratios per device, e.g. 3,1 (default: even)")
     p.add_argument(
         "-sm", "--split-mode", choices=["tensor"], default="tensor", help="accepted for llama.cpp familiarity"
     )
-    p.add_argument("--communicator", help="communicator name (default: the backend's, or the launcher's)")
     p.add_argument("--dtype", help="compute dtype (default: the checkpoint's; quantized GGUF: float32)")
-    p.add_argument("--ctx", type=_positive_int, help="KV-cache length in tokens (default: the model's, at most 4096)")
+    p.add_argument("--ctx", type=_positive_int, help=ctx)
+
+
+def _run_args(p: argparse.ArgumentParser) -> None:
+    """run and chat: a model, and the communicator (they also run one rank per process under launch/mpiexec)."""
+    _model_args(p, devices="device spec (per rank under launch/mpiexec: its backend)")
+    p.add_argument("--communicator", help="communicator name (default: the backend's, or the launcher's)")
 
 
 def _generation_args(p: argparse.ArgumentParser, n_predict: int) -> None:
@@ -499,6 +508,105 @@ def _generation_args(p: argparse.ArgumentParser, n_predict: int) -> None:
     p.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence tokens")
 
 
+def _format_count(n: float) -> str:
+    """Parameter counts as llama-bench shows them: 124.70 M, 1.24 B."""
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n:.0f}"
+
+
+def _memory_rows(devices: Sequence[Any], with_capacity: bool) -> list[list[str]]:
+    fits = {True: "yes", False: "NO", None: "?"}
+    return [
+        [
+            d.name,
+            errors.format_bytes(d.weight_bytes),
+            errors.format_bytes(d.kv_bytes),
+            errors.format_bytes(d.total_bytes),
+        ]
+        + ([errors.format_bytes(d.capacity) if d.capacity is not None else "?", fits[d.fits]] if with_capacity else [])
+        for d in devices
+    ]
+
+
+def _split_text(ratios: Sequence[float]) -> str:
+    return ",".join(f"{r:g}" for r in ratios)
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    """Per-device memory and communication of a model split over devices, from its metadata alone."""
+    from .runtime.bench import plan_model
+
+    args.devices = args.devices or "cpu-sim"
+    mp = plan_model(args.model, args.devices, args.tensor_split, args.dtype, args.ctx)
+    p = mp.plan
+    text = "\n".join(
+        [
+            f"{mp.family} {mp.dtype}, {_format_count(mp.params)} params, {errors.format_bytes(mp.weight_bytes)} of "
+            f"weights, ctx {mp.ctx}, {p.world_size} device(s) ({args.devices}), split {_split_text(p.ratios)}",
+            table(
+                ["device", "weights", f"kv cache ({mp.ctx} tok)", "total", "memory", "fits"],
+                _memory_rows(mp.devices, with_capacity=True),
+            ),
+            "",
+            f"per decode token: {p.count('allreduce')} allreduce + {p.count('allgather')} allgather, "
+            f"{errors.format_bytes(p.comm_bytes)} communicated",
+        ]
+    )
+    _emit(args, mp.to_dict(), text)
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """llama-bench-style prefill (pp) and decode (tg) speed of a model split over devices."""
+    from .runtime.bench import bench
+    from .runtime.model import load
+
+    if not args.n_prompt and not args.n_gen:
+        args.parser.error("nothing to measure: -p and -n are both 0")
+    need = max(args.n_prompt, args.n_gen)  # each test starts from an empty context
+    if args.ctx is not None and args.ctx < need:
+        args.parser.error(f"--ctx {args.ctx} is shorter than the longest test ({need} tokens)")
+    ctx = args.ctx or need
+    args.devices = args.devices or "cpu-sim"
+    model = load(args.model, args.devices, args.tensor_split, args.dtype, communicator=args.communicator, ctx=ctx)
+    with model:
+        res = bench(model, args.n_prompt, args.n_gen, args.repetitions, args.seed)
+    model_name = f"{res.family} {res.dtype}"
+    rows = [
+        [
+            model_name,
+            errors.format_bytes(res.weight_bytes),
+            _format_count(res.params),
+            args.devices,
+            _split_text(res.tensor_split),
+            t.name,
+            f"{t.tps_mean:.2f} ± {t.tps_std:.2f}",
+            f"{100 * t.collective_share:.1f}",
+        ]
+        for t in res.tests
+    ]
+    text = "\n\n".join(
+        [
+            table(["model", "size", "params", "devices", "split", "test", "t/s", "coll %"], rows),
+            table(["device", "weights", f"kv cache ({res.ctx} tok)", "total"], _memory_rows(res.devices, False)),
+        ]
+    )
+    _emit(args, res.to_dict(), text)
+    return 0
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a token count >= 0, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tensorweave", description=__doc__)
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
@@ -520,7 +628,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--tensor-split, and stream the continuation of -p (greedy unless --temp > 0). Under `tensorweave launch "
         "-n N` or mpiexec each rank holds only its shard and rank 0 prints.",
     )
-    _model_args(p)
+    _run_args(p)
     p.add_argument("-p", "--prompt", required=True, help="the prompt text")
     _generation_args(p, n_predict=64)
     p.set_defaults(func=cmd_run)
@@ -530,10 +638,44 @@ def build_parser() -> argparse.ArgumentParser:
         description="An interactive conversation with MODEL split over devices. The session keeps the KV cache "
         "across turns; /save FILE and /load FILE keep a conversation (restorable on another device count).",
     )
-    _model_args(p)
+    _run_args(p)
     p.add_argument("--system", help="a system message")
     _generation_args(p, n_predict=512)
     p.set_defaults(func=cmd_chat)
+    p = sub.add_parser(
+        "plan",
+        help="per-device memory and communication of a model split over devices, from metadata alone",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Plan MODEL (a Hugging Face directory or a .gguf file) over --devices split by --tensor-split,\n"
+        "reading only its config and tensor index (no weights are read or placed).\n\n"
+        "columns: device = the device (rank N where the backend is not available here); weights = its weight\n"
+        "slices; kv cache = its KV-cache slice at --ctx tokens; total = weights + kv cache (activation buffers\n"
+        "come on top); memory = the device's memory (cpu-sim: mem= or host RAM; ? when unknown); fits = total <=\n"
+        "memory. Then the collectives of one decode token (allreduce / allgather counts) and the bytes they carry.",
+    )
+    _model_args(p, devices="device spec, e.g. cpu-sim:4,mem=8GiB or cuda:0,1 (a backend not available here needs -ts)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_plan)
+    p = sub.add_parser(
+        "bench",
+        help="prefill and decode speed like llama-bench (pp/tg tok/s), memory, share of time in collectives",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Load MODEL split over --devices and measure, like llama-bench, prefill of a -p token prompt\n"
+        "(test ppP) and decoding of -n tokens one at a time (test tgN), from random token ids, each after one\n"
+        "warm-up and -r times in a fresh session.\n\n"
+        "columns: model = family and dtype; size = all weight bytes; params = parameter count; devices, split =\n"
+        "the device spec and ratios; test = ppP or tgN; t/s = tokens per second, mean ± sample std over the\n"
+        "repetitions; coll % = share of the measured time spent inside communicator calls (allreduce,\n"
+        "allgather). Below: per-device weights and KV cache (at --ctx) bytes.",
+    )
+    _model_args(p, ctx="KV-cache length in tokens (default: max(-p, -n))")
+    p.add_argument("--communicator", help="communicator name (default: the backend's)")
+    p.add_argument("-p", "--n-prompt", type=_count, default=512, help="prompt tokens, 0 skips pp (default: 512)")
+    p.add_argument("-n", "--n-gen", type=_count, default=128, help="generated tokens, 0 skips tg (default: 128)")
+    p.add_argument("-r", "--repetitions", type=_positive_int, default=3, help="repetitions per test (default: 3)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random token ids (default: 0)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_bench, parser=p)
     p = sub.add_parser("devices", help="list backends, or the devices a spec names")
     p.add_argument("spec", nargs="?", help="device spec, e.g. cpu-sim:4,mem=256MiB,peer=ring")
     p.add_argument("--json", action="store_true", help="machine-readable output")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -282,6 +283,21 @@ class _Compiled:
     inputs: dict[str, int]  # input name -> value id
 
 
+@dataclass
+class Timings:
+    """Wall time an executor spent in ``run`` and, within it, waiting on the communicator (always on: two
+    ``perf_counter`` calls per run and per collective). ``tensorweave bench`` reads it for the share of time in
+    collectives; on one device per process it covers this process's ranks only."""
+
+    runs: int = 0
+    run_seconds: float = 0.0
+    collectives: int = 0
+    collective_seconds: float = 0.0
+
+    def reset(self) -> None:
+        self.runs, self.run_seconds, self.collectives, self.collective_seconds = 0, 0.0, 0, 0.0
+
+
 class Executor:
     """Runs graphs split over devices: ``Executor("cpu-sim:4", tensor_split=[3, 1, 1, 1])``.
 
@@ -311,6 +327,7 @@ class Executor:
         self._compiled: OrderedDict[int, _Compiled] = OrderedDict()
         self.max_graphs = max_graphs
         self._lock = threading.Lock()
+        self.timings = Timings()
 
     # --- weights and caches ---------------------------------------------------------------------------------
 
@@ -446,35 +463,43 @@ class Executor:
     def run(self, graph: Graph, feeds: Mapping[str, Any]) -> dict[str, np.ndarray]:
         """Run ``graph`` with ``feeds`` (input name -> host array); returns the outputs, whole, on the host."""
         with self._lock:
-            comp = self._compile(graph)
-            p = comp.plan
-            for name, t in graph.inputs.items():
-                if name not in feeds:
-                    raise ShapeError(f"missing input {name!r} ({t.shape} {t.dtype.name}) for graph {graph.name!r}")
-                host = np.asarray(feeds[name])
-                if host.shape != t.shape:
-                    raise ShapeError(f"input {name!r} has shape {host.shape}, graph {graph.name!r} expects {t.shape}")
-                host = host.astype(t.dtype, copy=False)
-                for dev, exp in zip(self.devices, comp.exported, strict=True):
-                    dev.from_host(host, out=exp[comp.inputs[name]])
-            n_coll = len(comp.collectives[0])
-            for k in range(n_coll + 1):
-                futures = [
-                    dev.submit(_run_segment, ctx, k, dev.name)
-                    for dev, ctx in zip(self.devices, comp.contexts, strict=True)
-                ]
-                errors = [f.exception() for f in futures]
-                first = next((e for e in errors if e is not None), None)
-                if first is not None:
-                    raise first
-                if k < n_coll:
-                    self._collective(comp, k)
-            dev0, exp0 = self.devices[0], comp.exported[0]
-            return {name: dev0.to_host(exp0[vid]) for name, vid in p.outputs.items()}
+            t0 = time.perf_counter()
+            try:
+                return self._run(graph, feeds)
+            finally:
+                self.timings.runs += 1
+                self.timings.run_seconds += time.perf_counter() - t0
+
+    def _run(self, graph: Graph, feeds: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        comp = self._compile(graph)
+        p = comp.plan
+        for name, t in graph.inputs.items():
+            if name not in feeds:
+                raise ShapeError(f"missing input {name!r} ({t.shape} {t.dtype.name}) for graph {graph.name!r}")
+            host = np.asarray(feeds[name])
+            if host.shape != t.shape:
+                raise ShapeError(f"input {name!r} has shape {host.shape}, graph {graph.name!r} expects {t.shape}")
+            host = host.astype(t.dtype, copy=False)
+            for dev, exp in zip(self.devices, comp.exported, strict=True):
+                dev.from_host(host, out=exp[comp.inputs[name]])
+        n_coll = len(comp.collectives[0])
+        for k in range(n_coll + 1):
+            futures = [
+                dev.submit(_run_segment, ctx, k, dev.name) for dev, ctx in zip(self.devices, comp.contexts, strict=True)
+            ]
+            errors = [f.exception() for f in futures]
+            first = next((e for e in errors if e is not None), None)
+            if first is not None:
+                raise first
+            if k < n_coll:
+                self._collective(comp, k)
+        dev0, exp0 = self.devices[0], comp.exported[0]
+        return {name: dev0.to_host(exp0[vid]) for name, vid in p.outputs.items()}
 
     def _collective(self, comp: _Compiled, k: int) -> None:
         per_device = [colls[k] for colls in comp.collectives]
         ins = per_device[0]
+        t0 = time.perf_counter()
         if ins.kind == "allreduce":
             self.comm.allreduce([exp[i.inputs[0]] for exp, i in zip(comp.exported, per_device, strict=True)])
         else:
@@ -482,6 +507,8 @@ class Executor:
                 [exp[i.inputs[0]] for exp, i in zip(comp.exported, per_device, strict=True)],
                 out=[exp[i.out] for exp, i in zip(comp.exported, per_device, strict=True)],
             )
+        self.timings.collectives += 1
+        self.timings.collective_seconds += time.perf_counter() - t0
 
 
 def _zero(a: Any) -> None:

@@ -8,7 +8,8 @@ slice per device and weight: the checkpoint hands out ``weight[index]`` and the 
 from __future__ import annotations
 
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -44,38 +45,16 @@ class Model:
     ) -> None:
         self.checkpoint = checkpoint
         self.family = checkpoint.family
-        dt = checkpoint.dtype if dtype is None else dtypes.to_dtype(dtype)
-        cfg = checkpoint.config
-        self.config = replace(cfg, ctx=int(ctx or min(cfg.ctx, DEFAULT_CTX)), dtype=dtypes.name(dt))
+        self.config = runtime_config(checkpoint, dtype, ctx)
         self.executor = Executor(devices, communicator, tensor_split)
         self.graphs = GraphCache(lambda tokens: self.family.build(self.config, tokens), maxsize=8)
-        try:
+        with config_errors(checkpoint):
             g = self.graphs(tokens=1)
-        except UnsupportedError as e:  # a setting of the checkpoint's config the graph cannot run (rope scaling ...)
-            raise UnsupportedError(f"{checkpoint.path}: {e}") from None
-        except ShapeError as e:  # a config that is no valid model (heads not in whole KV-head groups ...)
-            raise ModelFormatError(f"{checkpoint.path}: the config does not describe a valid model: {e}") from None
-        self._check(g)
+        check_weights(checkpoint, g)
         with _progress_bar(sum(t.nbytes for t in g.weights.values()), progress, checkpoint.path.name) as bar:
             self.executor.load_weights(g, checkpoint.read, lambda _name, n: bar.update(n))
         self.tokenizer = checkpoint.tokenizer()
         self.active: Session | None = None  # the session whose tokens the KV caches hold
-
-    def _check(self, g: Graph) -> None:
-        ck = self.checkpoint
-        for name, t in g.weights.items():
-            shape = ck.shape(name)
-            if shape is None:
-                raise ModelFormatError(f"{ck.path}: tensor {name!r} {t.shape} is missing ({self.family.name} model)")
-            if tuple(shape) != t.shape:
-                raise ModelFormatError(f"{ck.describe(name)} has shape {tuple(shape)} but the config implies {t.shape}")
-        extra = sorted(set(ck.names()) - set(g.weights))
-        if extra:
-            more = f" and {len(extra) - 3} more" if len(extra) > 3 else ""
-            raise ModelFormatError(
-                f"{ck.path}: tensors {', '.join(map(repr, extra[:3]))}{more} have no place in this "
-                f"{self.family.name} config (wrong architecture or config?)"
-            )
 
     @property
     def vocab(self) -> int:
@@ -144,6 +123,16 @@ def load(
     dequantized to float32). ``ctx``: KV-cache length in tokens (None: the model's maximum, at most 4096).
     ``progress``: a progress bar on stderr (None: only when stderr is a terminal).
     """
+    ckpt = open_checkpoint(path)
+    try:
+        return Model(ckpt, devices, tensor_split, dtype, communicator, ctx, progress)
+    except BaseException:
+        ckpt.close()
+        raise
+
+
+def open_checkpoint(path: str | Path) -> Checkpoint:
+    """Open ``path`` with the first registered loader that claims it: metadata and tensor index only, no data."""
     p = Path(path).expanduser()
     if not p.exists():
         raise ModelFormatError(f"{p}: no such file or directory")
@@ -157,12 +146,43 @@ def load(
             f"{p}: not a model file tensorweave can open (a Hugging Face directory with config.json, or a .gguf "
             f"file); loaders: {', '.join(reg.loaders)}"
         )
-    ckpt = loader.open(p, reg.models)
+    return loader.open(p, reg.models)
+
+
+def runtime_config(checkpoint: Checkpoint, dtype: Any = None, ctx: int | None = None) -> Any:
+    """The checkpoint's config with the dtype and KV-cache length a model runs with (see ``load``)."""
+    dt = checkpoint.dtype if dtype is None else dtypes.to_dtype(dtype)
+    cfg = checkpoint.config
+    return replace(cfg, ctx=int(ctx or min(cfg.ctx, DEFAULT_CTX)), dtype=dtypes.name(dt))
+
+
+@contextmanager
+def config_errors(checkpoint: Checkpoint) -> Iterator[None]:
+    """Errors from tracing a checkpoint's graph, reworded to name the checkpoint."""
     try:
-        return Model(ckpt, devices, tensor_split, dtype, communicator, ctx, progress)
-    except BaseException:
-        ckpt.close()
-        raise
+        yield
+    except UnsupportedError as e:  # a setting of the checkpoint's config the graph cannot run (rope scaling ...)
+        raise UnsupportedError(f"{checkpoint.path}: {e}") from None
+    except ShapeError as e:  # a config that is no valid model (heads not in whole KV-head groups ...)
+        raise ModelFormatError(f"{checkpoint.path}: the config does not describe a valid model: {e}") from None
+
+
+def check_weights(checkpoint: Checkpoint, g: Graph) -> None:
+    """Every weight ``g`` declares is in the checkpoint's index with its shape, and nothing else is (no data read)."""
+    ck, family = checkpoint, checkpoint.family.name
+    for name, t in g.weights.items():
+        shape = ck.shape(name)
+        if shape is None:
+            raise ModelFormatError(f"{ck.path}: tensor {name!r} {t.shape} is missing ({family} model)")
+        if tuple(shape) != t.shape:
+            raise ModelFormatError(f"{ck.describe(name)} has shape {tuple(shape)} but the config implies {t.shape}")
+    extra = sorted(set(ck.names()) - set(g.weights))
+    if extra:
+        more = f" and {len(extra) - 3} more" if len(extra) > 3 else ""
+        raise ModelFormatError(
+            f"{ck.path}: tensors {', '.join(map(repr, extra[:3]))}{more} have no place in this "
+            f"{family} config (wrong architecture or config?)"
+        )
 
 
 def _progress_bar(total: int, enabled: bool | None, what: str) -> Any:
