@@ -10,12 +10,12 @@ import os
 import re
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+from test_plugins import install_plugin
 
 from tensorweave.cli import main
 from tensorweave.conformance.cases import compare
@@ -50,30 +50,9 @@ BROKEN = '''
 
 @pytest.fixture(scope="module")
 def broken_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    src = tmp_path_factory.mktemp("tw-broken-backend")
-    (src / "pyproject.toml").write_text(
-        textwrap.dedent("""
-        [build-system]
-        requires = ["setuptools>=61"]
-        build-backend = "setuptools.build_meta"
-
-        [project]
-        name = "tw-broken-backend"
-        version = "0.0.1"
-
-        [tool.setuptools]
-        py-modules = ["tw_broken_backend"]
-
-        [project.entry-points.tensorweave]
-        broken = "tw_broken_backend"
-    """)
+    return install_plugin(
+        tmp_path_factory, "tw-broken-backend", {"tw_broken_backend.py": BROKEN}, {"broken": "tw_broken_backend"}
     )
-    (src / "tw_broken_backend.py").write_text(textwrap.dedent(BROKEN))
-    target = tmp_path_factory.mktemp("site")
-    pip = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--no-index"]
-    proc = subprocess.run([*pip, "--target", str(target), str(src)], capture_output=True, text=True)
-    assert proc.returncode == 0, f"pip could not install the broken backend:\n{proc.stderr}"
-    return target
 
 
 def conformance(*args: str, site: Path | None = None) -> subprocess.CompletedProcess[str]:

@@ -98,51 +98,37 @@ PLUGINS = {
 }
 
 
-@pytest.fixture(scope="module")
-def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    src = tmp_path_factory.mktemp("tw-toy-plugins")
+def install_plugin(
+    tmp_path_factory: pytest.TempPathFactory, dist: str, modules: dict[str, str], entry_points: dict[str, str]
+) -> Path:
+    """pip-install a throwaway distribution (``modules``: file name -> source; ``entry_points``: name -> module of
+    the ``tensorweave`` group) into a temporary --target directory, for a subprocess's PYTHONPATH."""
+    src = tmp_path_factory.mktemp(dist)
+    eps = "\n".join(f'{name} = "{module}"' for name, module in entry_points.items())
+    py_modules = ", ".join(f'"{m.removesuffix(".py")}"' for m in modules)
     (src / "pyproject.toml").write_text(
-        textwrap.dedent("""
-        [build-system]
-        requires = ["setuptools>=61"]
-        build-backend = "setuptools.build_meta"
-
-        [project]
-        name = "tw-toy-plugins"
-        version = "0.0.1"
-
-        [tool.setuptools]
-        py-modules = ["tw_toy_plugin", "tw_broken_plugin", "tw_typo_plugin", "tw_dup_plugin"]
-
-        [project.entry-points.tensorweave]
-        toy = "tw_toy_plugin"
-        broken = "tw_broken_plugin"
-        typo = "tw_typo_plugin"
-        dup = "tw_dup_plugin"
-    """)
+        '[build-system]\nrequires = ["setuptools>=61"]\nbuild-backend = "setuptools.build_meta"\n'
+        f'[project]\nname = "{dist}"\nversion = "0.0.1"\n[tool.setuptools]\npy-modules = [{py_modules}]\n'
+        f"[project.entry-points.tensorweave]\n{eps}\n"
     )
-    for name, code in PLUGINS.items():
+    for name, code in modules.items():
         (src / name).write_text(textwrap.dedent(code))
     target = tmp_path_factory.mktemp("site")
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "install",
-            "-q",
-            "--no-deps",
-            "--no-build-isolation",
-            "--no-index",
-            "--target",
-            str(target),
-            str(src),
-        ],
-        capture_output=True,
-        text=True,
-    )
-    assert proc.returncode == 0, f"pip could not install the throwaway plugin:\n{proc.stderr}"
+    pip = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--no-index"]
+    proc = subprocess.run([*pip, "--target", str(target), str(src)], capture_output=True, text=True)
+    assert proc.returncode == 0, f"pip could not install the throwaway plugin {dist}:\n{proc.stderr}"
     return target
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    entry_points = {
+        "toy": "tw_toy_plugin",
+        "broken": "tw_broken_plugin",
+        "typo": "tw_typo_plugin",
+        "dup": "tw_dup_plugin",
+    }
+    return install_plugin(tmp_path_factory, "tw-toy-plugins", PLUGINS, entry_points)
 
 
 def run(site: Path, *args: str, select: str | None = None) -> subprocess.CompletedProcess[str]:
