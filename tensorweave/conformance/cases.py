@@ -114,9 +114,11 @@ def _attention(g: Graph, d: Dims, rng: np.random.Generator) -> Built:
     cached = d.pick("cache", [False, True])
     ctx = t + d.size("past", 0, 4) if cached else t  # with a cache, queries also see the (zero) slots before them
     pos, feed = _positions(g, d, t, ctx)
-    cache = None
+    cache, window = None, d.pick("window", [None, 1, 3])
     if cached:
-        cache = (g.cache("kc", (ctx, n_kv, hd), groups=n_kv), g.cache("vc", (ctx, n_kv, hd), groups=n_kv))
+        # a sliding-window layer's ring: `window` slots, positions past it wrap around (slot = position % window)
+        slots = window if window and d.pick("ring", [False, True]) else ctx
+        cache = (g.cache("kc", (slots, n_kv, hd), groups=n_kv), g.cache("vc", (slots, n_kv, hd), groups=n_kv))
     sinks = g.weight("sinks", (n_kv * group,), Role.COLUMN, groups=n_kv) if d.pick("sinks", [False, True]) else None
     q, k, v = _f(g, "q", t, n_kv * group, hd), _f(g, "k", t, n_kv, hd), _f(g, "v", t, n_kv, hd)
     y = g.attention(
@@ -127,7 +129,7 @@ def _attention(g: Graph, d: Dims, rng: np.random.Generator) -> Built:
         scale=d.pick("scale", [1.0, hd**-0.5]),
         cache=cache,
         sinks=sinks,
-        window=d.pick("window", [None, 1, 3]),
+        window=window,
         softcap=d.pick("softcap", [None, 5.0]),
     )
     return y, {"pos": feed}
@@ -342,8 +344,18 @@ def assert_reduced(result: np.ndarray, parts: list[np.ndarray], op: str) -> None
 # --- end to end ------------------------------------------------------------------------------------------------
 
 SYNTHETIC_MODELS: dict[str, Config] = {
-    "synthetic-dense": Config(
-        vocab=64, hidden=32, n_layer=2, n_head=4, n_kv=2, head_dim=8, ffn=48, qk_norm=True, ctx=16
+    "synthetic-dense": Config(  # layer 0 slides a window of 3: its ring cache wraps during the 5-token prompt
+        vocab=64,
+        hidden=32,
+        n_layer=2,
+        n_head=4,
+        n_kv=2,
+        head_dim=8,
+        ffn=48,
+        qk_norm=True,
+        ctx=16,
+        window=3,
+        window_layers=(0,),
     ),
     "synthetic-moe": Config(
         vocab=64,

@@ -111,6 +111,20 @@ def _write_rows(xp: Any, cache: Any, pos: Any, rows: Any) -> None:
         cache[int(pos[i]), ...] = rows[i, ...]
 
 
+def _ring_cache(xp: Any, ck: Any, cv: Any, k: Any, v: Any, pos: Any) -> tuple[Any, Any, Any]:
+    """A sliding-window layer's ring: the queries see the ring as it was before this step (each slot holding the
+    latest earlier position p with p % slots == slot; negative: never written) plus the step's own keys; then the
+    step's last `slots` keys overwrite their slots."""
+    n_slots, n_tok = ck.shape[0], k.shape[0]
+    start = int(pos[0]) if n_tok else 0
+    held = start - 1 - xp.remainder(start - 1 - xp.arange(n_slots, dtype=pos.dtype), n_slots)
+    keys, values = xp.concat([ck, k]), xp.concat([cv, v])
+    for i in range(max(0, n_tok - n_slots), n_tok):
+        ck[int(pos[i]) % n_slots, ...] = k[i, ...]
+        cv[int(pos[i]) % n_slots, ...] = v[i, ...]
+    return keys, values, xp.concat([held, pos])
+
+
 def _attention(
     xp: Any,
     out: Any,
@@ -126,7 +140,9 @@ def _attention(
     n_tok, n_head, hd = q.shape
     n_kv = k.shape[1]
     group = n_head // n_kv if n_kv else 0  # a device may hold zero heads
-    if ck is not None:  # append this step's keys/values, then attend over the cache up to the last position
+    if ck is not None and window:  # a ring of slots (position p in slot p % slots), as tensorweave.core.ops
+        k, v, kpos = _ring_cache(xp, ck, cv, k, v, pos)
+    elif ck is not None:  # append this step's keys/values, then attend over the cache up to the last position
         _write_rows(xp, ck, pos, k)
         _write_rows(xp, cv, pos, v)
         length = int(xp.max(pos)) + 1 if n_tok else 0
@@ -143,6 +159,8 @@ def _attention(
         visible = visible & (kpos[None, :] <= pos[:, None])
     if window:
         visible = visible & (kpos[None, :] > pos[:, None] - window)
+    if cache and window:
+        visible = visible & (kpos[None, :] >= 0)  # ring slots never written yet
     if not bool(xp.all(visible)):
         scores = xp.where(visible, scores, -xp.inf)
     if sk is not None:  # a learned per-head logit that only joins the softmax's denominator
