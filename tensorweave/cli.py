@@ -309,6 +309,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     model, printing = _load_for_cli(args)
     if model.tokenizer is None:
         raise errors.ModelFormatError(f"{args.model}: the model has no tokenizer (tokenizer.json or GGUF vocabulary)")
+    _check_reasoning_tags(args, model, printing)
     stream = model.generate(
         args.prompt, args.n_predict, stream=True, stop=args.stop, ignore_eos=args.ignore_eos, **_sampling(args)
     )
@@ -333,6 +334,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     model, _ = _load_for_cli(args)
     if model.tokenizer is None or model.tokenizer.chat_template is None:
         raise errors.ModelFormatError(f"{args.model}: the model has no chat template; use `tensorweave run`")
+    _check_reasoning_tags(args, model, True)
     sess = model.session()
     messages: list[dict[str, str]] = [{"role": "system", "content": args.system}] if args.system else []
     params = _sampling(args)
@@ -397,6 +399,18 @@ def _shared_seed(model: Model) -> int:
     buf = dev.from_host(np.array([np.random.default_rng().integers(0, 2**31 - 1)], np.int32))
     model.executor.comm.broadcast([buf])
     return int(dev.to_host(buf)[0])
+
+
+def _check_reasoning_tags(args: argparse.Namespace, model: Model, printing: bool) -> None:
+    """--reasoning-budget on a model without thinking tags does nothing; say so rather than silently ignore it."""
+    from .runtime.sampling import reasoning_tags
+
+    if args.reasoning_budget >= 0 and printing and reasoning_tags(model.family.name, model.tokenizer) is None:
+        print(
+            f"tensorweave: warning: this {model.family.name} model has no thinking tags; --reasoning-budget has no "
+            "effect",
+            file=sys.stderr,
+        )
 
 
 def _sampling(args: argparse.Namespace) -> dict[str, Any]:

@@ -117,6 +117,9 @@ def test_run_reasoning_budget_ends_thinking_after_exactly_n_tokens() -> None:
     four = tok.decode(tok.encode(free.stdout, add_special=False)[:4])
     assert "</think>" not in free.stdout
     assert budget.stdout.startswith(four + " Enough.</think>")  # 4 free tokens, then the forced message and end tag
+    assert "warning" not in budget.stderr
+    untagged = tw("run", str(FIXTURES / "llama" / "hf"), "-p", "hi", "-n", "2", "--reasoning-budget", "4")
+    assert untagged.returncode == 0 and "no thinking tags; --reasoning-budget has no effect" in untagged.stderr
 
 
 def test_chat_streams_answers_and_saves_a_restorable_conversation(tmp_path: Path) -> None:
