@@ -208,3 +208,11 @@ def test_ring_session_cannot_rewind_past_overwritten_positions() -> None:
     sess.rewind(0)
     assert sess.n_past == 0
     json.dumps(sess.sampler_state())  # None: nothing sampled yet
+
+
+def test_a_full_context_ends_the_generation_and_keeps_the_text() -> None:
+    model = load("qwen3", ctx=12)
+    gen = model.generate([1, 2, 3, 4, 5], 50, ignore_eos=True)
+    assert isinstance(gen, Generation) and gen.finish_reason == "context" and len(gen.tokens) == 12 - 5
+    with pytest.raises(StateError, match="context full"):  # a prompt that cannot fit is refused up front
+        model.generate(list(range(13)), 2)

@@ -32,7 +32,7 @@ PARAMS = {f.name for f in fields(SamplingParams)}
 @dataclass
 class Generation:
     """What ``generate``/``chat`` produced: the text (stop strings removed), the new token ids, why it stopped
-    ("eos", "stop" or "length"), and timings."""
+    ("eos", "stop", "length", or "context" when the KV cache is full), and timings."""
 
     text: str
     tokens: list[int]
@@ -214,6 +214,9 @@ class Session:
         pieces: list[str] = []
         finish = "length"
         for i in range(max_tokens):
+            if self.n_past >= self.model.config.ctx:  # end cleanly, keeping the text, rather than fail mid-answer
+                finish = "context"
+                break
             t = sampler.sample(logits)
             if t in eos:
                 finish = "eos"
