@@ -260,3 +260,33 @@ def test_partners_with_different_boundaries_are_regathered_not_wrong() -> None:
     ex = Executor("cpu-sim:3", tensor_split=[2, 1, 1])
     ex.load_weights(g, w)
     assert nmse(ex.run(g, feeds)["y"], g.evaluate(feeds, w)["y"]) < 1e-24
+
+
+def test_a_strided_reshape_is_copied_through_the_backends_reshape_kernel() -> None:
+    """A reshape of a transposed value cannot be a view: the executor copies the backend's reshape into a buffer,
+    and checks the backend's capabilities for "reshape" (there is no separate op to declare)."""
+    from tensorweave.backends.cpu_sim import CpuSimBackend
+    from tensorweave.core.device import Capabilities, DeviceSpec
+    from tensorweave.core.ops import OPS
+
+    reshapes: list[tuple[tuple[int, ...], tuple[int, ...]]] = []
+
+    def counting_reshape(xp: Any, x: Any, *, shape: tuple[int, ...]) -> Any:
+        reshapes.append((x.shape, shape))
+        return OPS["reshape"].kernel(xp, x, shape=shape)
+
+    class Counting(CpuSimBackend):
+        kernels = MappingProxyType({"reshape": counting_reshape})
+
+    class NoReshape(CpuSimBackend):
+        capabilities = Capabilities(dtypes=frozenset({"float32"}), ops=frozenset({"transpose", "mul"}))
+
+    g = Graph("float32")
+    y = g.reshape(g.transpose(g.input("x", (4, 6), "float32"), perm=(1, 0)), shape=(24,))
+    g.output("y", g.mul(y, y))
+    x = np.arange(24, dtype=np.float32).reshape(4, 6)
+    out = Executor(Counting().devices(DeviceSpec.parse("cpu-sim:1"))).run(g, {"x": x})["y"]
+    np.testing.assert_array_equal(out, x.T.reshape(-1) ** 2)
+    assert ((6, 4), (24,)) in reshapes  # the transposed value, reshaped by the backend's kernel
+    with pytest.raises(UnsupportedError, match="does not support op 'reshape' in float32"):
+        Executor(NoReshape().devices(DeviceSpec.parse("cpu-sim:1"))).run(g, {"x": x})

@@ -80,11 +80,12 @@ class _Lowered:
     exports: list[int]  # values the host touches: feeds, collective buffers, outputs
 
 
-def _reshape_copy(reshape: Callable[..., Any]) -> Callable[..., None]:
-    """A kernel copying ``reshape(x)`` into ``out``: for values too strided to reshape in place."""
+def _view_copy(view: Callable[..., Any]) -> Callable[..., None]:
+    """A view op lowered into a buffer (``op`` instruction): copies the view into ``out``. The executor does this
+    for a reshape of a value too strided to reshape in place."""
 
-    def kernel(xp: Any, out: Any, x: Any, *, shape: Shape) -> None:
-        out[...] = reshape(xp, x, shape=shape)
+    def kernel(xp: Any, out: Any, x: Any, **attrs: Any) -> None:
+        out[...] = view(xp, x, **attrs)
 
     return kernel
 
@@ -162,7 +163,7 @@ def lower(p: Plan, rank: int) -> _Lowered:
         elif OPS[ins.op].view and not (ins.op == "reshape" and not _contiguous(shapes[src], strides[src])):
             view(ins.out, ins.op, src, **ins.attrs)
         elif ins.op == "reshape":  # a non-contiguous value cannot be reshaped in place: copy it into a buffer
-            instrs.append(_Ins("op", "reshape_copy", buffer(ins.out), ins.inputs, ins.attrs))
+            instrs.append(_Ins("op", "reshape", buffer(ins.out), ins.inputs, ins.attrs))
         else:
             instrs.append(_Ins("op", ins.op, buffer(ins.out), ins.inputs, ins.attrs))
     exports = [v.id for v in p.values if v.kind == "input"] + sends + list(p.outputs.values())
@@ -254,7 +255,7 @@ def _build_context(
         if ins.kind == "view":
             env[ins.out] = kernel(ins.op)(xp, env[ins.inputs[0]], **ins.attrs)
         elif ins.kind == "op":
-            fn = _reshape_copy(reshape) if ins.op == "reshape_copy" else kernel(ins.op)
+            fn = _view_copy(kernel(ins.op)) if OPS[ins.op].view else kernel(ins.op)
             segments[-1].append((ins.op, fn, env[ins.out], [env[i] for i in ins.inputs], ins.attrs))
         else:  # a collective: the segment ends; an in-place allreduce's result is its input's storage
             env.setdefault(ins.out, env[ins.inputs[0]])
@@ -443,10 +444,9 @@ class Executor:
         for j, (dev, rank) in enumerate(self._local()):
             low = lower(p, rank)
             for ins in low.instrs:
-                op = "reshape" if ins.op == "reshape_copy" else ins.op  # the copying reshape runs the reshape kernel
                 dt = dtypes.name(low.dtypes[ins.out])
-                if ins.kind == "op" and not dev.backend.capabilities.supports(op, dt):
-                    raise UnsupportedError(f"{dev.name} ({dev.backend.name}) does not support op {op!r} in {dt}")
+                if ins.kind == "op" and not dev.backend.capabilities.supports(ins.op, dt):
+                    raise UnsupportedError(f"{dev.name} ({dev.backend.name}) does not support op {ins.op!r} in {dt}")
             arenas = [dev.empty((n // dt.itemsize,), dt) for dt, n in low.arenas.items()]
             tables = (self.weights, self.caches)
             ext = [(ids[n], parts[j]) for table in tables for n, parts in table.items() if n in ids]
