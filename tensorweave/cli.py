@@ -375,8 +375,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def _load_for_cli(args: argparse.Namespace) -> tuple[Model, bool]:
-    """The model for run/chat/bench: all devices in this process, or this rank's under launch/mpiexec; and
-    whether this process prints (rank 0)."""
+    """The model for run/chat: all devices in this process, or this rank's under launch/mpiexec; and whether this
+    process prints (rank 0)."""
     from .core.spmd import SpmdEnv, spmd_from_env
     from .runtime.model import load
 
@@ -388,7 +388,7 @@ def _load_for_cli(args: argparse.Namespace) -> tuple[Model, bool]:
     backend = DeviceSpec.parse(args.devices or "cpu-sim").backend
     comm = spmd_from_env(backend=backend, name=args.communicator)
     model = load(args.model, communicator=comm, progress=False if spmd.rank else None, **common)
-    if getattr(args, "seed", None) in (None, -1) and getattr(args, "temp", 0) > 0:
+    if args.seed is None and args.temp > 0:
         args.seed = _shared_seed(model)
     return model, spmd.rank == 0
 
@@ -414,8 +414,6 @@ def _check_reasoning_tags(args: argparse.Namespace, model: Model, printing: bool
 
 
 def _sampling(args: argparse.Namespace) -> dict[str, Any]:
-    if args.seed is not None and args.seed < 0:  # llama.cpp's --seed -1: a fresh random seed
-        args.seed = None
     return {
         "temperature": args.temp,
         "top_k": args.top_k,
@@ -465,6 +463,15 @@ def _ratios(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"expected ratios like 3,1,1,1, got {text!r}") from None
 
 
+def _seed(text: str) -> int | None:
+    """A seed; negative (llama.cpp's -1) means a fresh random one, i.e. None."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer seed, got {text!r}") from None
+    return None if value < 0 else value
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -510,7 +517,7 @@ def _generation_args(p: argparse.ArgumentParser, n_predict: int) -> None:
     p.add_argument("--repeat-last-n", type=int, default=64, help="tokens the penalties look back over (default: 64)")
     p.add_argument("--presence-penalty", type=float, default=0.0, help="subtract for every token already present")
     p.add_argument("--frequency-penalty", type=float, default=0.0, help="subtract per occurrence of a token")
-    p.add_argument("--seed", type=int, help="random seed: the same seed gives the same text (default, or -1: random)")
+    p.add_argument("--seed", type=_seed, help="random seed: the same seed gives the same text (default, or -1: random)")
     p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop at this text (repeatable)")
     p.add_argument(
         "--reasoning-budget",
