@@ -92,6 +92,18 @@ def default_models_dir() -> Path | None:
     return d if d.is_dir() else None
 
 
+def models_dir(option: str) -> Path | None:
+    """The end-to-end section's model directory for ``--models``: ``auto`` (the source tree's fixtures, when there
+    are any), ``none``, or a directory, which must exist."""
+    if option == "none":
+        return None
+    if option == "auto":
+        return default_models_dir()
+    if not Path(option).is_dir():
+        raise ModelFormatError(f"{option}: no such directory (--models takes a directory of model dirs, auto or none)")
+    return Path(option)
+
+
 def check_setup(backend: str, communicator: str | None) -> tuple[Backend, type[Communicator]]:
     """The Backend and Communicator class to test; one TensorweaveError naming the problem when unusable."""
     from ..core.plugins import registry
@@ -161,8 +173,7 @@ def run(
 
     check_setup(backend, communicator)
     open_group(backend, world_size, devices)  # a bad spec: one line here rather than a pytest usage error
-    if models not in ("auto", "none") and not Path(models).is_dir():
-        raise ModelFormatError(f"{models}: no such directory (--models takes a directory of model dirs, auto or none)")
+    models_dir(models)  # a missing directory: one line here rather than a pytest usage error
     with tempfile.TemporaryDirectory(prefix="tw-conformance-") as tmp:
         # An empty ini of our own: the kit behaves the same whatever pytest configuration the current directory has.
         ini = Path(tmp) / "pytest.ini"

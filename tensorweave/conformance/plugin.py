@@ -87,16 +87,17 @@ class Kit:
 
     @classmethod
     def from_config(cls, config: pytest.Config) -> Kit:
-        from . import check_setup, default_models_dir
+        from ..errors import ModelFormatError
+        from . import check_setup, models_dir
 
         opt = config.getoption
         backend, comm = check_setup(opt("tw_backend"), opt("tw_communicator"))
         if opt("tw_world_size") < 1 or opt("tw_max_examples") < 1:
             raise pytest.UsageError("--tw-world-size and --tw-max-examples must be at least 1")
-        models = opt("tw_models")
-        models_dir = default_models_dir() if models == "auto" else None if models == "none" else Path(models)
-        if models_dir is not None and not models_dir.is_dir():
-            raise pytest.UsageError(f"--tw-models {models}: no such directory")
+        try:
+            models = models_dir(opt("tw_models"))
+        except ModelFormatError as e:
+            raise pytest.UsageError(f"--tw-models {e}") from None
         from ..core.ops import OPS
 
         overrides = {}
@@ -114,7 +115,7 @@ class Kit:
             opt("tw_world_size"),
             opt("tw_max_examples"),
             opt("tw_devices"),
-            models_dir,
+            models,
             overrides,
             Path(opt("tw_report")) if opt("tw_report") else None,
         )
