@@ -1,6 +1,7 @@
 """tensorweave against transformers (torch, CPU) on the same model in one process: prefill and decode speed.
 
     python benchmarks/vs_transformers.py [--prompt 64] [--gen 32] [--runs 3] [--tp 1 2 4] [--threads T] [--json]
+    python benchmarks/vs_transformers.py --torch-device cuda --devices cuda:0 cuda:0,0,0 -ts 3,1,1   # on a GPU
 
 Writes the llama-like model of ../shared/REFERENCES.md (hidden 768, 12 layers, 12 heads / 4 KV heads, ffn 2048,
 vocab 32000, float32, 124.7M parameters) as a Hugging Face directory with ``benchmarks/loading.py``'s
@@ -54,23 +55,34 @@ TOLERANCE = 1e-3  # max |logit difference| accepted between the two frameworks (
 Runner = Callable[[np.ndarray, int], tuple[float, float, list[int], np.ndarray]]
 
 
-def transformers_runner(model_dir: Path) -> Runner:
+def cache_kwargs(out: Any) -> dict[str, Any]:
+    """The KV cache of a forward's output, as the next call takes it (``cache`` from transformers 5.2x on,
+    ``past_key_values`` before)."""
+    cache = getattr(out, "cache", None)
+    return {"cache": cache} if cache is not None else {"past_key_values": out.past_key_values}
+
+
+def transformers_runner(model_dir: Path, device: str = "cpu") -> Runner:
+    """transformers on torch ``device``; each step's logits come back to the host (as tensorweave's do), which also
+    waits for a GPU, so the timings cover the work."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa").eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")
+    model = model.to(device).eval()
 
     def run(prompt: np.ndarray, steps: int) -> tuple[float, float, list[int], np.ndarray]:
         with torch.inference_mode():
             t0 = time.perf_counter()
-            out = model(input_ids=torch.from_numpy(prompt)[None], use_cache=True)
+            out = model(input_ids=torch.from_numpy(prompt)[None].to(device), use_cache=True)
+            logits = [out.logits[0].cpu().numpy().copy()]
             t_pp = time.perf_counter() - t0
-            logits = [out.logits[0].numpy().copy()]
             tokens = [int(logits[-1][-1].argmax())]
             t0 = time.perf_counter()
             for _ in range(steps):
-                out = model(input_ids=torch.tensor([[tokens[-1]]]), cache=out.cache, use_cache=True)
-                logits.append(out.logits[0].numpy().copy())
+                ids = torch.tensor([[tokens[-1]]], device=device)
+                out = model(input_ids=ids, **cache_kwargs(out), use_cache=True)
+                logits.append(out.logits[0].cpu().numpy().copy())
                 tokens.append(int(logits[-1][-1].argmax()))
             t_tg = time.perf_counter() - t0
         return t_pp, t_tg, tokens, np.concatenate(logits)
@@ -120,6 +132,10 @@ def main() -> None:
     ap.add_argument("--gen", type=int, default=32, help="greedy decode steps (default: 32)")
     ap.add_argument("--runs", type=int, default=3, help="timed runs after one warm-up (default: 3)")
     ap.add_argument("--tp", type=int, nargs="+", default=[1, 2, 4], help="cpu-sim device counts (default: 1 2 4)")
+    ap.add_argument("--devices", nargs="+", help="tensorweave device specs to run instead of --tp (e.g. cuda:0)")
+    ap.add_argument("-ts", "--tensor-split", help="split ratios for the multi-device specs of --devices, e.g. 3,1,1")
+    ap.add_argument("--communicator", help="tensorweave communicator (default: the backend's; peer for cuda:0,0,0)")
+    ap.add_argument("--torch-device", default="cpu", help="where transformers runs: cpu or cuda (default: cpu)")
     ap.add_argument("--dir", type=Path, default=Path("/tmp/tw-vs-transformers"), help="where the model is written")
     ap.add_argument(
         "--threads",
@@ -140,12 +156,16 @@ def main() -> None:
     prompt = np.random.default_rng(0).integers(0, 32000, args.prompt)
 
     print(f"transformers {transformers.__version__}, torch {torch.__version__}, {threads} threads", file=sys.stderr)
-    ref = measure(transformers_runner(args.dir), prompt, args.gen, args.runs)
-    results: list[dict[str, Any]] = [{"framework": "transformers", "devices": "torch cpu", **ref}]
-    for n in args.tp:
-        spec = f"cpu-sim:{n}" + (f",threads={max(1, threads // n)}" if args.threads else "")
+    ref = measure(transformers_runner(args.dir, args.torch_device), prompt, args.gen, args.runs)
+    results: list[dict[str, Any]] = [{"framework": "transformers", "devices": f"torch {args.torch_device}", **ref}]
+    threads_each = {n: f",threads={max(1, threads // n)}" if args.threads else "" for n in args.tp}
+    specs = args.devices or [f"cpu-sim:{n}{threads_each[n]}" for n in args.tp]
+    for spec in specs:
         print(f"tensorweave {spec} ...", file=sys.stderr)
-        with tw.load(args.dir, devices=spec, ctx=args.prompt + args.gen + 1, progress=False) as model:
+        devs = tw.devices(spec)
+        split = [float(r) for r in args.tensor_split.split(",")] if args.tensor_split and len(devs) > 1 else None
+        comm = args.communicator if len(devs) > 1 else None
+        with tw.load(args.dir, devs, split, communicator=comm, ctx=args.prompt + args.gen + 1, progress=False) as model:
             results.append(
                 {
                     "framework": "tensorweave",

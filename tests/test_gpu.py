@@ -17,7 +17,7 @@ import tensorweave as tw
 from tensorweave.backends.rocm import ARCHITECTURES, arch_of
 from tensorweave.core import dtypes
 from tensorweave.core.plugins import registry
-from tensorweave.errors import BackendUnavailableError, DeviceSpecError, PlacementError
+from tensorweave.errors import BackendUnavailableError, CollectiveError, DeviceSpecError, PlacementError
 
 CUDA = registry().backend("cuda").available()
 gpu = pytest.mark.gpu
@@ -43,6 +43,33 @@ def test_rocm_architecture_table() -> None:
     assert "MI300X" in ARCHITECTURES["gfx942"].products and "MI355X" in ARCHITECTURES["gfx950"].products
     assert ARCHITECTURES["gfx950"].family == "CDNA4" and ARCHITECTURES["gfx1100"].wavefront == 32
     assert arch_of("gfx9999") == ("gfx9999", None)
+
+
+@pytest.mark.parametrize(
+    ("src", "dst"),
+    [(s, "bfloat16") for s in ("float32", "float16", "float64")]
+    + [("bfloat16", d) for d in ("float32", "float16", "float64")],
+)
+def test_gpu_cast_kernel_on_bfloat16_bits_rounds_like_the_reference(src: str, dst: str) -> None:
+    """The GPU backend's cast holds bfloat16 as uint16 bits; run on numpy it must equal the reference cast bit for
+    bit (ties, NaN, inf, values past float32's range and subnormals included)."""
+    from tensorweave.backends.gpu import _cast
+    from tensorweave.core.ops import OPS
+
+    rng = np.random.default_rng(0)
+    x = np.concatenate(
+        [
+            rng.standard_normal(4096) * 10.0 ** rng.integers(-40, 40, 4096),
+            [np.nan, np.inf, -np.inf, 0.0, -0.0, 1e300, -1e-300, 1 + 2.0**-8, 1 + 3 * 2.0**-9],
+        ]
+    )
+    with np.errstate(over="ignore", invalid="ignore"):  # past float16's range: inf, on both sides
+        host = x.astype(dtypes.to_dtype(src)) if src != "float64" else x
+        want = np.empty(host.shape, dtypes.to_dtype(dst))
+        OPS["cast"].kernel(np, want, host, dtype=dst)
+        got = np.empty(host.shape, np.uint16 if dst == "bfloat16" else want.dtype)
+        _cast(np, got, host.view(np.uint16) if src == "bfloat16" else host, dtype=dst)
+    np.testing.assert_array_equal(got.view(want.dtype) if dst == "bfloat16" else got, want)
 
 
 # --- on a GPU ---------------------------------------------------------------------------------------------------
@@ -150,3 +177,10 @@ def test_cuda_spec_errors() -> None:
         tw.devices("cuda:0,peer_access=maybe")
     with pytest.raises(DeviceSpecError, match="unknown option"):
         tw.devices("cuda:0,bogus=1")
+
+
+@gpu
+@needs_cuda
+def test_nccl_refuses_two_ranks_on_one_gpu() -> None:
+    with pytest.raises(CollectiveError, match=r"share a GPU.*peer"):
+        tw.communicator(tw.devices("cuda:0,0"), "nccl")

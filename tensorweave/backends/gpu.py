@@ -29,6 +29,7 @@ import warnings
 import weakref
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
+from types import MappingProxyType
 from typing import Any
 
 import numpy as np
@@ -165,7 +166,7 @@ class GpuDevice(Device):
     def from_host(self, host: np.ndarray, out: GpuArray | None = None) -> GpuArray:
         if isinstance(host, GpuArray):
             raise PlacementError(f"{self.name}.from_host: got a device array of {host.device.name}; use copy_from")
-        host = np.ascontiguousarray(host)
+        host = np.asarray(host, order="C")  # not ascontiguousarray: it makes a 0-d array 1-d
         dt = dtypes.to_dtype(host.dtype)
         if out is None:
             out = self._allocate(host.shape, dt)
@@ -262,21 +263,43 @@ class GpuDevice(Device):
     def _unwrap(self, value: Any) -> Any:
         if isinstance(value, np.ndarray):
             raise PlacementError(f"{self.name}.submit: got a host numpy array; upload it with from_host first")
-        return self._native(value, "submit") if isinstance(value, GpuArray) else value
+        if isinstance(value, GpuArray) or isinstance(getattr(value, "device", None), Device):
+            return self._native(value, "submit")  # raises for another device's array, of any backend
+        return value
 
     def _wrap(self, value: Any) -> Any:
-        return self._adopt(value, np.dtype(value.dtype)) if isinstance(value, self.cp.ndarray) else value
+        if not isinstance(value, self.cp.ndarray):
+            return value
+        # uint16 is no tensorweave dtype: a uint16 CuPy array is bfloat16 bits (see the module docstring)
+        return self._adopt(value, dtypes.bfloat16 if value.dtype == np.uint16 else np.dtype(value.dtype))
 
     def synchronize(self) -> None:
         self.drain()
         self._stream.synchronize()
 
 
+def _cast(xp: Any, out: Any, x: Any, *, dtype: str = "") -> None:
+    """``cast`` where either side may be bfloat16, which CuPy holds as uint16 bits (no other dtype here is uint16):
+    from bfloat16 exactly through float32; to bfloat16 rounding once, as the reference does."""
+    if x.dtype == xp.uint16:
+        x = dtypes.bf16_bits_to_float32(xp, x)
+    if out.dtype != xp.uint16:
+        out[...] = x
+        return
+    if x.dtype == dtypes.float64:
+        x = dtypes.float64_to_float32_round_odd(xp, x)
+    out[...] = dtypes.float32_to_bf16_bits(xp, x.astype(dtypes.float32))
+
+
 class GpuBackend(Backend):
     """CuPy devices of one vendor; subclasses set ``name``, ``hip`` (ROCm) and ``description``."""
 
     hip: bool = False
-    capabilities = Capabilities(dtypes=frozenset({"float32", "float16", "float64", "int32"}))
+    # bfloat16 is storage only (see the module docstring), but casting to and from it runs on the GPU
+    capabilities = Capabilities(
+        dtypes=frozenset({"float32", "float16", "float64", "int32"}), op_dtypes=frozenset({("cast", "bfloat16")})
+    )
+    kernels = MappingProxyType({"cast": _cast})
 
     def __init__(self) -> None:
         self._cupy: Any = None

@@ -58,9 +58,10 @@ class Capabilities:
 
     dtypes: frozenset[str]
     ops: frozenset[str] | None = None
+    op_dtypes: frozenset[tuple[str, str]] = frozenset()  # (op, dtype) pairs supported beyond ``dtypes``
 
     def supports(self, op: str, dtype: str) -> bool:
-        return dtype in self.dtypes and (self.ops is None or op in self.ops)
+        return (dtype in self.dtypes and (self.ops is None or op in self.ops)) or (op, dtype) in self.op_dtypes
 
 
 class Device(ABC):

@@ -113,3 +113,14 @@ def float32_to_bf16_bits(xp: Any, x: Any) -> Any:
     b = x.view(xp.uint32)
     rounded = (b + 0x7FFF + ((b >> 16) & 1)) >> 16
     return xp.where(xp.isnan(x), (b >> 16) | 0x40, rounded).astype(xp.uint16)
+
+
+def float64_to_float32_round_odd(xp: Any, x: Any) -> Any:
+    """float64 -> float32 rounded to odd (truncate, then set the lowest bit when inexact), so that rounding the result
+    once more to bfloat16 equals rounding the float64 value once (ml_dtypes rounds float64 -> float32 -> bfloat16,
+    twice). Values past float32's range (inf too) clip to its max, which still rounds to bfloat16 inf."""
+    big = float(np.finfo(np.float32).max)
+    x = xp.clip(x, -big, big)
+    f = x.astype(float32)
+    f = xp.where(xp.abs(f.astype(float64)) > xp.abs(x), xp.nextafter(f, xp.float32(0)), f)  # truncate
+    return (f.view(xp.uint32) | (f.astype(float64) != x).astype(xp.uint32)).view(float32)
