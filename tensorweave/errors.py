@@ -47,6 +47,10 @@ class CollectiveError(TensorweaveError, ValueError):
     """A collective was called with buffers that do not fit together (count, shape, dtype, op)."""
 
 
+class OpAttributeError(TensorweaveError, TypeError):
+    """A graph node gave its op an attribute the op does not declare (a typo), or left out a required one."""
+
+
 class UnsupportedError(TensorweaveError, NotImplementedError):
     """A backend or communicator does not support the requested op or dtype."""
 

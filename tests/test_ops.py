@@ -10,6 +10,7 @@ fails when an op is registered without a test in this file.
 from __future__ import annotations
 
 import cmath
+import inspect
 import math
 import warnings
 from collections.abc import Callable, Sequence
@@ -27,7 +28,7 @@ from tensorweave.conformance.cases import nmse  # the metric only; every referen
 from tensorweave.core import dtypes, ops
 from tensorweave.core.graph import Graph
 from tensorweave.core.ops import OPS
-from tensorweave.errors import ShapeError, UnsupportedError
+from tensorweave.errors import OpAttributeError, ShapeError, UnsupportedError
 
 Array = NDArray[Any]
 F = TypeVar("F", bound=Callable[..., Any])
@@ -1151,6 +1152,54 @@ def test_graph_tracing_checks_shapes() -> None:
         g.matmul(x, g.weight("w", (4, 5)))
     with pytest.raises(UnsupportedError, match="unknown op"):
         ops.infer("no_such_op", [((2,), D)], {})
+
+
+def test_tracing_refuses_a_misspelled_attribute() -> None:
+    g = Graph("float32")
+    x = g.input("x", (2, 4), "float32")
+    with pytest.raises(OpAttributeError, match=r"^rms_norm: unknown attribute 'esp' \(did you mean 'eps'\?\); "):
+        g.op("rms_norm", x, esp=1e-6)
+    with pytest.raises(OpAttributeError, match=r"^softmax: unknown attribute 'axes' \(did you mean 'axis'\?\)"):
+        g.softmax(x, axes=0)
+    with pytest.raises(OpAttributeError, match=r"^silu: unknown attribute 'alpha'; silu takes no attributes$"):
+        g.silu(x, alpha=1.0)
+    with pytest.raises(OpAttributeError, match=r"rope: unknown attribute 'neo_x'.*takes theta=10000\.0, neox=True"):
+        g.rope(g.input("q", (2, 1, 4), "float32"), g.input("pos", (2,), "int32"), neo_x=False)
+    assert not g.nodes  # refused while tracing: nothing was appended
+
+
+def test_tracing_refuses_a_missing_required_attribute() -> None:
+    g = Graph("float32")
+    x = g.input("x", (2, 4), "float32")
+    with pytest.raises(OpAttributeError, match=r"^rms_norm: missing required attribute 'eps'; rms_norm takes eps, "):
+        g.op("rms_norm", x)
+    with pytest.raises(OpAttributeError, match="reshape: missing required attribute 'shape'"):
+        g.reshape(x)
+    with pytest.raises(OpAttributeError, match="slice: missing required attribute 'stop'"):
+        g.slice(x, axis=0, start=0)
+    with pytest.raises(OpAttributeError, match="topk_route: missing required attribute 'k'"):
+        ops.infer("topk_route", [((2, 4), D)], {"gating": "sigmoid"})
+    assert not g.nodes
+    assert g.op("rms_norm", x, eps=1e-6).shape == (2, 4)  # optional attributes may be left out
+
+
+@pytest.mark.parametrize("name", sorted(OPS))
+def test_declared_attributes_are_the_kernels_keywords(name: str) -> None:
+    """What an op declares is what its reference kernel takes: the same names, and the kernel's defaults (an
+    attribute the shape rule needs may be required even where the kernel has a placeholder default)."""
+    op = OPS[name]
+    params = inspect.signature(op.kernel).parameters.values()
+    if any(p.kind is p.VAR_KEYWORD for p in params):  # copy, allreduce, allgather: identities taking anything
+        return
+    keywords = {p.name: p.default for p in params if p.kind is p.KEYWORD_ONLY}
+    assert set(op.attrs) == set(keywords), f"{name}: declares {sorted(op.attrs)}, kernel takes {sorted(keywords)}"
+    for attr, default in op.attrs.items():
+        if default is ops.REQUIRED:
+            continue
+        assert keywords[attr] is not inspect.Parameter.empty, f"{name}: {attr} has a default but the kernel needs it"
+        assert keywords[attr] == default, (
+            f"{name}: declares {attr}={default!r}, the kernel's default is {keywords[attr]!r}"
+        )
 
 
 # --- coverage -------------------------------------------------------------------------------------------------
