@@ -58,3 +58,31 @@ def test_synthetic_transformer_split_over_logical_devices(spec: str, communicato
         want = graphs(tokens=n).evaluate(feeds, weights, caches)["logits"].astype(np.float64)
         got = ex.run(graphs(tokens=n), feeds)["logits"].astype(np.float64)
         assert nmse(got, want) <= 1e-6
+
+
+def test_sync_free_device_paths_match_the_host_paths(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The kernels read no device array from the host on GPUs (ops.elementwise.on_host): attention over the whole
+    cache with the tail masked, the ring index from an array, the vocabulary-split lookup by where(). Forced here on
+    numpy, the synthetic model (rings that wrap, sinks, MoE, split vocabulary) still equals the host paths' result."""
+    from tensorweave.core.ops import attention, linalg
+
+    cfg = Config(
+        n_layer=2, n_head=6, n_kv=3, head_dim=8, n_expert=4, dense_layers=(0,), sinks=True, window=4, window_layers=(1,)
+    )
+    graphs = GraphCache(lambda tokens: build(cfg, tokens))
+    weights = random_weights(graphs(tokens=4), 0)
+    steps = ((0, 4), (4, 1), (5, 3), (8, 1))
+    caches: dict[str, np.ndarray] = {}
+    want = []
+    for start, n in steps:
+        feeds = {"tokens": np.arange(start, start + n) % cfg.vocab, "positions": np.arange(start, start + n)}
+        want.append(graphs(tokens=n).evaluate(feeds, weights, caches)["logits"].astype(np.float64))
+    asked: list[str] = []
+    for module in (attention, linalg):
+        monkeypatch.setattr(module, "on_host", lambda a, m=module.__name__: asked.append(m) is not None)
+    ex = Executor("cpu-sim:3", tensor_split=[2, 1, 1])
+    ex.load_weights(graphs(tokens=4), weights)
+    for (start, n), w in zip(steps, want, strict=True):
+        feeds = {"tokens": np.arange(start, start + n) % cfg.vocab, "positions": np.arange(start, start + n)}
+        assert nmse(ex.run(graphs(tokens=n), feeds)["logits"].astype(np.float64), w) <= 1e-6
+    assert {attention.__name__, linalg.__name__} <= set(asked)

@@ -8,7 +8,7 @@ from typing import Any
 
 from .. import dtypes
 from ..sharding import REPLICATED, Split, State
-from .elementwise import _acc, softmax
+from .elementwise import _acc, on_host, softmax
 from .registry import REQUIRED, Meta, OpDef, Shape, _need, register
 
 
@@ -54,13 +54,17 @@ def _k_attention(
     n_tok, n_head, hd = q.shape
     n_kv = k.shape[1]
     group = n_head // n_kv if n_kv else 0  # a device may hold zero heads
+    host = on_host(pos)  # see on_host: on an H200 the shortcuts cost 3 stream stalls per layer and step
     if ck is not None and window:
         k, v, kpos = _ring_cache(xp, ck, cv, k, v, pos)
     elif ck is not None:  # append this step's keys/values, then attend over the cache up to the last position
         ck[pos] = k
         cv[pos] = v
-        length = int(pos.max()) + 1 if n_tok else 0
-        k, v, kpos = ck[:length], cv[:length], xp.arange(length)
+        if host:
+            length = int(pos.max()) + 1 if n_tok else 0
+            k, v, kpos = ck[:length], cv[:length], xp.arange(length)
+        else:  # the whole cache; the slots past the last position are masked below (zeroed or stale, never NaN)
+            k, v, kpos = ck, cv, xp.arange(ck.shape[0])
     else:
         kpos = pos
     # Batched matmuls over KV heads (BLAS) rather than einsum: [kv, group * tokens, hd] @ [kv, hd, keys].
@@ -77,14 +81,16 @@ def _k_attention(
         visible &= kpos[None, :] >= 0
     if window:
         visible &= kpos[None, :] > pos[:, None] - window
-    if not bool(visible.all()):
+    if cache and not causal and not host and n_tok:
+        visible &= kpos[None, :] <= xp.max(pos)  # the whole cache was read: not past the last position
+    if not host or not bool(visible.all()):
         scores = xp.where(visible, scores, -xp.inf)
     if sk is not None:  # a learned per-head logit that only joins the softmax's denominator
         sink = xp.broadcast_to(_acc(sk).reshape(n_kv, group, 1, 1), (*scores.shape[:3], 1))
         probs = softmax(xp, xp.concatenate([scores, sink], axis=-1))[..., :-1]
     else:
         probs = softmax(xp, scores)
-    if not bool(visible.any(axis=-1).all()):
+    if not host or not bool(visible.any(axis=-1).all()):
         probs = xp.where(visible, probs, 0.0)  # rows with nothing visible give 0, not NaN
     y = xp.matmul(probs.reshape(n_kv, group * n_tok, n_keys), _acc(v).transpose(1, 0, 2))  # [kv, group * tokens, hd]
     out[...] = y.reshape(n_kv, group, n_tok, hd).transpose(2, 0, 1, 3).reshape(n_tok, n_head, hd)
@@ -97,7 +103,7 @@ def _ring_cache(xp: Any, ck: Any, cv: Any, k: Any, v: Any, pos: Any) -> tuple[An
     last R keys overwrite their slots. Returns (keys, values, key positions); never-written slots get negative
     positions, which no query sees."""
     n_slots, n_tok = ck.shape[0], k.shape[0]
-    start = int(pos[0]) if n_tok else 0
+    start = pos[:1].astype(xp.int64) if n_tok else 0  # an array, not int(pos[0]): no host round trip on a GPU
     slots = xp.arange(n_slots)
     held = start - 1 - (start - 1 - slots) % n_slots  # the latest position before this step in each slot
     keys, values = xp.concatenate([ck, k]), xp.concatenate([cv, v])

@@ -24,6 +24,13 @@ from .registry import REQUIRED, Infer, Meta, OpDef, Rule, Shape, _need, register
 _WIDEN = (dtypes.float16, dtypes.bfloat16)
 
 
+def on_host(a: Any) -> bool:
+    """Whether ``a`` is in host memory (numpy), where reading it from Python (``int()``, ``bool()``) is free. On a
+    GPU each such read stalls the stream until the queued kernels finish, so kernels take their data-dependent
+    shortcuts only on the host and a sync-free path for device arrays."""
+    return isinstance(a, np.ndarray)
+
+
 def _acc(x: Any) -> Any:
     """x in its accumulator dtype (float32 for 16-bit floats); x itself otherwise.
 

@@ -8,7 +8,7 @@ from typing import Any
 from ...errors import ShapeError
 from .. import dtypes
 from ..sharding import PARTIAL, REPLICATED, Partial, Split, State
-from .elementwise import _acc
+from .elementwise import _acc, on_host
 from .registry import Meta, OpDef, Shape, _need, register
 
 
@@ -51,15 +51,20 @@ def _k_embedding(xp: Any, out: Any, ids: Any, table: Any, *, offset: int = 0, vo
     """table[ids]. A device holding only vocabulary rows [offset, offset + len(table)) of ``vocab`` looks up those
     and writes zeros elsewhere, so the devices' parts sum to the whole lookup (PARTIAL)."""
     vocab = vocab or table.shape[0]
-    if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
+    # The range check reads the ids (see on_host): device arrays go unchecked here; Session.eval checks token ids
+    # on the host before they are uploaded.
+    if on_host(ids) and ids.size and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
         raise ShapeError(f"embedding: token ids must be in 0..{vocab - 1}, got {int(ids.min())}..{int(ids.max())}")
     if table.shape[0] == vocab:
         out[...] = table[ids]
         return
+    if table.shape[0] == 0:  # a device may hold no vocabulary rows
+        out[...] = 0
+        return
     local = ids - offset
     mine = (local >= 0) & (local < table.shape[0])
-    out[...] = 0
-    out[mine] = table[local[mine]]
+    # where() rather than out[mine] = ...: boolean indexing sizes its result from the data, a host round trip on GPUs
+    out[...] = xp.where(mine[:, None], table[xp.clip(local, 0, table.shape[0] - 1)], 0)
 
 
 def _rule_embedding(

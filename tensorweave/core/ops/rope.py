@@ -63,6 +63,19 @@ def _cached_inv_freq(n_rot: int, theta: float, scaling: tuple[tuple[str, Any], .
     return inv
 
 
+def _current_device(xp: Any) -> int:
+    """The ordinal of the GPU that ``xp`` (CuPy) allocates on now; 0 for namespaces with one memory."""
+    cuda = getattr(xp, "cuda", None)
+    return int(cuda.runtime.getDevice()) if cuda is not None else 0
+
+
+@functools.lru_cache(maxsize=64)
+def _inv_freq_on(xp: Any, device: int, n_rot: int, theta: float, scaling: tuple[tuple[str, Any], ...]) -> Any:
+    """The frequencies as an array of ``xp`` on ``device``, uploaded once: a copy from the host in every layer of
+    every step would cost a host-to-device transfer each (measured on an H200: 768 uploads in 32 decode steps)."""
+    return xp.asarray(_cached_inv_freq(n_rot, theta, scaling))
+
+
 def _infer_rope(metas: list[Meta], attrs: dict[str, Any]) -> Meta:
     (xs, xd), (ps, pd) = metas
     _need(len(xs) == 3, f"rope: x must be [tokens, heads, head_dim], got {xs}")
@@ -87,7 +100,7 @@ def _k_rope(
     n_rot = n_rot or x.shape[2]
     half = n_rot // 2
     xa = _acc(x)
-    inv = xp.asarray(_cached_inv_freq(n_rot, theta, tuple(sorted((scaling or {}).items()))))
+    inv = _inv_freq_on(xp, _current_device(xp), n_rot, theta, tuple(sorted((scaling or {}).items())))
     ang = positions.astype(np.float64)[:, None, None] * inv[None, None, :]
     cos, sin = xp.cos(ang).astype(xa.dtype), xp.sin(ang).astype(xa.dtype)
     if neox:  # pairs (i, i + half): HF's rotate_half convention

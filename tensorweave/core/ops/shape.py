@@ -7,8 +7,6 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
-
 from .. import dtypes
 from ..sharding import REPLICATED, Partial, Split, State
 from .elementwise import _elementwise, _replicated, _same
@@ -147,14 +145,8 @@ def _k_concat(xp: Any, out: Any, *xs: Any, axis: int = -1) -> None:
 
 
 def _k_cast(xp: Any, out: Any, x: Any, *, dtype: str = "") -> None:
-    if x.dtype == dtypes.float64 and out.dtype == dtypes.bfloat16:
-        # ml_dtypes converts float64 -> float32 -> bfloat16, rounding twice; via float32 rounded to odd, the
-        # final rounding to bfloat16 equals rounding the float64 value once
-        big = float(np.finfo(np.float32).max)
-        x = xp.clip(x, -big, big)  # past float32's range (inf too): its max still rounds to bfloat16 inf
-        f = x.astype(dtypes.float32)
-        f = xp.where(xp.abs(f.astype(dtypes.float64)) > xp.abs(x), xp.nextafter(f, xp.float32(0)), f)  # truncate
-        x = (f.view(xp.uint32) | (f.astype(dtypes.float64) != x).astype(xp.uint32)).view(dtypes.float32)
+    if x.dtype == dtypes.float64 and out.dtype == dtypes.bfloat16:  # ml_dtypes would round twice
+        x = dtypes.float64_to_float32_round_odd(xp, x)
     out[...] = x
 
 
