@@ -17,9 +17,9 @@ from __future__ import annotations
 from importlib.metadata import PackageNotFoundError, version
 
 from . import errors
-from .core.communicator import open_communicator as communicator
-from .core.device import open_devices as devices
 from .core.hookspecs import hookimpl
+from .core.plugins import open_communicator as communicator
+from .core.plugins import open_devices as devices
 from .runtime.model import Model, load
 
 try:

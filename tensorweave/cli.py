@@ -16,9 +16,8 @@ import numpy as np
 
 from . import errors
 from .core import dtypes
-from .core.communicator import open_communicator
-from .core.device import Device, DeviceSpec, open_devices
-from .core.plugins import registry
+from .core.device import Device, DeviceSpec
+from .core.plugins import open_communicator, open_devices, registry
 from .core.sharding import normalize_split
 from .runtime.session import TextStream
 

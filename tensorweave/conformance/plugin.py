@@ -155,7 +155,7 @@ class Kit:
 
 
 def open_group(backend: str, n: int, spec: str | None) -> list[Device]:
-    from ..core.device import open_devices
+    from ..core.plugins import open_devices
     from ..errors import DeviceSpecError
 
     if spec:

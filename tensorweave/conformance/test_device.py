@@ -13,7 +13,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from ..core import dtypes
-from ..core.device import Device, open_devices
+from ..core.device import Device
+from ..core.plugins import open_devices
 from ..errors import OutOfMemoryError, PlacementError, UnsupportedError
 from .plugin import Kit, open_group
 

@@ -216,20 +216,3 @@ class Communicator(ABC):
                     f"{self.name}.{what}: rank {rank} has shape {shape}; buffers must have at least one axis "
                     f"and agree on all axes but the first (rank {self.local_ranks[0]}: {ref})"
                 )
-
-
-def open_communicator(devices: Sequence[Device], name: str | None = None, **options: Any) -> Communicator:
-    """``tw.communicator(devices, name=None, **options)``.
-
-    Without a name: the backend's ``default_communicator`` when all devices share a backend, else ``peer`` (the
-    vendor-agnostic one), so mixed-backend groups work out of the box.
-    """
-    from .plugins import registry
-
-    devices = list(devices)
-    if not devices:
-        raise CollectiveError("tw.communicator() needs at least one device")
-    if name is None:
-        backends = {d.backend.name for d in devices}
-        name = devices[0].backend.default_communicator if len(backends) == 1 else "peer"
-    return registry().communicator(name)(devices, **options)

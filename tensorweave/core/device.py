@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import BackendUnavailableError, DeviceSpecError
+from ..errors import DeviceSpecError
 
 DeviceArray = Any  # backend-specific; exposes .shape, .dtype (numpy dtype) and .nbytes
 
@@ -184,6 +184,9 @@ _UNITS = {
 }
 
 
+MIXED = "+"  # joins the specs of several backends into one group: "cpu-sim:1+array-api-strict:1"
+
+
 def parse_size(text: str) -> int:
     """'256MiB' -> 268435456; '1.5GB' -> 1500000000; plain numbers are bytes."""
     m = _SIZE.match(text)
@@ -240,37 +243,3 @@ def total_host_memory() -> int:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
         return 1 << 40
-
-
-MIXED = "+"  # joins the specs of several backends into one group: "cpu-sim:1+array-api-strict:1"
-
-
-def open_devices(spec: str) -> list[Device]:
-    """``tw.devices(spec)``: look the backend up among the plugins and let it create the devices.
-
-    ``A+B`` opens a mixed-backend group: each part is one backend's spec, and the group's ranks follow the
-    spec's order. Devices of different backends have no peer access to each other, so copies between them go
-    through host memory (``tw.communicator`` picks ``peer`` for such groups). Each backend appears once: its
-    devices are one group (``cpu-sim:2``, not ``cpu-sim:1+cpu-sim:1``) so they share topology and accounting.
-    """
-    from .plugins import registry
-
-    if isinstance(spec, str) and MIXED in spec:
-        parts = [p.strip() for p in spec.split(MIXED)]
-        if not all(parts):
-            raise DeviceSpecError(
-                f"empty part in device spec {spec!r}; join backends' specs with {MIXED!r}, "
-                "e.g. cpu-sim:1+array-api-strict:1"
-            )
-        names = [DeviceSpec.parse(p).backend for p in parts]
-        twice = sorted({n for n in names if names.count(n) > 1})
-        if twice:
-            raise DeviceSpecError(
-                f"device spec {spec!r} names backend {twice[0]!r} more than once; give it one count (e.g. {twice[0]}:2)"
-            )
-        return [d for p in parts for d in open_devices(p)]
-    parsed = DeviceSpec.parse(spec)
-    backend = registry().backend(parsed.backend)
-    if not backend.available():
-        raise BackendUnavailableError(f"backend {backend.name!r} is not available on this machine")
-    return backend.devices(parsed)

@@ -28,11 +28,12 @@ import numpy as np
 
 from ..errors import PlanError, ShapeError, UnsupportedError
 from . import dtypes
-from .communicator import Communicator, open_communicator
-from .device import Device, DeviceArray, open_devices
+from .communicator import Communicator
+from .device import Device, DeviceArray
 from .graph import Graph, Tensor
 from .ops import OPS, Shape
 from .planner import Plan, plan
+from .plugins import open_communicator, open_devices
 from .sharding import Split, local_shape, local_slice, normalize_split, weight_state
 
 ALIGN = 256  # bytes; every buffer in an arena starts on this boundary

@@ -1,4 +1,6 @@
-"""The plugin manager: loads the ``tensorweave`` entry points, collects what they register, lists them.
+"""The plugin manager: loads the ``tensorweave`` entry points, collects what they register, lists them; and the
+factories that look a plugin up by name (``tw.devices`` and ``tw.communicator``), so that the contracts in
+``device.py`` and ``communicator.py`` stay free of the plugin manager.
 
 Rules (documented for users in plugins.md):
 - every entry point of group ``tensorweave`` is a plugin; the built-ins (this package's own entry points) always load;
@@ -15,16 +17,16 @@ import importlib.metadata as md
 import os
 import threading
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import pluggy
 
-from ..errors import PluginError
+from ..errors import BackendUnavailableError, CollectiveError, DeviceSpecError, PluginError
 from . import hookspecs
 from .communicator import Communicator
-from .device import Backend
+from .device import MIXED, Backend, Device, DeviceSpec
 from .model import Loader, ModelFamily
 
 ENV_SELECT = "TENSORWEAVE_PLUGINS"
@@ -210,3 +212,47 @@ def reset() -> None:
     global _registry
     with _lock:
         _registry = None
+
+
+def open_devices(spec: str) -> list[Device]:
+    """``tw.devices(spec)``: look the backend up among the plugins and let it create the devices.
+
+    ``A+B`` opens a mixed-backend group: each part is one backend's spec, and the group's ranks follow the
+    spec's order. Devices of different backends have no peer access to each other, so copies between them go
+    through host memory (``tw.communicator`` picks ``peer`` for such groups). Each backend appears once: its
+    devices are one group (``cpu-sim:2``, not ``cpu-sim:1+cpu-sim:1``) so they share topology and accounting.
+    """
+    if isinstance(spec, str) and MIXED in spec:
+        parts = [p.strip() for p in spec.split(MIXED)]
+        if not all(parts):
+            raise DeviceSpecError(
+                f"empty part in device spec {spec!r}; join backends' specs with {MIXED!r}, "
+                "e.g. cpu-sim:1+array-api-strict:1"
+            )
+        names = [DeviceSpec.parse(p).backend for p in parts]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise DeviceSpecError(
+                f"device spec {spec!r} names backend {twice[0]!r} more than once; give it one count (e.g. {twice[0]}:2)"
+            )
+        return [d for p in parts for d in open_devices(p)]
+    parsed = DeviceSpec.parse(spec)
+    backend = registry().backend(parsed.backend)
+    if not backend.available():
+        raise BackendUnavailableError(f"backend {backend.name!r} is not available on this machine")
+    return backend.devices(parsed)
+
+
+def open_communicator(devices: Sequence[Device], name: str | None = None, **options: Any) -> Communicator:
+    """``tw.communicator(devices, name=None, **options)``.
+
+    Without a name: the backend's ``default_communicator`` when all devices share a backend, else ``peer`` (the
+    vendor-agnostic one), so mixed-backend groups work out of the box.
+    """
+    devices = list(devices)
+    if not devices:
+        raise CollectiveError("tw.communicator() needs at least one device")
+    if name is None:
+        backends = {d.backend.name for d in devices}
+        name = devices[0].backend.default_communicator if len(backends) == 1 else "peer"
+    return registry().communicator(name)(devices, **options)

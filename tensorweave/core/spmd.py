@@ -107,7 +107,7 @@ class SpmdEnv:
 
     def connect(self, devices: Sequence[Device], name: str | None = None, **options: Any) -> Communicator:
         """Open this rank's communicator (``name`` overrides the launcher's choice) over this rank's devices."""
-        from .communicator import open_communicator
+        from .plugins import open_communicator
 
         name = name or self.communicator
         if name != "mpi":  # MPI knows rank and size itself; the others are told
@@ -142,7 +142,7 @@ def spmd_from_env(
     and returns the communicator the launcher prepared (``shm`` or ``mpi``, or ``name``). Raises CollectiveError
     when the process was not started as a rank.
     """
-    from .device import open_devices
+    from .plugins import open_devices
 
     found = SpmdEnv.detect()
     if found is None:

@@ -26,9 +26,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..core.device import Device, open_devices
+from ..core.device import Device
 from ..core.graph import Graph
 from ..core.planner import Plan, plan
+from ..core.plugins import open_devices
 from ..errors import BackendUnavailableError
 from .model import check_weights, config_errors, open_checkpoint, runtime_config
 
