@@ -14,17 +14,11 @@ Plugin authors: ``tw.hookimpl`` marks hook implementations (see plugins.md); err
 
 from __future__ import annotations
 
-from importlib.metadata import PackageNotFoundError, version
-
 from . import errors
+from ._version import __version__
 from .core.hookspecs import hookimpl
 from .core.plugins import open_communicator as communicator
 from .core.plugins import open_devices as devices
 from .runtime.model import Model, load
-
-try:
-    __version__ = version("tensorweave")
-except PackageNotFoundError:  # running from a source tree that was never installed
-    __version__ = "0+unknown"
 
 __all__ = ["Model", "__version__", "communicator", "devices", "errors", "hookimpl", "load"]

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .. import __version__
+from .._version import __version__
 from ..errors import ModelFormatError, StateError
 from ..loaders.hf import SafetensorsFile, write_safetensors
 
@@ -67,8 +67,6 @@ def save(session: Session, path: str | Path) -> Path:
 
 def restore(model: Model, path: str | Path) -> Session:
     """A new session of ``model`` holding the state saved in ``path``; it takes over the model's KV caches."""
-    from .session import Session
-
     p = Path(path).expanduser()
     try:
         f = SafetensorsFile(p)
@@ -102,7 +100,7 @@ def restore(model: Model, path: str | Path) -> Session:
     if set(meta["caches"]) != set(graph.caches):
         raise StateError(f"{p}: the state's KV caches do not match this model's layers")
     model.executor.ensure_caches(graph)
-    session = Session(model)
+    session = model.session()  # not Session(model): the session module imports this one (Session.save)
     session.take_over()
     for name, t in graph.caches.items():
         rows, first = f.get(name), int(meta["caches"][name])
