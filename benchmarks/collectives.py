@@ -25,10 +25,10 @@ from typing import Any
 import numpy as np
 
 import tensorweave as tw
-from tensorweave.cli import table
 from tensorweave.core import dtypes
 from tensorweave.core.device import parse_size
 from tensorweave.core.plugins import registry
+from tensorweave.format import table
 
 
 def median_seconds(comm: tw.core.communicator.Communicator, bufs: list[object], repeat: int) -> float:

@@ -16,9 +16,9 @@ import time
 
 import numpy as np
 
-from tensorweave.cli import table
 from tensorweave.core.executor import Executor
 from tensorweave.core.graph import GraphCache
+from tensorweave.format import table
 from tensorweave.models.synthetic import Config, build, random_weights
 
 

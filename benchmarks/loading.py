@@ -23,9 +23,9 @@ from typing import Any
 import numpy as np
 
 import tensorweave as tw
-from tensorweave.cli import table
 from tensorweave.core.plugins import registry
 from tensorweave.errors import format_bytes
+from tensorweave.format import table
 from tensorweave.loaders.hf import save_pretrained
 from tensorweave.models.synthetic import random_weights
 

@@ -47,7 +47,7 @@ import numpy as np
 from loading import write_model
 
 import tensorweave as tw
-from tensorweave.cli import table
+from tensorweave.format import table
 
 TOLERANCE = 1e-3  # max |logit difference| accepted between the two frameworks (float32 both sides)
 

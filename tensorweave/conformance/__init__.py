@@ -73,11 +73,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import MissingDependencyError, ModelFormatError, PluginError
+from ..errors import DeviceSpecError, MissingDependencyError, ModelFormatError, PluginError
+from ..format import table
 
 if TYPE_CHECKING:
     from ..core.communicator import Communicator
-    from ..core.device import Backend
+    from ..core.device import Backend, Device
 
 SECTIONS = {"device": "device", "ops": "ops", "collectives": "collectives", "end_to_end": "end to end"}
 OUTCOMES = ("passed", "failed", "not_supported", "xfailed", "xpassed", "skipped")
@@ -123,10 +124,34 @@ def check_setup(backend: str, communicator: str | None) -> tuple[Backend, type[C
     return b, cls
 
 
+def open_group(backend: str, n: int, spec: str | None) -> list[Device]:
+    """The devices the kit tests on: ``spec`` (only ``backend``'s), else ``BACKEND:N``, else the backend's default
+    group, whichever opens more devices (up to ``n``)."""
+    from ..core.plugins import open_devices
+
+    if spec:
+        devs = open_devices(spec)
+        others = sorted({d.backend.name for d in devs} - {backend})
+        if others:
+            raise DeviceSpecError(f"devices {spec!r} include {', '.join(others)} devices; the kit tests {backend} only")
+        return devs
+    best: list[Device] = []
+    for candidate in (f"{backend}:{n}", backend):  # the count grammar; else the backend's own default group
+        try:
+            devs = open_devices(candidate)
+        except DeviceSpecError:
+            continue
+        if len(devs) > len(best):
+            best = devs
+        if len(best) >= n:
+            break
+    if not best:
+        raise DeviceSpecError(f"cannot open {backend} devices as {backend}:{n} or {backend}; name them (--devices)")
+    return best
+
+
 def format_summary(report: dict[str, Any]) -> str:
     """The section x outcome table and one line per failed test (what the command prints last)."""
-    from ..cli import table
-
     heads = ["passed", "failed", "not supported", "xfailed", "xpassed", "skipped"]
     rows = [[s, *(counts.get(o, 0) for o in OUTCOMES)] for s, counts in report["summary"].items()]
     total = [sum(int(r[i]) for r in rows) for i in range(1, len(heads) + 1)]
@@ -169,8 +194,6 @@ def run(
         raise MissingDependencyError(
             f"the conformance kit needs pytest and hypothesis ({e}); pip install 'tensorweave[conformance]'"
         ) from None
-    from .plugin import open_group
-
     check_setup(backend, communicator)
     open_group(backend, world_size, devices)  # a bad spec: one line here rather than a pytest usage error
     models_dir(models)  # a missing directory: one line here rather than a pytest usage error

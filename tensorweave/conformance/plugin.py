@@ -20,7 +20,17 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from . import DEFAULT_MAX_EXAMPLES, DEFAULT_WORLD_SIZE, NOT_SUPPORTED, OUTCOMES, SECTIONS
+from . import (
+    DEFAULT_MAX_EXAMPLES,
+    DEFAULT_WORLD_SIZE,
+    NOT_SUPPORTED,
+    OUTCOMES,
+    SECTIONS,
+    check_setup,
+    format_summary,
+    models_dir,
+    open_group,
+)
 
 if TYPE_CHECKING:  # the plugin loads in every pytest session: keep its import light
     from ..core.communicator import Communicator
@@ -88,7 +98,6 @@ class Kit:
     @classmethod
     def from_config(cls, config: pytest.Config) -> Kit:
         from ..errors import ModelFormatError
-        from . import check_setup, models_dir
 
         opt = config.getoption
         backend, comm = check_setup(opt("tw_backend"), opt("tw_communicator"))
@@ -152,31 +161,6 @@ class Kit:
 
     def not_supported(self, why: str) -> None:
         pytest.skip(NOT_SUPPORTED + why)
-
-
-def open_group(backend: str, n: int, spec: str | None) -> list[Device]:
-    from ..core.plugins import open_devices
-    from ..errors import DeviceSpecError
-
-    if spec:
-        devs = open_devices(spec)
-        others = sorted({d.backend.name for d in devs} - {backend})
-        if others:
-            raise DeviceSpecError(f"devices {spec!r} include {', '.join(others)} devices; the kit tests {backend} only")
-        return devs
-    best: list[Device] = []
-    for candidate in (f"{backend}:{n}", backend):  # the count grammar; else the backend's own default group
-        try:
-            devs = open_devices(candidate)
-        except DeviceSpecError:
-            continue
-        if len(devs) > len(best):
-            best = devs
-        if len(best) >= n:
-            break
-    if not best:
-        raise DeviceSpecError(f"cannot open {backend} devices as {backend}:{n} or {backend}; name them (--devices)")
-    return best
 
 
 def kit_items(items: list[pytest.Item]) -> Iterator[pytest.Item]:
@@ -267,8 +251,6 @@ class Recorder:
 
     def pytest_terminal_summary(self, terminalreporter: Any, exitstatus: int) -> None:
         if not self.config.getoption("tw_no_table"):
-            from . import format_summary
-
             terminalreporter.write_sep("=", "tensorweave conformance")
             terminalreporter.write_line(format_summary(self.report(exitstatus)))
 

@@ -16,7 +16,8 @@ from ..core import dtypes
 from ..core.device import Device
 from ..core.plugins import open_devices
 from ..errors import OutOfMemoryError, PlacementError, UnsupportedError
-from .plugin import Kit, open_group
+from . import open_group
+from .plugin import Kit
 
 DTYPES = list(dtypes.DTYPES)
 PAIRS_UP_TO = 4  # copies are checked between every ordered pair of the first devices
