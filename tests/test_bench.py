@@ -29,7 +29,7 @@ def _rel(p: Path) -> str:
 
 
 def _table(text: str) -> list[dict[str, str]]:
-    """The rows of the first table in ``text`` (cli.table's layout: header, dashes, rows) as header -> cell."""
+    """The rows of the first table in ``text`` (format.table's layout: header, dashes, rows) as header -> cell."""
     lines = text.splitlines()
     k = next(i for i, line in enumerate(lines) if line.startswith("---"))
     spans, pos = [], 0

@@ -22,11 +22,11 @@ import pytest
 from spmd_worker import case_input, cases
 
 import tensorweave as tw
+from tensorweave.cli.launch import rank_env
 from tensorweave.communicators.shm import ShmGroup
 from tensorweave.core import dtypes
 from tensorweave.core.spmd import SpmdEnv, resolve_rank, timeout_from
 from tensorweave.errors import CollectiveError
-from tensorweave.launch import rank_env
 
 WORKER = str(Path(__file__).with_name("spmd_worker.py"))
 HAVE_MPI = (

@@ -15,6 +15,7 @@ naming the rank; its exit code is the failed rank's (128 + signal number for a s
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
 import secrets
@@ -27,7 +28,8 @@ import time
 from collections.abc import Collection, Mapping, Sequence
 from typing import IO
 
-from .core import spmd
+from ..core import spmd
+from .options import positive_int
 
 THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 POLL_S = 0.02
@@ -170,3 +172,26 @@ def _remove_segment(name: str) -> None:
     """Rank 0 unlinks the segment once all ranks attached; this covers runs that died before that."""
     with contextlib.suppress(OSError):
         os.unlink(f"/dev/shm/{name}")
+
+
+def cmd_launch(args: argparse.Namespace) -> int:
+    command = list(args.cmd)
+    if command[:1] == ["--"]:
+        command = command[1:]
+    if not command:
+        args.parser.error("launch needs a command after --, e.g. tensorweave launch -n 2 -- python script.py")
+    return launch(args.nprocs, command, subcommands=set(args.subcommands.choices), timeout=args.timeout)
+
+
+def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """The ``launch`` subcommand."""
+    p = sub.add_parser(
+        "launch",
+        help="run N ranks of a command on this host, joined by the shm communicator",
+        description="Run N ranks of `tensorweave ARGS` (or `python ...`, a script, any program) on this host. "
+        "Rank 0's stdout is printed; other ranks' stderr is prefixed [rank K]; if a rank fails, the others stop.",
+    )
+    p.add_argument("-n", "--nprocs", type=positive_int, required=True, help="number of ranks")
+    p.add_argument("--timeout", type=float, help="collective timeout in seconds (TENSORWEAVE_TIMEOUT; default 300)")
+    p.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- ARGS", help="the command every rank runs")
+    p.set_defaults(func=cmd_launch, parser=p, subcommands=sub)  # read when run: later subcommands count too

@@ -1,0 +1,42 @@
+"""The ``tensorweave`` command. stdout carries only what was asked for (tables or --json); warnings and
+progress go to stderr. User errors print one line and exit 2; ``--debug`` shows the traceback instead."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+from .. import errors
+from .._version import __version__
+from . import conformance, demo, generate, inspect, launch
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tensorweave", description=__doc__)
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    demo.add_parsers(sub)
+    generate.add_parsers(sub)
+    inspect.add_parsers(sub)
+    launch.add_parsers(sub)
+    conformance.add_parsers(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except errors.TensorweaveError as e:
+        if args.debug:
+            raise
+        print(f"tensorweave: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:  # `tensorweave plugins | head`: the reader left; not an error worth a traceback
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - stays open so the interpreter's final flush is quiet
+        return 141

@@ -1,0 +1,228 @@
+"""``tensorweave plugins | devices | plan | bench``: what is installed, what a device spec opens, and what a model
+split over devices needs (from metadata) and achieves (llama-bench-style speed)."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from typing import Any
+
+from .. import errors
+from ..core.device import Device
+from ..core.plugins import open_devices, registry
+from ..format import format_count, memory_rows, split_text, table
+from .options import emit, model_args, positive_int
+
+
+def cmd_plugins(args: argparse.Namespace) -> int:
+    reg = registry()
+    rows = [p.as_dict() for p in reg.plugins]
+    emit(
+        args,
+        {
+            "plugins": rows,
+            "backends": sorted(reg.backends),
+            "communicators": sorted(reg.communicators),
+            "models": sorted(reg.models),
+            "loaders": sorted(reg.loaders),
+        },
+        table(
+            ["plugin", "distribution", "version", "status", "hooks", "registered"],
+            [
+                [
+                    p.name,
+                    p.distribution,
+                    p.version,
+                    p.status + (f" ({p.error})" if p.error else ""),
+                    ", ".join(h.removeprefix("tensorweave_") for h in p.hooks) or "-",
+                    ", ".join(
+                        f"{kind} {n}"
+                        for kind, names in (
+                            ("backend", p.backends),
+                            ("communicator", p.communicators),
+                            ("model", p.models),
+                            ("loader", p.loaders),
+                        )
+                        for n in names
+                    )
+                    or "-",
+                ]
+                for p in reg.plugins
+            ],
+        ),
+    )
+    return 0
+
+
+def device_rows(devs: Sequence[Device]) -> list[dict[str, Any]]:
+    return [
+        {
+            "name": d.name,
+            "backend": d.backend.name,
+            "total_bytes": m.total,
+            "used_bytes": m.used,
+            "peers": [o.name for o in devs if o is not d and d.peer_access(o)],
+        }
+        for d, m in ((d, d.memory_info()) for d in devs)
+    ]
+
+
+def devices_table(rows: list[dict[str, Any]]) -> str:
+    return table(
+        ["device", "memory", "peers"],
+        [[r["name"], errors.format_bytes(r["total_bytes"]), ", ".join(r["peers"]) or "-"] for r in rows],
+    )
+
+
+def cmd_devices(args: argparse.Namespace) -> int:
+    reg = registry()
+    if not args.spec:
+        backends: list[dict[str, Any]] = [
+            {
+                "name": b.name,
+                "available": b.available(),
+                "default_communicator": b.default_communicator,
+                "dtypes": sorted(b.capabilities.dtypes),
+                "description": b.description,
+            }
+            for b in reg.backends.values()
+        ]
+        emit(
+            args,
+            {"backends": backends},
+            table(
+                ["backend", "available", "communicator", "dtypes", "description"],
+                [
+                    [
+                        b["name"],
+                        "yes" if b["available"] else "no",
+                        b["default_communicator"],
+                        ",".join(b["dtypes"]),
+                        b["description"],
+                    ]
+                    for b in backends
+                ],
+            ),
+        )
+        return 0
+    rows = device_rows(open_devices(args.spec))
+    emit(args, {"devices": rows}, devices_table(rows))
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    """Per-device memory and communication of a model split over devices, from its metadata alone."""
+    from ..runtime.bench import plan_model
+
+    args.devices = args.devices or "cpu-sim"
+    mp = plan_model(args.model, args.devices, args.tensor_split, args.dtype, args.ctx)
+    p = mp.plan
+    text = "\n".join(
+        [
+            f"{mp.family} {mp.dtype}, {format_count(mp.params)} params, {errors.format_bytes(mp.weight_bytes)} of "
+            f"weights, ctx {mp.ctx}, {p.world_size} device(s) ({args.devices}), split {split_text(p.ratios)}",
+            table(
+                ["device", "weights", f"kv cache ({mp.ctx} tok)", "total", "memory", "fits"],
+                memory_rows(mp.devices, with_capacity=True),
+            ),
+            "",
+            f"per decode token: {p.count('allreduce')} allreduce + {p.count('allgather')} allgather, "
+            f"{errors.format_bytes(p.comm_bytes)} communicated",
+        ]
+    )
+    emit(args, mp.to_dict(), text)
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """llama-bench-style prefill (pp) and decode (tg) speed of a model split over devices."""
+    from ..runtime.bench import bench
+    from ..runtime.model import load
+
+    if not args.n_prompt and not args.n_gen:
+        args.parser.error("nothing to measure: -p and -n are both 0")
+    need = max(args.n_prompt, args.n_gen)  # each test starts from an empty context
+    if args.ctx is not None and args.ctx < need:
+        args.parser.error(f"--ctx {args.ctx} is shorter than the longest test ({need} tokens)")
+    ctx = args.ctx or need
+    args.devices = args.devices or "cpu-sim"
+    model = load(args.model, args.devices, args.tensor_split, args.dtype, communicator=args.communicator, ctx=ctx)
+    with model:
+        res = bench(model, args.n_prompt, args.n_gen, args.repetitions, args.seed)
+    model_name = f"{res.family} {res.dtype}"
+    rows = [
+        [
+            model_name,
+            errors.format_bytes(res.weight_bytes),
+            format_count(res.params),
+            args.devices,
+            split_text(res.tensor_split),
+            t.name,
+            f"{t.tps_mean:.2f} ± {t.tps_std:.2f}",
+            f"{100 * t.collective_share:.1f}",
+        ]
+        for t in res.tests
+    ]
+    text = "\n\n".join(
+        [
+            table(["model", "size", "params", "devices", "split", "test", "t/s", "coll %"], rows),
+            table(["device", "weights", f"kv cache ({res.ctx} tok)", "total"], memory_rows(res.devices, False)),
+        ]
+    )
+    emit(args, res.to_dict(), text)
+    return 0
+
+
+def count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a token count >= 0, got {text!r}")
+    return value
+
+
+def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """The ``plan``, ``bench``, ``devices`` and ``plugins`` subcommands."""
+    p = sub.add_parser(
+        "plan",
+        help="per-device memory and communication of a model split over devices, from metadata alone",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Plan MODEL (a Hugging Face directory or a .gguf file) over --devices split by --tensor-split,\n"
+        "reading only its config and tensor index (no weights are read or placed).\n\n"
+        "columns: device = the device (rank N where the backend is not available here); weights = its weight\n"
+        "slices; kv cache = its KV-cache slice at --ctx tokens; total = weights + kv cache (activation buffers\n"
+        "come on top); memory = the device's memory (cpu-sim: mem= or host RAM; ? when unknown); fits = total <=\n"
+        "memory. Then the collectives of one decode token (allreduce / allgather counts) and the bytes they carry.",
+    )
+    model_args(p, devices="device spec, e.g. cpu-sim:4,mem=8GiB or cuda:0,1 (a backend not available here needs -ts)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_plan)
+    p = sub.add_parser(
+        "bench",
+        help="prefill and decode speed like llama-bench (pp/tg tok/s), memory, share of time in collectives",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Load MODEL split over --devices and measure, like llama-bench, prefill of a -p token prompt\n"
+        "(test ppP) and decoding of -n tokens one at a time (test tgN), from random token ids, each after one\n"
+        "warm-up and -r times in a fresh session.\n\n"
+        "columns: model = family and dtype; size = all weight bytes; params = parameter count; devices, split =\n"
+        "the device spec and ratios; test = ppP or tgN; t/s = tokens per second, mean ± sample std over the\n"
+        "repetitions; coll % = share of the measured time spent inside communicator calls (allreduce,\n"
+        "allgather). Below: per-device weights and KV cache (at --ctx) bytes.",
+    )
+    model_args(p, ctx="KV-cache length in tokens (default: max(-p, -n))")
+    p.add_argument("--communicator", help="communicator name (default: the backend's)")
+    p.add_argument("-p", "--n-prompt", type=count, default=512, help="prompt tokens, 0 skips pp (default: 512)")
+    p.add_argument("-n", "--n-gen", type=count, default=128, help="generated tokens, 0 skips tg (default: 128)")
+    p.add_argument("-r", "--repetitions", type=positive_int, default=3, help="repetitions per test (default: 3)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random token ids (default: 0)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_bench, parser=p)
+    p = sub.add_parser("devices", help="list backends, or the devices a spec names")
+    p.add_argument("spec", nargs="?", help="device spec, e.g. cpu-sim:4,mem=256MiB,peer=ring")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_devices)
+    p = sub.add_parser("plugins", help="list plugins, their hooks and what they registered")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_plugins)
