@@ -1,4 +1,5 @@
-"""Imports inside ``tensorweave/`` point one way: no module reaches, directly or through others, back to itself.
+"""Imports: inside ``tensorweave/`` they point one way (no module reaches, directly or through others, back to
+itself), and every third-party module the tests import is installed by ``pip install -e '.[test]'``.
 
 The graph is read from the source with ``ast`` (nothing is imported), counting imports inside functions too (a
 lazy import is still a dependency; it only hides the cycle until run time). Imports under ``if TYPE_CHECKING:``
@@ -9,9 +10,15 @@ every submodule would otherwise "import" ``tensorweave/__init__``."""
 from __future__ import annotations
 
 import ast
+import importlib.metadata as md
+import sys
 from pathlib import Path
 
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+
 ROOT = Path(__file__).resolve().parents[1] / "tensorweave"
+TESTS = Path(__file__).resolve().parent
 
 
 def module_names(root: Path = ROOT) -> dict[str, Path]:
@@ -162,3 +169,53 @@ def test_contracts_are_pure() -> None:
     allowed = {"tensorweave.errors", "tensorweave.core.dtypes", "tensorweave.core.device"}
     for contract in ("tensorweave.core.device", "tensorweave.core.communicator"):
         assert graph[contract] <= allowed, f"{contract} imports {sorted(graph[contract] - allowed)}"
+
+
+def requirement_closure(name: str, extras: frozenset[str] = frozenset()) -> set[str]:
+    """The distributions ``pip install name[extras]`` installs (canonical names), read from the installed
+    metadata: the requirements that apply to those extras, recursively."""
+    seen: set[tuple[str, frozenset[str]]] = set()
+    todo = [(name, extras)]
+    while todo:
+        dist_name, dist_extras = todo.pop()
+        if (canonicalize_name(dist_name), dist_extras) in seen:
+            continue
+        seen.add((canonicalize_name(dist_name), dist_extras))
+        try:
+            requires = md.requires(dist_name) or []
+        except md.PackageNotFoundError:  # required only on another platform or Python: nothing imports it here
+            continue
+        for text in requires:
+            req = Requirement(text)
+            if req.marker is None or any(req.marker.evaluate({"extra": e}) for e in (*dist_extras, "")):
+                todo.append((req.name, frozenset(req.extras)))
+    return {dist for dist, _ in seen}
+
+
+def third_party_imports(path: Path) -> set[str]:
+    """Top-level names of the absolute imports in ``path`` outside the standard library."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names |= {a.name.partition(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module.partition(".")[0])
+    return names - set(sys.stdlib_module_names)
+
+
+def test_the_test_extra_installs_what_the_tests_import() -> None:
+    """A fresh ``pip install -e '.[test]'`` must be enough for ``pytest``: a module the tests import that only
+    happens to be installed here (safetensors once was) fails this test, not a new user's first run. Covers the
+    tests and the conformance kit they run (optional backends, e.g. cupy, are the package's own business)."""
+    provided = requirement_closure("tensorweave", frozenset({"test"}))
+    owners = md.packages_distributions()
+    ours = {"tensorweave"} | {p.stem for p in TESTS.glob("*.py")}  # the tests import their own helper modules
+    missing: dict[str, list[str]] = {}
+    for path in sorted([*TESTS.glob("*.py"), *(ROOT / "conformance").glob("*.py")]):
+        for name in sorted(third_party_imports(path) - ours):
+            if not any(canonicalize_name(d) in provided for d in owners.get(name, [])):
+                missing.setdefault(name, []).append(str(path.relative_to(TESTS.parent)))
+    assert not missing, (
+        "imported by the tests but not installed by the `test` extra of pyproject.toml (as installed: after editing "
+        f"it, rerun pip install -e '.[test]'): {missing}"
+    )
