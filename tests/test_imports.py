@@ -162,6 +162,42 @@ def test_the_graph_sees_lazy_relative_and_submodule_imports(tmp_path: Path) -> N
     assert cycle_through(graph, knot) == ["pkg.a", "pkg.b", "pkg.sub.c", "pkg.a"]
 
 
+# ARCHITECTURE.md's arrows, as ranks of the package's top-level parts: an import goes to a lower rank, or stays inside
+# its own part. cli -> runtime -> models/loaders -> core; backends and communicators -> core; core imports no plugin.
+RANKS = {
+    "tensorweave": 9,  # __init__: the public API
+    "cli": 8,
+    "conformance": 7,
+    "runtime": 6,
+    "models": 5,
+    "loaders": 5,
+    "backends": 4,
+    "communicators": 4,
+    "core": 2,
+    "format": 1,
+    "errors": 0,
+    "_version": 0,
+}
+
+
+def part(module: str) -> str:
+    """The top-level part of the package a module belongs to: ``tensorweave.core.ops`` -> ``core``."""
+    return module.split(".")[1] if "." in module else module
+
+
+def test_imports_point_down_the_layers() -> None:
+    graph = import_graph()
+    unranked = sorted({part(m) for m in graph} - set(RANKS))
+    assert not unranked, f"give these parts of tensorweave/ a rank in RANKS (ARCHITECTURE.md's arrows): {unranked}"
+    upward = [
+        f"{m} -> {t}"
+        for m, targets in sorted(graph.items())
+        for t in sorted(targets)
+        if part(m) != part(t) and RANKS[part(t)] >= RANKS[part(m)]
+    ]
+    assert not upward, "imports against ARCHITECTURE.md's arrows:\n" + "\n".join(upward)
+
+
 def test_contracts_are_pure() -> None:
     """The Device/Backend and Communicator contracts import no factory machinery: only errors, dtypes and the
     device contract (which the communicator's buffers live on)."""
