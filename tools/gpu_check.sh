@@ -9,7 +9,7 @@
 set -uo pipefail
 OUT="${OUT:-/tmp/gpu-out}"
 mkdir -p "$OUT"
-STEPS="${STEPS:-install pytest models vs_transformers bench conformance}"
+STEPS="${STEPS:-install pytest models vs_transformers bench threads conformance}"
 T0=$(date +%s)
 declare -A RC SECS
 
@@ -42,6 +42,16 @@ step vs_transformers 100 python3 benchmarks/vs_transformers.py --dir "$BENCH" --
     --devices cuda:0 cuda:0,0,0 -ts 3,1,1 --communicator peer --runs 3 --json
 step bench 50 python3 -m tensorweave.cli bench "$BENCH" --devices cuda:0,0,0 -ts 3,1,1 --communicator peer \
     -p 64 -n 32 -r 3 --json
+# Is the split run's slow decode the three device threads contending for the GIL? Decode speed at the default
+# switch interval (5 ms) and at 0.1 ms, same process, same model.
+step threads 60 python3 -c "
+import sys, tensorweave as tw
+from tensorweave.runtime.bench import bench
+with tw.load('$BENCH', tw.devices('cuda:0,0,0'), [3, 1, 1], communicator='peer', ctx=64, progress=False) as m:
+    for interval in (sys.getswitchinterval(), 1e-4, sys.getswitchinterval()):
+        sys.setswitchinterval(interval)
+        print('switch interval', interval, 'tg16 t/s', round(bench(m, 0, 16, 2, 0).tests[0].tps_mean, 2), flush=True)
+"
 step conformance 120 python3 -m tensorweave.cli conformance --backend cuda --devices cuda:0,0,0 --communicator peer \
     --world-size 3 --report "$OUT/conformance.json"
 
