@@ -26,7 +26,7 @@ import tensorweave as tw
 from tensorweave.core.plugins import registry
 from tensorweave.errors import format_bytes
 from tensorweave.format import table
-from tensorweave.loaders.hf import save_pretrained
+from tensorweave.loaders.safetensors_io import save_pretrained
 from tensorweave.models.synthetic import random_weights
 
 

@@ -17,6 +17,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from tensorweave.core.model import ModelFamily
+from tensorweave.core.plugins import registry
 from tensorweave.errors import SamplingError, ShapeError, StateError, TensorweaveError
 from tensorweave.loaders.tokenizer import Tokenizer
 from tensorweave.runtime.sampling import (
@@ -355,11 +357,17 @@ def test_budget_property(budget: int, words: list[int], end_at: int | None) -> N
 
 
 def test_reasoning_tags_lookup() -> None:
-    assert reasoning_tags("qwen3", None) == reasoning_tags("qwen3_moe", QWEN) == THINK
-    assert reasoning_tags("gemma4", None) == ("<|channel>thought", "<channel|>")
-    assert reasoning_tags("llama", QWEN) == THINK  # a vocabulary with the tokens
-    assert reasoning_tags("llama", LLAMA) is None
-    assert reasoning_tags("llama", None) is None
+    families = registry().models
+    assert reasoning_tags(families["qwen3"], None) == reasoning_tags(families["qwen3_moe"], QWEN) == THINK
+    llama = families["llama"]
+    assert reasoning_tags(llama, QWEN) == THINK  # no tags of its own, but a vocabulary with the tokens
+    assert reasoning_tags(llama, LLAMA) is None
+    assert reasoning_tags(llama, None) is None
+
+    class Channel(ModelFamily):  # a family declaring its own tags gets them, whatever the vocabulary
+        reasoning_tags = ("<|channel>thought", "<channel|>")
+
+    assert reasoning_tags(Channel(), LLAMA) == ("<|channel>thought", "<channel|>")
 
 
 # --- errors -------------------------------------------------------------------------------------------------

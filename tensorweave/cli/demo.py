@@ -107,7 +107,7 @@ def _write_demo_model(directory: Path) -> None:
     """The embedded default: a byte-level BPE tokenizer trained on DEMO_TEXT and seeded random weights."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    from ..loaders.hf import save_pretrained
+    from ..loaders.safetensors_io import save_pretrained
     from ..models.synthetic import random_weights
 
     tok = Tokenizer(models.BPE())

@@ -125,7 +125,7 @@ def _check_reasoning_tags(args: argparse.Namespace, model: Model, printing: bool
     """--reasoning-budget on a model without thinking tags does nothing; say so rather than silently ignore it."""
     from ..runtime.sampling import reasoning_tags
 
-    if args.reasoning_budget >= 0 and printing and reasoning_tags(model.family.name, model.tokenizer) is None:
+    if args.reasoning_budget >= 0 and printing and reasoning_tags(model.family, model.tokenizer) is None:
         print(
             f"tensorweave: warning: this {model.family.name} model has no thinking tags; --reasoning-budget has no "
             "effect",

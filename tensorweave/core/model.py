@@ -1,14 +1,16 @@
 """Model-family and loader contracts: what ``tensorweave_register_models`` and ``tensorweave_register_loaders`` take.
 
-A ``ModelFamily`` turns a checkpoint's configuration into a config object and the config into a graph per step.
-A ``Loader`` recognizes a file format and opens a ``Checkpoint``, which answers "what shape is weight NAME" and
-"give me ``weight[index]``" without building whole tensors, so each device receives only its slice.
+A ``ModelFamily`` turns a checkpoint's configuration into a config object and the config into a graph per step, and
+declares how each checkpoint format names its tensors (``Naming``), so loaders stay generic. A ``Loader`` recognizes
+a file format and opens a ``Checkpoint``, which answers "what shape is weight NAME" and "give me ``weight[index]``"
+without building whole tensors, so each device receives only its slice.
 Weight names are the graph's (llama.cpp GGUF names without ``.weight``: ``token_embd``, ``blk.0.attn_q``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,17 +19,113 @@ import numpy as np
 from .graph import Graph
 
 
+@dataclass(frozen=True)
+class Derived:
+    """A graph weight computed from (part of) one stored tensor, for ``Naming.names``.
+
+    ``rows(length) -> (lo, hi)``: take [lo, hi) of the stored tensor's ``axis``, whose length is ``length`` (a fused
+    tensor holds several weights; ``piece`` makes the common equal cuts). ``squeeze``: drop that size-1 stored axis.
+    ``transform``: an elementwise function applied to what was read (``A_log -> -exp(A_log)``), so slicing before it
+    is exact.
+    """
+
+    name: str
+    axis: int = 0
+    rows: Callable[[int], tuple[int, int]] | None = None
+    squeeze: int | None = None
+    transform: Callable[[np.ndarray], np.ndarray] | None = None
+
+
+def piece(i: int, n: int) -> Callable[[int], tuple[int, int]]:
+    """``Derived.rows`` for the ``i``-th of ``n`` equal parts of a fused axis (gate/up halves of ``gate_up_proj``)."""
+    return lambda length: (i * length // n, (i + 1) * length // n)
+
+
+# A stored name pattern maps to a graph name pattern, one derived weight, or several (a fused tensor). Patterns hold
+# {L} for a layer number and {E} for an expert number: a stored pattern with {E} is one tensor per expert, stacked
+# into the graph weight's axis 0 (the graph pattern then has no {E}).
+Target = str | Derived | tuple[Derived, ...]
+
+
+@dataclass(frozen=True)
+class Naming:
+    """How one checkpoint format names a family's tensors: the loaders read these declarations and nothing else.
+
+    ``prefixes``: a stored name starting with a key is read with that key replaced first (multimodal checkpoints
+    keep the language model under ``model.language_model.``). ``ignore``: regular expressions of stored names that
+    have no place in the graph and are skipped (vision towers, ``mtp.*``, saved rotary buffers). ``passthrough``:
+    a stored name no pattern matches is taken as the graph name itself (GGUF, whose names are the graph's).
+    ``norm_shift`` is added to every stored weight of a graph name ending in ``norm`` (the graph multiplies by its
+    norm weights as they are; a format that stores ``w`` for a ``(1 + w)`` norm says 1.0).
+    """
+
+    names: Mapping[str, Target] = field(default_factory=dict)
+    prefixes: Mapping[str, str] = field(default_factory=dict)
+    ignore: tuple[str, ...] = ()
+    passthrough: bool = False
+    norm_shift: float = 0.0
+
+
+def _layer(hf: str, graph: str) -> tuple[str, str]:
+    return f"model.layers.{{L}}.{hf}", f"blk.{{L}}.{graph}"
+
+
+# Hugging Face's llama-like names (transformers' LlamaForCausalLM, Qwen3, Qwen3-MoE, ...): what a family gets unless
+# it says otherwise. MoE experts come one tensor per expert (``save_pretrained``) or fused as transformers keeps them
+# in memory (``gate_up_proj`` [E, 2F, H] with the gate rows first, ``down_proj`` [E, H, F]).
+LLAMA_HF_NAMES: dict[str, Target] = {
+    "model.embed_tokens.weight": "token_embd",
+    "model.norm.weight": "output_norm",
+    "lm_head.weight": "output",
+    **dict(
+        _layer(hf, graph)
+        for hf, graph in {
+            "input_layernorm.weight": "attn_norm",
+            "post_attention_layernorm.weight": "ffn_norm",
+            "self_attn.q_norm.weight": "attn_q_norm",
+            "self_attn.k_norm.weight": "attn_k_norm",
+            **{f"self_attn.{x}_proj.weight": f"attn_{x}" for x in "qkv"},
+            **{f"self_attn.{x}_proj.bias": f"attn_{x}.bias" for x in "qkv"},
+            "self_attn.o_proj.weight": "attn_output",
+            "self_attn.o_proj.bias": "attn_output.bias",
+            **{f"mlp.{x}_proj.weight": f"ffn_{x}" for x in ("gate", "up", "down")},
+            "mlp.gate.weight": "ffn_gate_inp",
+            **{f"mlp.experts.{{E}}.{x}_proj.weight": f"ffn_{x}_exps" for x in ("gate", "up", "down")},
+            "mlp.experts.down_proj": "ffn_down_exps",
+        }.items()
+    ),
+    "model.layers.{L}.mlp.experts.gate_up_proj": (
+        Derived("blk.{L}.ffn_gate_exps", axis=1, rows=piece(0, 2)),
+        Derived("blk.{L}.ffn_up_exps", axis=1, rows=piece(1, 2)),
+    ),
+}
+LLAMA_HF = Naming(
+    LLAMA_HF_NAMES,
+    prefixes={"model.language_model.": "model."},
+    ignore=(r"(.*\.)?rotary_emb\.inv_freq",),  # a buffer some exporters save; recomputed from the config
+)
+GGUF_NAMES = Naming(passthrough=True)  # llama.cpp's names are the graph's
+
+
 class ModelFamily:
     """An architecture family. Subclass it, set the class attributes, implement the three methods.
 
     The config object a family returns must be a dataclass with at least ``vocab``, ``ctx`` (KV-cache length in
-    tokens) and ``dtype`` fields: the runtime sets ``ctx`` and ``dtype`` with ``dataclasses.replace``.
+    tokens) and ``dtype`` fields: the runtime sets ``ctx`` and ``dtype`` with ``dataclasses.replace``. A config with
+    a true ``tied`` field shares the embedding as the LM head, and a stored head (``output``) is then ignored.
     """
 
     name: str = ""
     hf_model_types: tuple[str, ...] = ()  # config.json "model_type" values this family reads
     gguf_architectures: tuple[str, ...] = ()  # GGUF "general.architecture" values this family reads
+    # GGUF metadata keys ("{arch}" is the file's architecture) that must be present and non-zero for this family to
+    # claim a file: Mixtral shares arch "llama" with dense Llama and is told apart by "{arch}.expert_count". Among
+    # the families claiming an architecture, the one with the most satisfied requirements reads the file.
+    gguf_requires: tuple[str, ...] = ()
     gguf_permuted_qk: bool = False  # llama.cpp's converter interleaved Q/K rows for this architecture
+    hf_naming: Naming = LLAMA_HF
+    gguf_naming: Naming = GGUF_NAMES
+    reasoning_tags: tuple[str, str] | None = None  # thinking start/end tags the family's chat models emit
 
     def config_from_hf(self, config: dict[str, Any]) -> Any:
         """config.json (as a dict) -> this family's config; raise UnsupportedError for settings it cannot run."""

@@ -2,9 +2,11 @@
 
 The file is memory-mapped by ``gguf.GGUFReader``. A device's slice of a float tensor is a view; a quantized tensor
 (Q8_0, Q4_0, Q4_K, Q6_K and the rest ``gguf.quants`` can dequantize) is dequantized a bounded chunk of rows at a
-time, only over the rows the slice needs, so the whole tensor never exists in float. Tensor names are the graph's
-names plus ``.weight``. For the ``llama`` architecture llama.cpp's converter interleaved the rows of each Q and K
-head (for ggml's "normal" rope); we undo that per head, so the graph runs the same NEOX rope as the HF model.
+time, only over the rows the slice needs, so the whole tensor never exists in float. Generic over families: the
+architecture (and ``gguf_requires``) picks the family, whose ``gguf_naming`` maps the file's tensor names (by
+default the graph's own names plus ``.weight``) through loaders/names.py. Where the family says
+``gguf_permuted_qk`` (llama), llama.cpp's converter interleaved the rows of each Q and K head (for ggml's "normal"
+rope); we undo that per head, so the graph runs the same NEOX rope as the HF model.
 """
 
 from __future__ import annotations
@@ -21,11 +23,12 @@ from ..core import dtypes
 from ..core.hookspecs import hookimpl
 from ..core.model import Checkpoint, Loader, ModelFamily
 from ..errors import ModelFormatError, UnsupportedError
+from .names import MappedCheckpoint, map_names
 
 CHUNK_BYTES = 16 << 20  # dequantize at most this much float output at a time
 
 
-class GGUFCheckpoint(Checkpoint):
+class GGUFCheckpoint(MappedCheckpoint):
     def __init__(self, path: Path, families: Mapping[str, ModelFamily]) -> None:
         from gguf import GGMLQuantizationType
 
@@ -43,18 +46,23 @@ class GGUFCheckpoint(Checkpoint):
         except Exception as e:  # the reader fails with numpy/struct/Value errors on truncated or corrupt files
             raise ModelFormatError(f"{path}: corrupt or truncated GGUF ({type(e).__name__}: {e})") from None
         self.tensors = {t.name.removesuffix(".weight"): t for t in self.reader.tensors}  # checked by _reader
-        self.shapes = {n: tuple(int(d) for d in reversed(t.shape)) for n, t in self.tensors.items()}
-        arch = self.meta.get("general.architecture")
-        fam = next((f for f in families.values() if arch in f.gguf_architectures), None)
-        if fam is None:
-            known = sorted(a for f in families.values() for a in f.gguf_architectures)
-            raise UnsupportedError(f"{path}: unknown GGUF architecture {arch!r}; supported: {', '.join(known)}")
-        self.family = fam
+        stored = {n: tuple(int(d) for d in reversed(t.shape)) for n, t in self.tensors.items()}
+        self.family = fam = pick_family(path, self.meta, families)
         meta = dict(self.meta)
-        if "rope_freqs" in self.tensors:  # llama3-style rope scaling is stored as per-pair factors
-            meta["rope_freqs"] = self.read("rope_freqs", (slice(None),)).tolist()
+        if "rope_freqs" in stored:  # llama3-style rope scaling is stored as per-pair factors: metadata, not a weight
+            meta["rope_freqs"] = self._read_stored("rope_freqs", (slice(None),)).tolist()
+            del stored["rope_freqs"]
+        mapped = map_names(
+            fam.gguf_naming,
+            stored,
+            self._read_stored,
+            lambda n: f"{path}: tensor {n + '.weight'!r}",
+            fam.name,
+            str(path),
+        )
+        self.mapped = mapped
         try:
-            self.config = fam.config_from_gguf(meta, {n: s for n, s in self.shapes.items() if n != "rope_freqs"})
+            self.config = fam.config_from_gguf(meta, mapped.shapes)
         except (ModelFormatError, UnsupportedError) as e:  # the family's own words, without the file
             raise type(e)(f"{path}: {e}") from None
         except (KeyError, TypeError, ValueError, ArithmeticError) as e:
@@ -67,13 +75,8 @@ class GGUFCheckpoint(Checkpoint):
         }
         self.dtype = kinds.get(int(embd.tensor_type), dtypes.float32) if embd is not None else dtypes.float32
 
-    def shape(self, name: str) -> tuple[int, ...] | None:
-        return self.shapes.get(name)
-
-    def names(self) -> list[str]:
-        return [n for n in self.shapes if n != "rope_freqs"]
-
-    def read(self, name: str, index: tuple[slice, ...]) -> np.ndarray:
+    def _read_stored(self, name: str, index: tuple[slice, ...]) -> np.ndarray:
+        """``tensor[index]`` of the file's tensor ``name`` (without ``.weight``), dequantized, Q/K rows in HF order."""
         from gguf import GGMLQuantizationType
         from gguf.quants import dequantize
 
@@ -87,7 +90,7 @@ class GGUFCheckpoint(Checkpoint):
         else:
             rows = t.data[lead]  # [..., bytes per row], still quantized
             flat = rows.reshape(-1, rows.shape[-1])
-            n_cols = self.shapes[name][-1]
+            n_cols = int(t.shape[0])  # ggml lists the innermost dimension first
             width = len(range(*last.indices(n_cols)))
             step = max(1, CHUNK_BYTES // (4 * n_cols))
             out = np.empty((flat.shape[0], width), np.float32)
@@ -114,6 +117,19 @@ class GGUFCheckpoint(Checkpoint):
 
     def close(self) -> None:
         self.tensors = {}
+
+
+def pick_family(path: Path, meta: Mapping[str, Any], families: Mapping[str, ModelFamily]) -> ModelFamily:
+    """The family that reads a GGUF: among those listing its architecture, the one whose ``gguf_requires`` keys are
+    all set and most numerous (a Mixtral file is arch "llama" with "llama.expert_count")."""
+    arch = meta.get("general.architecture")
+    claims = [f for f in families.values() if arch in f.gguf_architectures]
+    fits = [f for f in claims if all(meta.get(k.format(arch=arch)) for k in f.gguf_requires)]
+    if not fits:
+        known = sorted({a for f in families.values() for a in f.gguf_architectures})
+        hint = f" (families of it need {', '.join(k for f in claims for k in f.gguf_requires)})" if claims else ""
+        raise UnsupportedError(f"{path}: unknown GGUF architecture {arch!r}{hint}; supported: {', '.join(known)}")
+    return max(fits, key=lambda f: len(f.gguf_requires))
 
 
 def _reader(path: Path) -> Any:

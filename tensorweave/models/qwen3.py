@@ -32,6 +32,7 @@ class Qwen3(Llama):
     hf_model_types: tuple[str, ...] = ("qwen3",)
     gguf_architectures: tuple[str, ...] = ("qwen3",)
     gguf_permuted_qk = False
+    reasoning_tags = ("<think>", "</think>")
 
     def config_from_hf(self, config: dict[str, Any]) -> Config:
         return Config(**hf_qwen3(config))

@@ -51,6 +51,7 @@ import numpy as np
 from ..errors import SamplingError, ShapeError, StateError
 
 if TYPE_CHECKING:
+    from ..core.model import ModelFamily
     from ..loaders.tokenizer import Tokenizer
 
 __all__ = ["Sampler", "SamplingParams", "StopStrings", "reasoning_tags"]
@@ -70,26 +71,19 @@ _STATE_FORMAT = "tensorweave.sampler/1"
 
 THINK_TAGS = ("<think>", "</think>")
 GEMMA4_TAGS = ("<|channel>thought", "<channel|>")
-_FAMILY_TAGS: dict[str, tuple[str, str]] = {
-    "qwen3": THINK_TAGS,
-    "qwen3_moe": THINK_TAGS,
-    "qwen3_next": THINK_TAGS,
-    "qwen3_5_moe": THINK_TAGS,
-    "gemma4": GEMMA4_TAGS,
-}
-# For families not listed: tags whose opening and closing tokens are in the vocabulary (DeepSeek-R1 distills of
-# Llama, for one, keep the llama family but think in <think> ... </think>).
+# For a family that declares no tags: tags whose opening and closing tokens are in the vocabulary (DeepSeek-R1
+# distills of Llama, for one, keep the llama family but think in <think> ... </think>).
 _VOCAB_TAGS: tuple[tuple[tuple[str, str], tuple[str, str]], ...] = (
     (THINK_TAGS, THINK_TAGS),
     (GEMMA4_TAGS, ("<|channel>", "<channel|>")),
 )
 
 
-def reasoning_tags(family: str, tokenizer: Tokenizer | None) -> tuple[str, str] | None:
-    """Thinking start/end tags for a model family name ("qwen3", "qwen3_moe" -> <think>/</think>; "gemma4" ->
-    <|channel>thought / <channel|>), or found in the tokenizer's vocabulary; None when the model has none."""
-    if family in _FAMILY_TAGS:
-        return _FAMILY_TAGS[family]
+def reasoning_tags(family: ModelFamily, tokenizer: Tokenizer | None) -> tuple[str, str] | None:
+    """Thinking start/end tags: the family's own (``ModelFamily.reasoning_tags``), or else tags found in the
+    tokenizer's vocabulary; None when the model has none."""
+    if family.reasoning_tags is not None:
+        return family.reasoning_tags
     if tokenizer is not None:
         for tags, tokens in _VOCAB_TAGS:
             if all(tokenizer.token_to_id(t) is not None for t in tokens):

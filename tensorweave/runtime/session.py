@@ -188,7 +188,7 @@ class Session:
         elif sampling is not None and params:
             sampling = SamplingParams(**{**asdict(sampling), **params})
         if sampling is not None:
-            self.sampler = Sampler(sampling, m.vocab, tok, reasoning_tags(m.family.name, tok))
+            self.sampler = Sampler(sampling, m.vocab, tok, reasoning_tags(m.family, tok))
             self.sampler.prime(self.context + ids)
         elif ids:
             assert self.sampler is not None
@@ -292,5 +292,5 @@ class Session:
             return
         m = self.model
         params = SamplingParams(**state["params"])
-        self.sampler = Sampler(params, m.vocab, m.tokenizer, reasoning_tags(m.family.name, m.tokenizer))
+        self.sampler = Sampler(params, m.vocab, m.tokenizer, reasoning_tags(m.family, m.tokenizer))
         self.sampler.load_state_dict(dict(state["state"]))

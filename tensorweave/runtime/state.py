@@ -18,7 +18,7 @@ import numpy as np
 
 from .._version import __version__
 from ..errors import ModelFormatError, StateError
-from ..loaders.hf import SafetensorsFile, write_safetensors
+from ..loaders.safetensors_io import SafetensorsFile, write_safetensors
 
 if TYPE_CHECKING:
     from .model import Model

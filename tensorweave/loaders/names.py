@@ -1,0 +1,165 @@
+"""Stored tensor names -> graph weights, driven by the family's ``Naming`` (core/model.py): the part of loading that
+every format shares. A loader hands over its stored names, shapes and a reader of ``tensor[index]``; it gets back,
+per graph weight, its shape and a ``Source`` that reads only the asked slice (of a part of a fused tensor, of a
+stack of per-expert tensors, transformed or not), so no whole tensor is ever built.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..core.model import Checkpoint, Derived, Naming
+from ..errors import ModelFormatError
+
+Source = Callable[[tuple[slice, ...]], np.ndarray]
+Reader = Callable[[str, tuple[slice, ...]], np.ndarray]  # (stored name, index) -> stored_tensor[index]
+
+
+@dataclass
+class Mapped:
+    """Graph weights found in a checkpoint: how to read each, its shape, and where it comes from (for messages)."""
+
+    sources: dict[str, Source] = field(default_factory=dict)
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    origin: dict[str, str] = field(default_factory=dict)
+
+    def add(self, name: str, shape: tuple[int, ...], source: Source, origin: str) -> None:
+        if name in self.origin:
+            raise ModelFormatError(f"{origin} and {self.origin[name]} both hold graph weight {name!r}")
+        self.sources[name], self.shapes[name], self.origin[name] = source, shape, origin
+
+
+class MappedCheckpoint(Checkpoint):
+    """A checkpoint whose graph weights ``map_names`` found: ``mapped`` answers shape, names, read and describe."""
+
+    mapped: Mapped
+
+    def shape(self, name: str) -> tuple[int, ...] | None:
+        return self.mapped.shapes.get(name)
+
+    def names(self) -> list[str]:
+        return list(self.mapped.shapes)
+
+    def read(self, name: str, index: tuple[slice, ...]) -> np.ndarray:
+        return self.mapped.sources[name](index)
+
+    def describe(self, name: str) -> str:
+        """Where graph weight ``name`` comes from: the file and the tensor's own name in it."""
+        origin = self.mapped.origin.get(name)
+        return f"{origin} (as {name!r})" if origin else super().describe(name)
+
+
+def _compile(pattern: str) -> re.Pattern[str]:
+    return re.compile(re.escape(pattern).replace(r"\{L\}", r"(?P<L>\d+)").replace(r"\{E\}", r"(?P<E>\d+)"))
+
+
+def map_names(
+    naming: Naming,
+    stored: Mapping[str, tuple[int, ...]],
+    read: Reader,
+    describe: Callable[[str], str],
+    family: str,
+    where: str,
+    unused: Collection[str] = (),
+) -> Mapped:
+    """Map every stored tensor through ``naming`` (``describe(stored name)`` names it in errors, ``where`` the
+    checkpoint; graph weights in
+    ``unused``, such as a tied model's redundant head, are dropped). A stored name that is neither matched nor
+    ignored is a ``ModelFormatError``, unless the naming passes unmatched names through."""
+    exact = {p: t for p, t in naming.names.items() if "{" not in p}
+    patterns = [(_compile(p), p, t) for p, t in naming.names.items() if "{" in p]
+    ignore = [re.compile(r) for r in naming.ignore]
+    out = Mapped()
+    experts: dict[str, tuple[str, dict[str, str], dict[int, str]]] = {}  # graph name -> (pattern, groups, by expert)
+    for name, shape in stored.items():
+        key = next((new + name[len(old) :] for old, new in naming.prefixes.items() if name.startswith(old)), name)
+        if any(r.fullmatch(key) for r in ignore):
+            continue
+        target, pattern, groups = exact.get(key), key, {}
+        if target is None:
+            found = next(((m, p, t) for r, p, t in patterns if (m := r.fullmatch(key))), None)
+            if found is not None:
+                target, pattern, groups = found[2], found[1], found[0].groupdict()
+            elif naming.passthrough:
+                target = key
+            else:
+                raise ModelFormatError(f"{describe(name)} has no place in a {family} model")
+        if "E" in groups:  # one tensor per expert: stacked below
+            graph = target.format(**groups) if isinstance(target, str) else target
+            assert isinstance(graph, str), f"{pattern}: per-expert tensors map to one graph name"
+            experts.setdefault(graph, (pattern, groups, {}))[2][int(groups["E"])] = name
+            continue
+        for d in target if isinstance(target, tuple) else (target,):
+            d = Derived(d) if isinstance(d, str) else d
+            graph = d.name.format(**groups)
+            if graph not in unused:
+                derived_shape, source = _derive(d, tuple(shape), _reading(read, name))
+                out.add(graph, derived_shape, _shifted(source, naming.norm_shift, graph), describe(name))
+    for graph, (pattern, groups, by_expert) in experts.items():
+        names = [by_expert.get(e, "") for e in range(max(by_expert) + 1)]
+        if "" in names:
+            missing = pattern.format(**{**groups, "E": names.index("")})
+            raise ModelFormatError(f"{where}: expert tensor {missing!r} is missing")
+        first = stored[names[0]]
+        for n in names:
+            if stored[n] != first:
+                raise ModelFormatError(f"{describe(n)} has shape {stored[n]}, expert 0 {first}")
+        parts = [_reading(read, n) for n in names]
+        origin = f"{where}: tensors {pattern.format(**{**groups, 'E': '*'})!r}"
+        out.add(graph, (len(names), *first), _shifted(_stacked(parts), naming.norm_shift, graph), origin)
+    return out
+
+
+def _reading(read: Reader, name: str) -> Source:
+    return lambda index: read(name, index)
+
+
+def _derive(d: Derived, shape: tuple[int, ...], read: Source) -> tuple[tuple[int, ...], Source]:
+    """The shape and source of a derived weight: a [lo, hi) cut of one axis, a squeezed axis, a transform."""
+    lo, hi = d.rows(shape[d.axis]) if d.rows is not None else (0, shape[d.axis] if shape else 0)
+    out = list(shape)
+    if d.rows is not None:
+        out[d.axis] = hi - lo
+    if d.squeeze is not None:
+        if shape[d.squeeze] != 1:
+            raise ModelFormatError(f"{d.name}: stored shape {shape} has no size-1 axis {d.squeeze} to squeeze")
+        del out[d.squeeze]
+
+    def source(index: tuple[slice, ...]) -> np.ndarray:
+        idx = list(index)
+        if d.squeeze is not None:
+            idx.insert(d.squeeze, slice(0, 1))
+        if d.rows is not None:
+            start, stop, step = idx[d.axis].indices(hi - lo)
+            idx[d.axis] = slice(lo + start, lo + stop, step)
+        a = read(tuple(idx))
+        if d.squeeze is not None:
+            a = a.reshape([n for i, n in enumerate(a.shape) if i != d.squeeze])
+        return d.transform(np.asarray(a)) if d.transform is not None else a
+
+    if d.rows is None and d.squeeze is None and d.transform is None:
+        return shape, read
+    return tuple(out), source
+
+
+def _shifted(source: Source, shift: float, graph: str) -> Source:
+    """Norm weights stored as ``w`` for a ``(1 + w)`` norm come out as ``w + shift`` (see ``Naming.norm_shift``)."""
+    if not shift or not graph.endswith("norm"):
+        return source
+    return lambda index: (lambda a: a + np.asarray(shift, a.dtype))(np.asarray(source(index)))
+
+
+def _stacked(parts: list[Source]) -> Source:
+    """One [E, ...] weight from per-expert tensors: only the asked experts and slices are read and stacked."""
+
+    def read(index: tuple[slice, ...]) -> np.ndarray:
+        chosen = parts[index[0]]
+        if not chosen:  # np.stack of nothing has no shape: an empty stack of expert 0's slice
+            return parts[0](index[1:])[None][:0]
+        return np.stack([p(index[1:]) for p in chosen])
+
+    return read
