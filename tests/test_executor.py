@@ -45,6 +45,7 @@ def configs(draw: st.DrawFn) -> Config:
         n_expert=n_expert,
         top_k=draw(st.integers(1, max(n_expert, 1))),
         norm_topk=draw(st.booleans()),
+        shared_ffn=draw(st.sampled_from([0, 5])),
         dense_layers=(0,) if draw(st.booleans()) else (),
         qk_norm=draw(st.booleans()),
         qkv_bias=draw(st.booleans()),

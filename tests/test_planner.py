@@ -20,10 +20,11 @@ from tensorweave.models.synthetic import Config, build
     [
         Config(n_layer=3),
         Config(n_layer=2, n_expert=4, top_k=2),
+        Config(n_layer=2, n_expert=4, top_k=2, shared_ffn=6),  # the shared expert joins the routed ones' reduce
         Config(n_layer=3, n_expert=3, top_k=1, dense_layers=(1,), qkv_bias=True, o_bias=True, sinks=True),
         Config(n_layer=2, n_head=6, n_kv=1, qk_norm=True, window=3, softcap=30.0),  # MQA: one KV head
     ],
-    ids=["dense", "moe", "mixed", "mqa"],
+    ids=["dense", "moe", "moe-shared", "mixed", "mqa"],
 )
 def test_two_allreduces_per_layer_and_one_logits_gather(cfg: Config, world: int) -> None:
     tokens = 5

@@ -1,5 +1,7 @@
 """Llama 2/3 and Mistral-style models: GQA, rope (with llama3 or linear scaling), optional sliding window, tied or
-untied head. The graph is ``transformer.build`` with these switches; this file maps the checkpoint configs."""
+untied head. ``build`` composes the blocks into the pre-norm decoder the llama-like families here share (qwen2,
+qwen3, qwen3_moe, mixtral reuse it with other switches); ``hf_config``/``gguf_config`` map the config keys they share.
+"""
 
 from __future__ import annotations
 
@@ -10,9 +12,27 @@ from typing import Any
 from tensorweave.core.graph import Graph
 from tensorweave.core.hookspecs import hookimpl
 from tensorweave.core.model import ModelFamily
-from tensorweave.errors import UnsupportedError
-from tensorweave.models import transformer
-from tensorweave.models.transformer import Config
+from tensorweave.errors import ModelFormatError, UnsupportedError
+from tensorweave.models import blocks
+from tensorweave.models.blocks import Config
+
+
+def build(cfg: Config, tokens: int) -> Graph:
+    """The graph of one step over ``tokens`` new tokens at ``positions`` (reading and extending the KV caches):
+    embedding, then per layer x + attention(norm(x)) and x + ffn(norm(x)), then the head."""
+    g, x, pos = blocks.embed(cfg, tokens)
+    for il in range(cfg.n_layer):
+        layer = cfg.layer(il)
+        x = x + blocks.attention(g, cfg, layer, blocks.norm(g, cfg, x, layer, "attn_norm"), pos)
+        h = blocks.norm(g, cfg, x, layer, "ffn_norm")
+        if not layer.moe:
+            x = x + blocks.gated_ffn(g, layer, h, cfg.ffn)
+        elif cfg.shared_ffn:
+            x = x + (blocks.moe(g, cfg, layer, h) + blocks.shared_expert(g, cfg, layer, h))
+        else:
+            x = x + blocks.moe(g, cfg, layer, h)
+    blocks.head(g, cfg, x)
+    return g
 
 
 class Llama(ModelFamily):
@@ -24,19 +44,19 @@ class Llama(ModelFamily):
     def config_from_hf(self, config: dict[str, Any]) -> Config:
         if config.get("mlp_bias"):
             raise UnsupportedError("llama with mlp_bias=true is not supported")
-        return Config(**transformer.hf_config(config))
+        return Config(**hf_config(config))
 
     def config_from_gguf(self, meta: dict[str, Any], shapes: Mapping[str, tuple[int, ...]]) -> Config:
         return gguf_common(meta, shapes, meta["general.architecture"])
 
     def build(self, config: Config, tokens: int) -> Graph:
-        return transformer.build(config, tokens)
+        return build(config, tokens)
 
 
 def gguf_common(meta: dict[str, Any], shapes: Mapping[str, tuple[int, ...]], arch: str, **extra: Any) -> Config:
     """What every llama-like GGUF shares: the metadata keys plus facts only the tensor list tells (tied head,
     biases, q/k norms, rope frequency factors)."""
-    kw = transformer.gguf_config(meta, arch)
+    kw = gguf_config(meta, arch)
     kw["tied"] = "output" not in shapes
     kw["qkv_bias"] = "blk.0.attn_q.bias" in shapes
     kw["o_bias"] = "blk.0.attn_output.bias" in shapes
@@ -48,6 +68,75 @@ def gguf_common(meta: dict[str, Any], shapes: Mapping[str, tuple[int, ...]], arc
     if factors is not None:
         cfg = replace(cfg, rope_scaling=(("factors", tuple(float(f) for f in factors)), ("rope_type", "factors")))
     return cfg
+
+
+def hf_config(c: dict[str, Any]) -> dict[str, Any]:
+    """Config fields common to llama-like Hugging Face config.json files (both the transformers 5 style with a
+    ``rope_parameters`` dict and the published top-level ``rope_theta``/``rope_scaling`` style)."""
+    nh = int(c["num_attention_heads"])
+    rope = dict(c.get("rope_parameters") or {})
+    rope.update(c.get("rope_scaling") or {})
+    theta = float(rope.pop("rope_theta", c.get("rope_theta", 10000.0)))
+    rope.pop("partial_rotary_factor", None)
+    if rope.get("rope_type", rope.get("type", "default")) == "default":
+        rope = {}
+    head_dim = int(c.get("head_dim") or c["hidden_size"] // nh)
+    window = c.get("sliding_window")
+    return {
+        "vocab": int(c["vocab_size"]),
+        "hidden": int(c["hidden_size"]),
+        "n_layer": int(c["num_hidden_layers"]),
+        "n_head": nh,
+        "n_kv": int(c.get("num_key_value_heads") or nh),
+        "head_dim": head_dim,
+        "ffn": int(c["intermediate_size"]),
+        "qkv_bias": bool(c.get("attention_bias", False)),
+        "o_bias": bool(c.get("attention_bias", False)),
+        "rope_theta": theta,
+        "rope_scaling": tuple(sorted(rope.items())),
+        "n_rot": int(head_dim * c["partial_rotary_factor"]) if c.get("partial_rotary_factor") else None,
+        "norm_eps": float(c.get("rms_norm_eps", 1e-6)),
+        "tied": bool(c.get("tie_word_embeddings", False)),
+        "window": int(window) if window else None,
+        "ctx": int(c.get("max_position_embeddings", 4096)),
+    }
+
+
+def gguf_config(meta: dict[str, Any], arch: str) -> dict[str, Any]:
+    """Config fields from llama.cpp's GGUF metadata keys (``{arch}.embedding_length`` ...)."""
+
+    def get(key: str, default: Any = None) -> Any:
+        v = meta.get(f"{arch}.{key}", default)
+        if v is None:
+            raise ModelFormatError(f"GGUF metadata has no {arch}.{key}")
+        return v
+
+    nh = int(get("attention.head_count"))
+    hidden = int(get("embedding_length"))
+    head_dim = int(get("attention.key_length", hidden // nh))
+    vocab = meta.get(f"{arch}.vocab_size") or len(meta.get("tokenizer.ggml.tokens") or ())
+    window = meta.get(f"{arch}.attention.sliding_window")
+    scaling: tuple[tuple[str, Any], ...] = ()
+    kind = meta.get(f"{arch}.rope.scaling.type", "none")
+    if kind == "linear":
+        scaling = (("factor", float(get("rope.scaling.factor"))), ("rope_type", "linear"))
+    elif kind != "none":
+        raise UnsupportedError(f"GGUF rope scaling {kind!r} is not supported (known: none, linear, rope_freqs)")
+    return {
+        "vocab": int(vocab),
+        "hidden": hidden,
+        "n_layer": int(get("block_count")),
+        "n_head": nh,
+        "n_kv": int(get("attention.head_count_kv", nh)),
+        "head_dim": head_dim,
+        "ffn": int(get("feed_forward_length", 0)),
+        "rope_theta": float(get("rope.freq_base", 10000.0)),
+        "rope_scaling": scaling,
+        "n_rot": None if int(get("rope.dimension_count", head_dim)) == head_dim else int(get("rope.dimension_count")),
+        "norm_eps": float(get("attention.layer_norm_rms_epsilon", 1e-6)),
+        "window": int(window) if window else None,
+        "ctx": int(get("context_length", 4096)),
+    }
 
 
 @hookimpl

@@ -8,14 +8,13 @@ from typing import Any
 
 from tensorweave.core.hookspecs import hookimpl
 from tensorweave.core.model import ModelFamily
-from tensorweave.models import transformer
-from tensorweave.models.llama import Llama, gguf_common
-from tensorweave.models.transformer import Config
+from tensorweave.models.blocks import Config
+from tensorweave.models.llama import Llama, gguf_common, hf_config
 
 
 def hf_qwen3(config: dict[str, Any]) -> dict[str, Any]:
     """Config fields of a Qwen3 config.json (shared with Qwen3-MoE)."""
-    kw = transformer.hf_config(config)
+    kw = hf_config(config)
     kw["qk_norm"] = True
     if not config.get("use_sliding_window"):
         kw["window"] = None

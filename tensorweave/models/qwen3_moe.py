@@ -11,9 +11,9 @@ from typing import Any
 from tensorweave.core.hookspecs import hookimpl
 from tensorweave.core.model import ModelFamily
 from tensorweave.errors import ModelFormatError, UnsupportedError
+from tensorweave.models.blocks import Config
 from tensorweave.models.llama import gguf_common
 from tensorweave.models.qwen3 import Qwen3, hf_qwen3
-from tensorweave.models.transformer import Config
 
 
 class Qwen3Moe(Qwen3):

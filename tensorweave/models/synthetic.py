@@ -1,7 +1,7 @@
 """A synthetic transformer: every knob the planner must handle, with random weights, no files.
 
 Not a published architecture: it throws head counts, KV-head counts, head dims, dense and MoE blocks, sliding
-windows, softcaps, sinks and biases (all switches of ``transformer.Config``) at the planner and executor (property
+windows, softcaps, sinks and biases (all switches of ``blocks.Config``) at the planner and executor (property
 tests), measures the executor (benchmarks/executor.py), and shows a tensor-parallel run without downloading
 anything (``tensorweave demo``).
 """
@@ -11,7 +11,8 @@ from __future__ import annotations
 import numpy as np
 
 from tensorweave.core.graph import Graph
-from tensorweave.models.transformer import Config, build
+from tensorweave.models.blocks import Config
+from tensorweave.models.llama import build
 
 __all__ = ["Config", "build", "random_weights"]
 
