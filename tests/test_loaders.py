@@ -79,10 +79,18 @@ QWEN3_MOE = {
     "mlp_only_layers": [1],  # layer 1 dense, layers 0 and 2 sparse
     "decoder_sparse_step": 1,
 }
+MIXTRAL = {
+    **LLAMA,
+    "model_type": "mixtral",
+    "architectures": ["MixtralForCausalLM"],
+    "num_local_experts": 4,
+    "num_experts_per_tok": 2,
+    "intermediate_size": 32,
+}
 
 
 def family_of(cfg_json: dict[str, Any]) -> Any:
-    return registry().models[{"llama": "llama", "qwen3": "qwen3", "qwen3_moe": "qwen3_moe"}[cfg_json["model_type"]]]
+    return registry().models[cfg_json["model_type"]]
 
 
 def config_and_weights(cfg_json: dict[str, Any], seed: int = 0) -> tuple[Any, Any, dict[str, np.ndarray]]:
@@ -391,6 +399,22 @@ def test_gguf_f32(tmp_path: Path, split: Any, cfg_json: dict[str, Any], arch: st
     path, want = gguf_model(tmp_path, cfg_json, arch)
     model = check_logits(path, want, split)
     assert model.family.name == cfg_json["model_type"] and model.config.dtype == "float32"
+
+
+@pytest.mark.parametrize("split", SPLITS)
+def test_gguf_mixtral_with_one_tensor_per_expert(tmp_path: Path, split: Any) -> None:
+    """Older llama.cpp files store Mixtral's experts one tensor each (blk.N.ffn_gate.E): Mixtral's GGUF naming
+    stacks them, and the file (arch llama with llama.expert_count) goes to Mixtral, not Llama."""
+    fam, config, weights = config_and_weights(MIXTRAL, seed=12)
+    per_expert = {n: a for n, a in weights.items() if not n.endswith("_exps")}
+    for n, a in weights.items():
+        if n.endswith("_exps"):
+            per_expert.update({f"{n.removesuffix('_exps')}.{e}": expert for e, expert in enumerate(a)})
+    path = tmp_path / "mixtral.gguf"
+    write_gguf(path, "llama", config, per_expert)
+    assert "blk.1.ffn_down.3" in per_expert and "blk.1.ffn_down_exps" not in per_expert
+    model = check_logits(path, reference(fam, config, weights), split)
+    assert model.family.name == "mixtral" and model.config.n_expert == 4
 
 
 def test_gguf_llama_permutation_matters(tmp_path: Path) -> None:

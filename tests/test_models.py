@@ -16,7 +16,7 @@ import pytest
 import tensorweave as tw
 
 FIXTURES = Path(__file__).parent / "fixtures" / "models"
-NAMES = ["llama", "mistral", "qwen3", "qwen3_moe", "qwen3_moe_norm"]
+NAMES = ["llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "qwen3_moe_norm", "mixtral"]
 SOURCES = {"hf": "hf", "gguf": "model-f32.gguf"}
 # (devices, tensor_split): 2 KV heads over 4 devices leave devices without a KV head in the last two.
 SPLITS = [
@@ -91,6 +91,16 @@ def test_configs_map_every_family_switch() -> None:
     assert cfgs["qwen3"].qk_norm and cfgs["qwen3"].tied and cfgs["qwen3"].head_dim * 4 != cfgs["qwen3"].hidden
     assert (cfgs["qwen3_moe"].norm_topk, cfgs["qwen3_moe"].dense_layers) == (False, (1,))
     assert cfgs["qwen3_moe_norm"].norm_topk and cfgs["qwen3_moe_norm"].dense_layers == (0,)
+    assert (cfgs["qwen2"].qkv_bias, cfgs["qwen2"].o_bias, gguf["qwen2"].qkv_bias, gguf["qwen2"].o_bias) == (
+        True,
+        False,
+        True,
+        False,
+    )
+    assert (cfgs["mixtral"].n_expert, cfgs["mixtral"].dense_layers, cfgs["mixtral"].norm_topk) == (4, (), True)
+    # one GGUF architecture, two families: a llama file with llama.expert_count is Mixtral's, one without is Llama's
+    families = {n: tw.load(FIXTURES / n / "model-f32.gguf").family.name for n in ("llama", "mistral", "mixtral")}
+    assert families == {"llama": "llama", "mistral": "llama", "mixtral": "mixtral"}
     for n in NAMES:  # GGUF metadata and the tensor list lead to the same config as config.json
         a, b = cfgs[n], gguf[n]
         assert (a.n_expert, a.top_k, a.norm_topk, a.dense_layers, a.tied, a.qk_norm, a.head_dim, a.n_kv) == (

@@ -290,6 +290,48 @@ FIXTURES: list[Fixture] = [
         },
         notes="4 experts top-2 renormalised; decoder_sparse_step 2 makes layer 0 dense, layer 1 MoE",
     ),
+    Fixture(
+        name="qwen2",
+        hf_class="Qwen2ForCausalLM",
+        config_class="Qwen2Config",
+        gguf_arch="qwen2",
+        tokenizer_style="gpt2",
+        seed=6007,
+        config={
+            **COMMON,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "intermediate_size": 96,
+            "tie_word_embeddings": True,
+            "rms_norm_eps": 1e-6,
+            "use_sliding_window": False,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0},
+        },
+        notes="q/k/v biases (no o bias), tied embeddings, GGUF arch qwen2 (q/k rows not permuted)",
+    ),
+    Fixture(
+        name="mixtral",
+        hf_class="MixtralForCausalLM",
+        config_class="MixtralConfig",
+        gguf_arch="llama",
+        tokenizer_style="llama",
+        seed=7007,
+        config={
+            **COMMON,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "intermediate_size": 32,
+            "num_local_experts": 4,
+            "num_experts_per_tok": 2,
+            "tie_word_embeddings": False,
+            "rms_norm_eps": 1e-5,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0},
+        },
+        notes="4 experts top-2 renormalised in every layer (block_sparse_moe.experts.E.w1/w2/w3); GGUF arch llama "
+        "with llama.expert_count and stacked ffn_*_exps, q/k rows permuted",
+    ),
 ]
 
 
@@ -622,6 +664,9 @@ LAYER_MAP = {
     "self_attn.q_proj.weight": "attn_q.weight",
     "self_attn.k_proj.weight": "attn_k.weight",
     "self_attn.v_proj.weight": "attn_v.weight",
+    "self_attn.q_proj.bias": "attn_q.bias",
+    "self_attn.k_proj.bias": "attn_k.bias",
+    "self_attn.v_proj.bias": "attn_v.bias",
     "self_attn.o_proj.weight": "attn_output.weight",
     "self_attn.q_norm.weight": "attn_q_norm.weight",
     "self_attn.k_norm.weight": "attn_k_norm.weight",
@@ -632,12 +677,44 @@ LAYER_MAP = {
     "mlp.gate.weight": "ffn_gate_inp.weight",
 }
 EXPERT_MAP = {"gate_proj": "ffn_gate_exps.weight", "up_proj": "ffn_up_exps.weight", "down_proj": "ffn_down_exps.weight"}
+#: Mixtral's HF names for the MoE block, and the llama-like names the converter reads them as
+MIXTRAL_MOE = {"block_sparse_moe.gate.": "mlp.gate.", "block_sparse_moe.experts.": "mlp.experts."}
+MIXTRAL_EXPERTS = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
+
+
+def llama_like(rest: str) -> str:
+    """A per-layer HF name as the llama-like converter reads it (Mixtral's block_sparse_moe names renamed)."""
+    for old, new in MIXTRAL_MOE.items():
+        if rest.startswith(old):
+            rest = new + rest[len(old) :]
+            parts = rest.split(".")
+            if len(parts) == 5:  # mlp.experts.<e>.w1.weight
+                parts[3] = MIXTRAL_EXPERTS[parts[3]]
+            return ".".join(parts)
+    return rest
+
+
+def mixtral_names(rest: str) -> str:
+    """The inverse of ``llama_like`` for the MoE block of a Mixtral model."""
+    inverse = {v: k for k, v in MIXTRAL_EXPERTS.items()}
+    for new, old in {v: k for k, v in MIXTRAL_MOE.items()}.items():
+        if rest.startswith(new):
+            parts = (old + rest[len(new) :]).split(".")
+            if len(parts) == 5:
+                parts[3] = inverse[parts[3]]
+            return ".".join(parts)
+    return rest
+
+
 #: the order tensors of one block are written in
 BLOCK_ORDER = [
     "attn_norm.weight",
     "attn_q.weight",
+    "attn_q.bias",
     "attn_k.weight",
+    "attn_k.bias",
     "attn_v.weight",
+    "attn_v.bias",
     "attn_output.weight",
     "attn_q_norm.weight",
     "attn_k_norm.weight",
@@ -667,7 +744,7 @@ def hf_to_gguf_tensors(hf: dict[str, np.ndarray], hp: HParams, arch: str) -> dic
         if not name.startswith("model.layers."):
             continue
         layer_s, rest = name[len("model.layers.") :].split(".", 1)
-        layer = int(layer_s)
+        layer, rest = int(layer_s), llama_like(rest)
         w = src.pop(name)
         if rest.startswith("mlp.experts."):
             tail = rest[len("mlp.experts.") :]
@@ -733,6 +810,13 @@ def gguf_to_hf_tensors(tensors: dict[str, np.ndarray], hp: HParams, arch: str) -
             elif arch == "llama" and gname == "attn_k.weight":
                 w = llama_unpermute(w, n_kv)
             out[prefix + inv_layer[gname]] = w
+    if hp.raw.get("model_type") == "mixtral":  # the names transformers reads a Mixtral checkpoint by
+        out = {
+            f"model.layers.{k.split('.')[2]}.{mixtral_names(k.split('.', 3)[3])}"
+            if k.startswith("model.layers.")
+            else k: v
+            for k, v in out.items()
+        }
     return {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in sorted(out.items())}
 
 
@@ -754,9 +838,9 @@ def gguf_arch_metadata(hp: HParams, fx: Fixture) -> list[tuple[str, Any]]:
         (f"{a}.vocab_size", hp["vocab_size"]),
     ]
     if hp.n_experts:
+        meta += [(f"{a}.expert_count", hp.n_experts), (f"{a}.expert_used_count", hp["num_experts_per_tok"])]
+    if "moe_intermediate_size" in hp.raw:  # Qwen3-MoE; llama.cpp writes neither key for Mixtral (arch llama)
         meta += [
-            (f"{a}.expert_count", hp.n_experts),
-            (f"{a}.expert_used_count", hp["num_experts_per_tok"]),
             (f"{a}.expert_feed_forward_length", hp["moe_intermediate_size"]),
             (f"{a}.expert_weights_norm", bool(hp["norm_topk_prob"])),
         ]
@@ -968,7 +1052,7 @@ def make_fixture(fx: Fixture, out_root: Path) -> dict[str, Any]:
     built.save_pretrained(hf_dir, safe_serialization=True)
     hf = load_file(hf_dir / "model.safetensors")
     hp = HParams(json.loads((hf_dir / "config.json").read_text()))
-    expert_layout = sorted({k.split(".mlp.experts.")[1].split(".", 1)[-1] for k in hf if ".mlp.experts." in k})
+    expert_layout = sorted({k.split(".experts.")[1].split(".", 1)[-1] for k in hf if ".experts." in k})
 
     model = load_hf(hf_dir)  # everything below runs on the model as saved
     saved_sd, built_sd = model.state_dict(), built.state_dict()
@@ -1056,11 +1140,14 @@ def make_fixture(fx: Fixture, out_root: Path) -> dict[str, Any]:
             {
                 "n_experts": hp.n_experts,
                 "top_k": hp["num_experts_per_tok"],
-                "norm_topk_prob": bool(hp["norm_topk_prob"]),
+                "norm_topk_prob": bool(hp.raw.get("norm_topk_prob", True)),  # Mixtral always renormalises
                 "moe_layers": moe_layers,
                 "dense_layers": [i for i in range(hp["num_hidden_layers"]) if i not in moe_layers],
                 "safetensors_expert_layout": (
-                    "per expert: model.layers.N.mlp.experts.E.{gate,up,down}_proj.weight "
+                    "per expert: model.layers.N.block_sparse_moe.experts.E.{w1,w3,w2}.weight (transformers keeps "
+                    "them fused as mlp.experts.gate_up_proj / down_proj in memory; save_pretrained splits them)"
+                    if "w1.weight" in expert_layout
+                    else "per expert: model.layers.N.mlp.experts.E.{gate,up,down}_proj.weight "
                     "(transformers keeps them fused as mlp.experts.gate_up_proj [E, 2I, H] / down_proj [E, H, I] "
                     "in memory; save_pretrained splits them)"
                     if "gate_proj.weight" in expert_layout

@@ -70,6 +70,35 @@ def gguf_common(meta: dict[str, Any], shapes: Mapping[str, tuple[int, ...]], arc
     return cfg
 
 
+def gguf_moe(meta: dict[str, Any], shapes: Mapping[str, tuple[int, ...]], arch: str) -> Config:
+    """A llama-like MoE GGUF (qwen3moe; llama for Mixtral): ``gguf_common`` plus the expert keys, which llama.cpp
+    honours when present (a file that sets them means them), and dense layers told by their tensors."""
+    n_layer = int(meta[f"{arch}.block_count"])
+    # GGUF has no per-layer dense flag: a layer is dense when it carries ffn_up instead of expert tensors.
+    dense = tuple(il for il in range(n_layer) if f"blk.{il}.ffn_up_exps" not in shapes)
+    sparse = [il for il in range(n_layer) if il not in dense]
+    if not sparse:
+        raise ModelFormatError(f"{arch} GGUF has no expert tensors (blk.N.ffn_up_exps) in any layer")
+    gating = {1: "softmax", 2: "sigmoid"}.get(int(meta.get(f"{arch}.expert_gating_func", 1)))
+    if gating is None:
+        raise ModelFormatError(f"{arch}: unknown expert_gating_func {meta[f'{arch}.expert_gating_func']}")
+    if int(meta.get(f"{arch}.expert_shared_count", 0)):
+        raise UnsupportedError(f"{arch}: shared experts (expert_shared_count) are not part of this family")
+    return gguf_common(
+        meta,
+        shapes,
+        arch,
+        n_expert=int(meta[f"{arch}.expert_count"]),
+        top_k=int(meta[f"{arch}.expert_used_count"]),
+        # llama.cpp renormalizes the top-k weights of these architectures unless the file says otherwise
+        norm_topk=bool(meta.get(f"{arch}.expert_weights_norm", True)),
+        route_gating=gating,
+        route_scale=float(meta.get(f"{arch}.expert_weights_scale", 1.0)),
+        expert_ffn=int(meta.get(f"{arch}.expert_feed_forward_length") or shapes[f"blk.{sparse[0]}.ffn_up_exps"][1]),
+        dense_layers=dense,
+    )
+
+
 def hf_config(c: dict[str, Any]) -> dict[str, Any]:
     """Config fields common to llama-like Hugging Face config.json files (both the transformers 5 style with a
     ``rope_parameters`` dict and the published top-level ``rope_theta``/``rope_scaling`` style)."""

@@ -1,5 +1,5 @@
 """Qwen3 (dense): llama with an RMSNorm over every q and k head before rope and a head_dim chosen independently
-of hidden_size / heads; optional sliding window on layers past ``max_window_layers``."""
+of hidden_size / heads; Qwen's sliding-window switches (qwen2.hf_qwen); thinks in <think> ... </think>."""
 
 from __future__ import annotations
 
@@ -9,21 +9,13 @@ from typing import Any
 from tensorweave.core.hookspecs import hookimpl
 from tensorweave.core.model import ModelFamily
 from tensorweave.models.blocks import Config
-from tensorweave.models.llama import Llama, gguf_common, hf_config
+from tensorweave.models.llama import Llama, gguf_common
+from tensorweave.models.qwen2 import hf_qwen
 
 
 def hf_qwen3(config: dict[str, Any]) -> dict[str, Any]:
     """Config fields of a Qwen3 config.json (shared with Qwen3-MoE)."""
-    kw = hf_config(config)
-    kw["qk_norm"] = True
-    if not config.get("use_sliding_window"):
-        kw["window"] = None
-    elif config.get("layer_types"):
-        kw["window_layers"] = tuple(i for i, t in enumerate(config["layer_types"]) if t == "sliding_attention")
-    else:
-        first = int(config.get("max_window_layers", 0))
-        kw["window_layers"] = tuple(range(first, kw["n_layer"]))
-    return kw
+    return {**hf_qwen(config), "qk_norm": True}
 
 
 class Qwen3(Llama):

@@ -10,9 +10,8 @@ from typing import Any
 
 from tensorweave.core.hookspecs import hookimpl
 from tensorweave.core.model import ModelFamily
-from tensorweave.errors import ModelFormatError, UnsupportedError
 from tensorweave.models.blocks import Config
-from tensorweave.models.llama import gguf_common
+from tensorweave.models.llama import gguf_moe
 from tensorweave.models.qwen3 import Qwen3, hf_qwen3
 
 
@@ -37,32 +36,7 @@ class Qwen3Moe(Qwen3):
         )
 
     def config_from_gguf(self, meta: dict[str, Any], shapes: Mapping[str, tuple[int, ...]]) -> Config:
-        arch = "qwen3moe"
-        n_layer = int(meta[f"{arch}.block_count"])
-        # GGUF has no per-layer dense flag: a layer is dense when it carries ffn_up instead of expert tensors.
-        dense = tuple(il for il in range(n_layer) if f"blk.{il}.ffn_up_exps" not in shapes)
-        sparse = [il for il in range(n_layer) if il not in dense]
-        if not sparse:
-            raise ModelFormatError(f"{arch} GGUF has no expert tensors (blk.N.ffn_up_exps) in any layer")
-        # MoE keys llama.cpp honours when present; a file that sets them means them
-        gating = {1: "softmax", 2: "sigmoid"}.get(int(meta.get(f"{arch}.expert_gating_func", 1)))
-        if gating is None:
-            raise ModelFormatError(f"{arch}: unknown expert_gating_func {meta[f'{arch}.expert_gating_func']}")
-        if int(meta.get(f"{arch}.expert_shared_count", 0)):
-            raise UnsupportedError(f"{arch}: shared experts (expert_shared_count) are not part of this family")
-        return gguf_common(
-            meta,
-            shapes,
-            arch,
-            n_expert=int(meta[f"{arch}.expert_count"]),
-            top_k=int(meta[f"{arch}.expert_used_count"]),
-            # llama.cpp's qwen3moe always renormalizes unless the file says otherwise
-            norm_topk=bool(meta.get(f"{arch}.expert_weights_norm", True)),
-            route_gating=gating,
-            route_scale=float(meta.get(f"{arch}.expert_weights_scale", 1.0)),
-            expert_ffn=int(meta.get(f"{arch}.expert_feed_forward_length") or shapes[f"blk.{sparse[0]}.ffn_up_exps"][1]),
-            dense_layers=dense,
-        )
+        return gguf_moe(meta, shapes, "qwen3moe")
 
 
 @hookimpl
