@@ -71,9 +71,50 @@ PLUGINS = {
             def open(self, path, families):
                 return NpzCheckpoint(path, families)
 
+        from tensorweave.core.model import Derived, Naming, piece
+        from tensorweave.models.llama import gguf_common
+
+        QKV = tuple(Derived(f"blk.{{L}}.attn_{x}", rows=piece(i, 3)) for i, x in enumerate("qkv"))
+        GATE_UP = tuple(Derived(f"blk.{{L}}.ffn_{x}", rows=piece(i, 2)) for i, x in enumerate(("gate", "up")))
+
+        class RenamedLlama(Llama):  # llama's graph under other names: fused q/k/v and gate/up, (1 + w) norms
+            name = "toy-renamed"
+            hf_model_types = ("toy_renamed",)
+            gguf_architectures = ("toyarch",)
+            gguf_permuted_qk = False
+            reasoning_tags = ("<reason>", "</reason>")
+            hf_naming = Naming(
+                names={
+                    "wte.weight": "token_embd",
+                    "ln_f.weight": "output_norm",
+                    "head.weight": "output",
+                    "h.{L}.ln_1.weight": "blk.{L}.attn_norm",
+                    "h.{L}.ln_2.weight": "blk.{L}.ffn_norm",
+                    "h.{L}.attn.qkv.weight": QKV,
+                    "h.{L}.attn.out.weight": "blk.{L}.attn_output",
+                    "h.{L}.mlp.fc_in.weight": GATE_UP,
+                    "h.{L}.mlp.fc_out.weight": "blk.{L}.ffn_down",
+                },
+                prefixes={"model.text.": ""},  # a multimodal checkpoint: the language model under a prefix
+                ignore=("model[.]vision[.].*", "mtp[.].*"),
+                norm_shift=1.0,  # stores w for a (1 + w) norm
+            )
+            gguf_naming = Naming(
+                names={
+                    "blk.{L}.attn_qkv": QKV,
+                    "blk.{L}.ffn_gate_up": GATE_UP,
+                    "blk.{L}.ffn_norm": Derived("blk.{L}.ffn_norm", squeeze=0, transform=np.exp),  # [1, H] of log w
+                },
+                passthrough=True,
+            )
+
+            def config_from_gguf(self, meta, shapes):
+                return gguf_common(meta, shapes, "toyarch")
+
         @tw.hookimpl
         def tensorweave_register_models(register):
             register(ToyLlama())
+            register(RenamedLlama())
 
         @tw.hookimpl
         def tensorweave_register_loaders(register):
@@ -171,7 +212,7 @@ def test_third_party_plugin_is_discovered_and_listed(site: Path) -> None:
     assert (toy["backends"], toy["communicators"], toy["models"], toy["loaders"]) == (
         ["toy"],
         ["toy-comm"],
-        ["toy-llama"],
+        ["toy-llama", "toy-renamed"],
         ["npz"],
     )
     assert "toy" in data["backends"] and "toy-comm" in data["communicators"]
@@ -227,6 +268,67 @@ def test_toy_model_family_and_loader_load_a_model(site: Path, tmp_path: Path) ->
     assert proc.stdout.strip() == "NpzCheckpoint (6, 40) True"
 
 
+def test_toy_family_brings_its_own_names_to_hf_and_gguf(site: Path, tmp_path: Path) -> None:
+    """A family from a plugin maps its own tensor names (fused q/k/v and gate/up, a prefix, ignored vision and mtp
+    tensors, (1 + w) norms; in GGUF another architecture, a squeezed and transformed norm) through the built-in
+    loaders, whose files are written here by hand; the logits equal the numpy reference on the graph's weights."""
+    code = textwrap.dedent(f"""
+        import json, gguf, numpy as np, tensorweave as tw
+        from pathlib import Path
+        from tensorweave.core.plugins import registry
+        from tensorweave.loaders.safetensors_io import write_safetensors
+        from tensorweave.models.synthetic import random_weights
+        from tensorweave.runtime.sampling import reasoning_tags
+        d = Path({str(tmp_path)!r})
+        raw = dict(model_type="toy_renamed", vocab_size=40, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=4, intermediate_size=48, max_position_embeddings=64, rms_norm_eps=1e-5)
+        fam = registry().models["toy-renamed"]
+        cfg = fam.config_from_hf(raw)
+        w = random_weights(fam.build(cfg, 1), seed=3)
+        ids = [1, 5, 9, 39, 0, 7]
+        g = fam.build(cfg, len(ids))
+        feeds = dict(tokens=np.array(ids, np.int32), positions=np.arange(len(ids), dtype=np.int32))
+        want = g.evaluate(feeds, w, {{n: np.zeros(t.shape, t.dtype) for n, t in g.caches.items()}})["logits"]
+        hf = {{"model.text.wte.weight": w["token_embd"], "model.text.ln_f.weight": w["output_norm"] - 1,
+              "head.weight": w["output"], "model.vision.patch.weight": np.ones((3, 3), np.float32),
+              "mtp.0.proj.weight": np.ones((2, 2), np.float32)}}
+        gg = {{"token_embd": w["token_embd"], "output_norm": w["output_norm"], "output": w["output"]}}
+        for il in range(cfg.n_layer):
+            b = lambda n: w[f"blk.{{il}}.{{n}}"]
+            qkv = np.concatenate([b("attn_q"), b("attn_k"), b("attn_v")])
+            gate_up = np.concatenate([b("ffn_gate"), b("ffn_up")])
+            p = f"model.text.h.{{il}}."
+            hf.update({{p + "ln_1.weight": b("attn_norm") - 1, p + "ln_2.weight": b("ffn_norm") - 1,
+                       p + "attn.qkv.weight": qkv, p + "attn.out.weight": b("attn_output"),
+                       p + "mlp.fc_in.weight": gate_up, p + "mlp.fc_out.weight": b("ffn_down")}})
+            p = f"blk.{{il}}."
+            gg.update({{p + "attn_norm": b("attn_norm"), p + "ffn_norm": np.log(b("ffn_norm"))[None],
+                       p + "attn_qkv": qkv, p + "attn_output": b("attn_output"), p + "ffn_gate_up": gate_up,
+                       p + "ffn_down": b("ffn_down")}})
+        (d / "hf").mkdir()
+        (d / "hf" / "config.json").write_text(json.dumps(raw))
+        write_safetensors(d / "hf" / "model.safetensors", hf, {{"format": "pt"}})
+        out = gguf.GGUFWriter(str(d / "m.gguf"), "toyarch")
+        for key, v in dict(block_count=2, embedding_length=32, feed_forward_length=48, context_length=64,
+                           vocab_size=40, **{{"attention.head_count": 4, "attention.head_count_kv": 4}}).items():
+            out.add_uint32("toyarch." + key, v)
+        out.add_float32("toyarch.attention.layer_norm_rms_epsilon", 1e-5)
+        for n, a in gg.items():
+            out.add_tensor(n + ".weight", np.ascontiguousarray(a, np.float32))
+        out.write_header_to_file(); out.write_kv_data_to_file(); out.write_tensors_to_file(); out.close()
+        for path in (d / "hf", d / "m.gguf"):
+            for devices, split in (("cpu-sim", None), ("cpu-sim:3", [2, 1, 1])):
+                m = tw.load(path, devices=devices, tensor_split=split)
+                print(path.name, m.family.name, float(np.abs(m.logits(ids) - want).max()) < 1e-4)
+        print(reasoning_tags(fam, None))
+    """)
+    proc = run(site, "-W", "ignore", "-c", code)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.split("\n")
+    assert lines[:4] == ["hf toy-renamed True"] * 2 + ["m.gguf toy-renamed True"] * 2, proc.stdout
+    assert lines[4] == "('<reason>', '</reason>')"
+
+
 def test_tensorweave_plugins_env_selects_and_blocks(site: Path) -> None:
     data, stderr = plugins_json(site, select="")  # empty: built-ins only
     status = {p["name"]: p["status"] for p in data["plugins"]}
@@ -242,8 +344,10 @@ def test_tensorweave_plugins_env_selects_and_blocks(site: Path) -> None:
                 "cuda",
                 "rocm",
                 "llama",
+                "qwen2",
                 "qwen3",
                 "qwen3_moe",
+                "mixtral",
                 "hf",
                 "gguf",
             ],
