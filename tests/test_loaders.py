@@ -362,6 +362,26 @@ def test_hf_config_styles(tmp_path: Path, split: Any, style: str) -> None:
     assert model.config.rope_scaling == config.rope_scaling
 
 
+@pytest.mark.parametrize("where", ["top-level", "rope_parameters"])
+def test_hf_partial_rotary_factor(tmp_path: Path, where: str) -> None:
+    """partial_rotary_factor rotates only the first dims of each head, wherever config.json puts it (Qwen3.5 writes
+    it inside rope_parameters); dropping it would silently rotate them all."""
+    v5 = {k: v for k, v in LLAMA.items() if k != "rope_theta"}
+    rope = {"rope_type": "default", "rope_theta": 10000.0}
+    cfg_json = (
+        {**LLAMA, "partial_rotary_factor": 0.5}
+        if where == "top-level"
+        else {**v5, "rope_parameters": {**rope, "partial_rotary_factor": 0.5}}
+    )
+    fam, config, weights = config_and_weights(cfg_json, seed=13)
+    assert (config.head_dim, config.n_rot, config.rope_scaling) == (8, 4, ())
+    assert fam.config_from_hf({**v5, "rope_parameters": {**rope, "partial_rotary_factor": 1.0}}).n_rot is None
+    want = reference(fam, config, weights)
+    assert np.abs(want - reference(fam, replace(config, n_rot=None), weights)).max() > 100 * TOL
+    model = check_logits(write_hf(tmp_path / "m", cfg_json, to_hf(weights)), want, ("cpu-sim:3", [2, 1, 1]))
+    assert model.config.n_rot == 4
+
+
 @pytest.mark.parametrize("split", SPLITS)
 @pytest.mark.parametrize("experts", ["per-expert", "fused"])
 def test_hf_moe_experts(tmp_path: Path, split: Any, experts: str) -> None:

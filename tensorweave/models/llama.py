@@ -106,7 +106,8 @@ def hf_config(c: dict[str, Any]) -> dict[str, Any]:
     rope = dict(c.get("rope_parameters") or {})
     rope.update(c.get("rope_scaling") or {})
     theta = float(rope.pop("rope_theta", c.get("rope_theta", 10000.0)))
-    rope.pop("partial_rotary_factor", None)
+    # transformers 5 (and Qwen3.5's config.json) put partial_rotary_factor inside rope_parameters; older ones at the top
+    partial = float(rope.pop("partial_rotary_factor", None) or c.get("partial_rotary_factor") or 1.0)
     if rope.get("rope_type", rope.get("type", "default")) == "default":
         rope = {}
     head_dim = int(c.get("head_dim") or c["hidden_size"] // nh)
@@ -123,7 +124,7 @@ def hf_config(c: dict[str, Any]) -> dict[str, Any]:
         "o_bias": bool(c.get("attention_bias", False)),
         "rope_theta": theta,
         "rope_scaling": tuple(sorted(rope.items())),
-        "n_rot": int(head_dim * c["partial_rotary_factor"]) if c.get("partial_rotary_factor") else None,
+        "n_rot": int(head_dim * partial) if partial != 1.0 else None,
         "norm_eps": float(c.get("rms_norm_eps", 1e-6)),
         "tied": bool(c.get("tie_word_embeddings", False)),
         "window": int(window) if window else None,
