@@ -1,6 +1,7 @@
 """Make the tiny real-format model fixtures under ``tests/fixtures/models``.
 
-What it makes, for each fixture model (``llama``, ``mistral``, ``qwen3``, ``qwen3_moe``, ``qwen3_moe_norm``)::
+What it makes, for each fixture model (``llama``, ``mistral``, ``qwen2``, ``qwen3``, ``qwen3_moe``, ``qwen3_moe_norm``,
+``mixtral``)::
 
     tests/fixtures/models/<name>/
         hf/config.json, hf/generation_config.json, hf/model.safetensors   transformers ``save_pretrained`` output
@@ -15,7 +16,8 @@ The models are randomly initialised (fixed seeds) and deliberately "loud": Linea
 clearly between tokens and routing is far from uniform.  Their outputs are nonsense, but exactly reproducible.
 
 The GGUF files follow llama.cpp's ``convert_hf_to_gguf.py`` conventions (written independently here): architectures
-``llama`` (also for Mistral), ``qwen3`` and ``qwen3moe``; q/k rows of arch ``llama`` are permuted the way llama.cpp
+``llama`` (also for Mistral, and for Mixtral with ``llama.expert_count`` and stacked ``ffn_*_exps``), ``qwen2``, ``qwen3``
+and ``qwen3moe``; q/k rows of arch ``llama`` are permuted the way llama.cpp
 permutes them; llama3 rope scaling becomes an F32 ``rope_freqs.weight`` tensor of per-pair frequency divisors; in the
 Q8_0 file every 2-D/3-D matrix is Q8_0 except the MoE router ``ffn_gate_inp`` (llama.cpp always keeps it F32), 1-D
 tensors stay F32.  The vocabulary is written by ``tensorweave.loaders.tokenizer.write_gguf_vocab``.
@@ -150,7 +152,7 @@ class Fixture:
     name: str
     hf_class: str  # transformers model class
     config_class: str  # transformers config class
-    gguf_arch: str  # "llama" | "qwen3" | "qwen3moe"
+    gguf_arch: str  # "llama" | "qwen2" | "qwen3" | "qwen3moe"
     tokenizer_style: str  # "gpt2" | "llama"
     seed: int
     config: dict[str, Any] = field(default_factory=dict)
