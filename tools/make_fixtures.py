@@ -16,11 +16,11 @@ The models are randomly initialised (fixed seeds) and deliberately "loud": Linea
 clearly between tokens and routing is far from uniform.  Their outputs are nonsense, but exactly reproducible.
 
 The GGUF files follow llama.cpp's ``convert_hf_to_gguf.py`` conventions (written independently here): architectures
-``llama`` (also for Mistral, and for Mixtral with ``llama.expert_count`` and stacked ``ffn_*_exps``), ``qwen2``, ``qwen3``
-and ``qwen3moe``; q/k rows of arch ``llama`` are permuted the way llama.cpp
-permutes them; llama3 rope scaling becomes an F32 ``rope_freqs.weight`` tensor of per-pair frequency divisors; in the
-Q8_0 file every 2-D/3-D matrix is Q8_0 except the MoE router ``ffn_gate_inp`` (llama.cpp always keeps it F32), 1-D
-tensors stay F32.  The vocabulary is written by ``tensorweave.loaders.tokenizer.write_gguf_vocab``.
+``llama`` (also for Mistral, and for Mixtral with ``llama.expert_count`` and stacked ``ffn_*_exps``), ``qwen2``,
+``qwen3`` and ``qwen3moe``; q/k rows of arch ``llama`` are permuted the way llama.cpp permutes them; llama3 rope
+scaling becomes an F32 ``rope_freqs.weight`` tensor of per-pair frequency divisors; in the Q8_0 file every 2-D/3-D
+matrix is Q8_0 except the MoE router ``ffn_gate_inp`` (llama.cpp always keeps it F32), 1-D tensors (norms, biases)
+stay F32.  The vocabulary is written by ``tensorweave.loaders.tokenizer.write_gguf_vocab``.
 
 ``expected.npz`` holds (float32 / int32):
 
