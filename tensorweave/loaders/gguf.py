@@ -56,7 +56,7 @@ class GGUFCheckpoint(MappedCheckpoint):
             fam.gguf_naming,
             stored,
             self._read_stored,
-            lambda n: f"{path}: tensor {n + '.weight'!r}",
+            lambda n: f"{path}: tensor {self.tensors[n].name!r}",
             fam.name,
             str(path),
         )
