@@ -18,6 +18,7 @@ from tensorweave.core.graph import Graph, GraphCache
 from tensorweave.core.planner import plan
 from tensorweave.core.sharding import Role
 from tensorweave.errors import PlanError, ShapeError, UnsupportedError
+from tensorweave.models import blocks
 from tensorweave.models.synthetic import Config, build, random_weights
 
 NMSE_MAX = {"float64": 1e-12, "float32": 1e-6}
@@ -291,3 +292,18 @@ def test_a_strided_reshape_is_copied_through_the_backends_reshape_kernel() -> No
     assert ((6, 4), (24,)) in reshapes  # the transposed value, reshaped by the backend's kernel
     with pytest.raises(UnsupportedError, match="does not support op 'reshape' in float32"):
         Executor(NoReshape().devices(DeviceSpec.parse("cpu-sim:1"))).run(g, {"x": x})
+
+
+def test_shared_expert_block_is_a_sigmoid_gated_ffn() -> None:
+    """blocks.shared_expert against numpy float64: down(silu(gate h) * up h) * sigmoid(h . gate_inp); the sharded
+    runs above hold it to this reference on every split."""
+    cfg = Config(hidden=8, n_expert=2, shared_ffn=6, dtype="float64")
+    g = Graph("float64", name="shexp")
+    h = g.input("h", (5, 8), "float64")
+    g.output("y", blocks.shared_expert(g, cfg, cfg.layer(0), h))
+    w = random_weights(g, seed=4)
+    x = np.random.default_rng(5).standard_normal((5, 8))
+    gate, up, down, router = (w[f"blk.0.ffn_{n}_shexp"] for n in ("gate", "up", "down", "gate_inp"))
+    a = x @ gate.T
+    want = (a / (1 + np.exp(-a)) * (x @ up.T)) @ down.T / (1 + np.exp(-(x @ router.T)))
+    np.testing.assert_allclose(g.evaluate({"h": x}, w)["y"], want, rtol=1e-12, atol=1e-12)

@@ -629,6 +629,14 @@ def test_bad_safetensors_integer_weight(hf_dir: tuple[Path, dict[str, np.ndarray
     expect_error(d, str(d / "model.safetensors"), repr(name), "int32")
 
 
+def test_bad_safetensors_integer_expert(tmp_path: Path) -> None:
+    _, _, weights = config_and_weights(QWEN3_MOE)
+    tensors = to_hf(weights)
+    name = "model.layers.2.mlp.experts.1.up_proj.weight"  # one of the tensors stacked into blk.2.ffn_up_exps
+    tensors[name] = np.zeros(tensors[name].shape, np.int32)
+    expect_error(write_hf(tmp_path / "m", QWEN3_MOE, tensors), repr(name), "int32")
+
+
 def test_bad_safetensors_wrong_shape(hf_dir: tuple[Path, dict[str, np.ndarray]]) -> None:
     d, tensors = hf_dir
     name = "model.layers.1.self_attn.v_proj.weight"

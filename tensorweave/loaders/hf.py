@@ -91,22 +91,22 @@ class HFCheckpoint(MappedCheckpoint):
         return files
 
     def _map_names(self) -> None:
-        def check_float(hf: str) -> str:
+        def check_float(hf: str) -> None:
             f = self._owner[hf]
             if f.entries[hf][0] not in FLOATS:
                 raise ModelFormatError(
                     f"{f.path}: tensor {hf!r} is {f.entries[hf][0].name}; weights must be F32, F16, BF16 or F64"
                 )
-            return f"{f.path}: tensor {hf!r}"
 
         mapped = map_names(
             self.family.hf_naming,
             {hf: f.entries[hf][1] for hf, f in self._owner.items()},
             lambda hf, index: self._owner[hf].get(hf)[index],
-            check_float,
+            lambda hf: f"{self._owner[hf].path}: tensor {hf!r}",
             self.family.name,
             str(self.path),
             unused=("output",) if getattr(self.config, "tied", False) else (),
+            check=check_float,
         )
         self.mapped = mapped
 

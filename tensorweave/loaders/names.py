@@ -65,10 +65,12 @@ def map_names(
     family: str,
     where: str,
     unused: Collection[str] = (),
+    check: Callable[[str], None] = lambda name: None,
 ) -> Mapped:
     """Map every stored tensor through ``naming`` (``describe(stored name)`` names it in errors, ``where`` the
     checkpoint; graph weights in
-    ``unused``, such as a tied model's redundant head, are dropped). A stored name that is neither matched nor
+    ``unused``, such as a tied model's redundant head, are dropped; ``check`` is called with every stored name that
+    is used). A stored name that is neither matched nor
     ignored is a ``ModelFormatError``, unless the naming passes unmatched names through."""
     exact = {p: t for p, t in naming.names.items() if "{" not in p}
     patterns = [(_compile(p), p, t) for p, t in naming.names.items() if "{" in p]
@@ -88,6 +90,7 @@ def map_names(
                 target = key
             else:
                 raise ModelFormatError(f"{describe(name)} has no place in a {family} model")
+        check(name)
         if "E" in groups:  # one tensor per expert: stacked below
             graph = target.format(**groups) if isinstance(target, str) else target
             assert isinstance(graph, str), f"{pattern}: per-expert tensors map to one graph name"
