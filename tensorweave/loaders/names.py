@@ -67,11 +67,10 @@ def map_names(
     unused: Collection[str] = (),
     check: Callable[[str], None] = lambda name: None,
 ) -> Mapped:
-    """Map every stored tensor through ``naming`` (``describe(stored name)`` names it in errors, ``where`` the
-    checkpoint; graph weights in
-    ``unused``, such as a tied model's redundant head, are dropped; ``check`` is called with every stored name that
-    is used). A stored name that is neither matched nor
-    ignored is a ``ModelFormatError``, unless the naming passes unmatched names through."""
+    """Map every stored tensor through ``naming``. ``describe(stored name)`` names a tensor in errors and ``where``
+    the checkpoint; graph weights in ``unused`` (a tied model's redundant head) are dropped; ``check`` is called
+    with every stored name that is used. A stored name that is neither matched nor ignored is a
+    ``ModelFormatError``, unless the naming passes unmatched names through."""
     exact = {p: t for p, t in naming.names.items() if "{" not in p}
     patterns = [(_compile(p), p, t) for p, t in naming.names.items() if "{" in p]
     ignore = [re.compile(r) for r in naming.ignore]
@@ -92,9 +91,9 @@ def map_names(
                 raise ModelFormatError(f"{describe(name)} has no place in a {family} model")
         check(name)
         if "E" in groups:  # one tensor per expert: stacked below
-            graph = target.format(**groups) if isinstance(target, str) else target
-            assert isinstance(graph, str), f"{pattern}: per-expert tensors map to one graph name"
-            experts.setdefault(graph, (pattern, groups, {}))[2][int(groups["E"])] = name
+            if not isinstance(target, str):
+                raise TypeError(f"{family}: per-expert pattern {pattern!r} must map to one graph name")
+            experts.setdefault(target.format(**groups), (pattern, groups, {}))[2][int(groups["E"])] = name
             continue
         for d in target if isinstance(target, tuple) else (target,):
             d = Derived(d) if isinstance(d, str) else d

@@ -25,12 +25,10 @@ def build(cfg: Config, tokens: int) -> Graph:
         layer = cfg.layer(il)
         x = x + blocks.attention(g, cfg, layer, blocks.norm(g, cfg, x, layer, "attn_norm"), pos)
         h = blocks.norm(g, cfg, x, layer, "ffn_norm")
-        if not layer.moe:
-            x = x + blocks.gated_ffn(g, layer, h, cfg.ffn)
-        elif cfg.shared_ffn:
-            x = x + (blocks.moe(g, cfg, layer, h) + blocks.shared_expert(g, cfg, layer, h))
-        else:
-            x = x + blocks.moe(g, cfg, layer, h)
+        y = blocks.moe(g, cfg, layer, h) if layer.moe else blocks.gated_ffn(g, layer, h, cfg.ffn)
+        if layer.moe and cfg.shared_ffn:
+            y = y + blocks.shared_expert(g, cfg, layer, h)
+        x = x + y
     blocks.head(g, cfg, x)
     return g
 
