@@ -811,7 +811,8 @@ def attention_graph(tokens: int, n_head: int, n_kv: int, head_dim: int, ctx: int
     k = g.input("k", (tokens, n_kv, head_dim), "float64")
     v = g.input("v", (tokens, n_kv, head_dim), "float64")
     pos = g.input("pos", (tokens,), "int32")
-    cache = (g.cache("k_cache", (ctx, n_kv, head_dim)), g.cache("v_cache", (ctx, n_kv, head_dim))) if ctx else None
+    kv = (ctx, n_kv, head_dim)
+    cache = (g.cache("k_cache", kv, "kv", axis=1), g.cache("v_cache", kv, "kv", axis=1)) if ctx else None
     sinks = g.weight("sinks", (n_head,)) if attrs.pop("with_sinks", False) else None
     g.output("y", g.attention(q, k, v, pos, cache=cache, sinks=sinks, **attrs))
     return g

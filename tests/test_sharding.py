@@ -6,7 +6,16 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tensorweave.core.sharding import REPLICATED, Role, Split, local_slice, normalize_split, shard_sizes, weight_state
+from tensorweave.core.sharding import (
+    REPLICATED,
+    Role,
+    Split,
+    local_slice,
+    normalize_split,
+    shard_sizes,
+    split_state,
+    weight_state,
+)
 from tensorweave.errors import SplitError
 
 ratios_st = st.lists(st.integers(0, 5), min_size=1, max_size=8).filter(any)
@@ -74,7 +83,8 @@ def test_weight_state_by_role() -> None:
     assert weight_state(Role.COLUMN, (8,), 2, r, 0) == Split(0, (4, 4))  # two groups of 4: one each
     assert weight_state(Role.EXPERT_COLUMN, (3, 8, 4), None, r, 0) == Split(1, (6, 2))
     assert weight_state(Role.EXPERT_ROW, (3, 4, 8), None, r, 0) == Split(2, (6, 2))
-    assert weight_state(Role.KV_HEAD, (16, 4, 2), 4, r, 0) == Split(1, (3, 1))
+    assert split_state(1, (16, 4, 2), 4, r, 0) == Split(1, (3, 1))  # a KV cache, split by KV head
+    assert split_state(None, (16, 4, 2), None, r, 0) == REPLICATED
     assert weight_state(Role.COLUMN, (8, 4), None, (1.0,), 0) == REPLICATED  # one device: nothing to split
     with pytest.raises(SplitError, match="not 3 groups"):
         weight_state(Role.COLUMN, (8, 4), 3, r, 0)

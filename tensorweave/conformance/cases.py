@@ -117,8 +117,13 @@ def _attention(g: Graph, d: Dims, rng: np.random.Generator) -> Built:
     cache, window = None, d.pick("window", [None, 1, 3])
     if cached:
         # a sliding-window layer's ring: `window` slots, positions past it wrap around (slot = position % window)
-        slots = window if window and d.pick("ring", [False, True]) else ctx
-        cache = (g.cache("kc", (slots, n_kv, hd), groups=n_kv), g.cache("vc", (slots, n_kv, hd), groups=n_kv))
+        ring = bool(window) and d.pick("ring", [False, True])
+        slots, kind = (window, "ring") if ring else (ctx, "kv")
+        kc, vc = (
+            g.cache(n, (slots, n_kv, hd), kind, axis=1, groups=n_kv, window=window if ring else None)
+            for n in ("kc", "vc")
+        )
+        cache = (kc, vc)
     sinks = g.weight("sinks", (n_kv * group,), Role.COLUMN, groups=n_kv) if d.pick("sinks", [False, True]) else None
     q, k, v = _f(g, "q", t, n_kv * group, hd), _f(g, "k", t, n_kv, hd), _f(g, "v", t, n_kv, hd)
     y = g.attention(

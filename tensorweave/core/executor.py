@@ -20,7 +20,7 @@ import math
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,7 +34,7 @@ from .graph import Graph, Tensor
 from .ops import OPS, Shape
 from .planner import Plan, plan
 from .plugins import open_communicator, open_devices
-from .sharding import Split, local_shape, local_slice, normalize_split, weight_state
+from .sharding import Split, State, local_shape, local_slice, normalize_split
 
 ALIGN = 256  # bytes; every buffer in an arena starts on this boundary
 WeightSource = Mapping[str, Any] | Callable[[str, tuple[slice, ...]], Any]
@@ -343,7 +343,7 @@ class Executor:
         ``progress(name, nbytes)`` is called after each weight with its whole size (for a progress bar).
         """
         for name, t in graph.weights.items():
-            state = weight_state(t.role, t.shape, t.groups, self.ratios, t.layer)
+            state = t.placement(self.ratios)
             parts = []
             for dev, rank in zip(self.devices, self.ranks, strict=True):
                 index = local_slice(t.shape, state, rank)
@@ -379,18 +379,25 @@ class Executor:
         for name, t in graph.caches.items():
             if name in self.caches:
                 continue
-            state = weight_state(t.role, t.shape, t.groups, self.ratios, t.layer)
+            state = t.placement(self.ratios)
             self.caches[name] = [dev.empty(local_shape(t.shape, state, r), t.dtype) for dev, r in self._local()]
             self._specs[name] = t
             for dev, a in zip(self.devices, self.caches[name], strict=True):
                 dev.submit(_zero, a)
 
-    def read_cache(self, name: str, rows: np.ndarray) -> np.ndarray:
-        """Rows ``rows`` (context slots) of cache ``name``, whole along its split axis, on the host. Under one
-        process per rank the other ranks' parts come through the communicator (every rank must call this)."""
+    def _cache_index(self, name: str, rows: np.ndarray | None) -> tuple[Tensor, State, Any]:
         t = self._specs[name]
-        state = weight_state(t.role, t.shape, t.groups, self.ratios, t.layer)
-        parts: list[np.ndarray] = [dev.to_host(a)[rows] for dev, a in zip(self.devices, self.caches[name], strict=True)]
+        state = t.placement(self.ratios)
+        if rows is not None and isinstance(state, Split) and state.axis == 0:
+            raise ShapeError(f"cache {name!r} is split along axis 0: it has no rows to pick, only the whole value")
+        return t, state, (slice(None) if rows is None else np.asarray(rows))
+
+    def read_cache(self, name: str, rows: np.ndarray | None = None) -> np.ndarray:
+        """Cache ``name`` on the host, whole along its split axis: rows ``rows`` of axis 0 (a kv or ring cache's
+        slots) or, with None, all of it (a recurrent state). Under one process per rank the other ranks' parts
+        come through the communicator (every rank must call this)."""
+        _, state, index = self._cache_index(name, rows)
+        parts = [np.asarray(dev.to_host(a)[index]) for dev, a in zip(self.devices, self.caches[name], strict=True)]
         if not isinstance(state, Split):
             return parts[0]
         if len(self.devices) == self.world_size:
@@ -403,15 +410,35 @@ class Executor:
         whole = self.comm.allgather(moved)
         return np.moveaxis(self.devices[0].to_host(whole[0]), 0, state.axis)
 
-    def write_cache(self, name: str, slots: np.ndarray, values: np.ndarray) -> None:
-        """Write ``values`` (whole along the split axis) into context slots ``slots`` of cache ``name``; each
-        device takes its own part."""
-        t = self._specs[name]
-        state = weight_state(t.role, t.shape, t.groups, self.ratios, t.layer)
+    def write_cache(self, name: str, values: np.ndarray, rows: np.ndarray | None = None) -> None:
+        """Write ``values``, whole along the split axis, into rows ``rows`` of cache ``name`` (None: the whole
+        cache); each device takes its own part along the split axis."""
+        t, state, index = self._cache_index(name, rows)
+        want = t.shape if rows is None else (len(index), *t.shape[1:])
+        if tuple(values.shape) != want:
+            raise ShapeError(f"cache {name!r}: values of shape {tuple(values.shape)} for {want}")
         for dev, rank, a in zip(self.devices, self.ranks, self.caches[name], strict=True):
-            host = dev.to_host(a)
-            host[slots] = values[(slice(None), *local_slice(t.shape, state, rank)[1:])]
-            dev.from_host(np.ascontiguousarray(host), out=a)
+            part = list(local_slice(t.shape, state, rank))
+            if rows is not None:
+                part[0] = slice(None)
+            host = np.ascontiguousarray(values[tuple(part)], dtype=t.dtype)
+            if rows is not None:
+                whole, host = host, np.array(dev.to_host(a))
+                host[index] = whole
+            dev.from_host(host, out=a)
+
+    def cache_parts(self, names: Iterable[str]) -> dict[str, list[np.ndarray]]:
+        """Host copies of this process's device parts of caches ``names``, without communication: a snapshot that
+        ``load_cache_parts`` puts back (on the same devices and split)."""
+        return {
+            n: [np.array(dev.to_host(a)) for dev, a in zip(self.devices, self.caches[n], strict=True)] for n in names
+        }
+
+    def load_cache_parts(self, parts: Mapping[str, Sequence[np.ndarray]]) -> None:
+        """Put back what ``cache_parts`` copied."""
+        for name, hosts in parts.items():
+            for dev, a, host in zip(self.devices, self.caches[name], hosts, strict=True):
+                dev.from_host(host, out=a)
 
     def _local(self) -> list[tuple[Device, int]]:
         return list(zip(self.devices, self.ranks, strict=True))

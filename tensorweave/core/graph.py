@@ -8,6 +8,10 @@ then chains ops on a ``Graph``; every op is checked by its shape/dtype rule as i
     x = g.embedding(ids, g.weight("tok_embd", (vocab, hidden)))
     q = g.linear(x, g.weight("blk.0.attn_q", (n_head * hd, hidden), Role.COLUMN, groups=n_kv, layer=0))
 
+A cache declares its kind (``CacheSpec``): position-indexed KV, a sliding-window ring, or a recurrent state
+rewritten whole every step, and the axis it is split along over devices. The runtime rewinds, snapshots and saves
+each cache by its kind.
+
 ``GraphCache`` keeps traced graphs by input-shape signature, so decode steps (one token each) reuse one graph and
 with it the executor's plan and buffers. ``Graph.evaluate`` runs a graph unsharded on numpy: the reference.
 """
@@ -26,7 +30,41 @@ import numpy as np
 from ..errors import ShapeError
 from . import dtypes
 from .ops import OPS, Shape, infer
-from .sharding import Role
+from .sharding import Role, State, split_state
+
+CACHE_KINDS = ("kv", "ring", "state")
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    """How a persistent cache holds a context, and which axis of it is split over devices (None: replicated).
+
+    - ``kv``: row p holds position p (rows = the context length); it goes back to any earlier position in place,
+      since attention reads only up to the newest position and later rows are rewritten before they are read.
+    - ``ring``: a sliding window of ``window`` positions in ``rows`` slots, position p in slot p % rows; once it
+      has wrapped, the positions an earlier point needs are overwritten.
+    - ``state``: one whole value that every step rewrites (a recurrent or convolution state): it holds the newest
+      position only and can go back only from a snapshot.
+    """
+
+    kind: str
+    axis: int | None
+    window: int | None = None  # ring: positions attention reads (default: every slot)
+
+    def positions(self, rows: int, n_past: int) -> range | None:
+        """The positions a kv/ring cache of ``rows`` rows holds after ``n_past`` tokens, oldest first (row of
+        position p: p % rows); None for a state, which holds a whole value rather than positions."""
+        if self.kind == "state":
+            return None
+        return range(max(0, n_past - rows) if self.kind == "ring" else 0, n_past)
+
+    def can_rewind(self, rows: int, n_past: int, n: int) -> bool:
+        """Whether the cache can go back from ``n_past`` to ``n`` tokens in place (without a snapshot)."""
+        if n >= n_past or self.kind == "kv":
+            return True
+        if self.kind == "ring":  # positions [n - window, n) must still be in the ring
+            return max(0, n - (self.window or rows)) >= max(0, n_past - rows)
+        return False
 
 
 @dataclass(eq=False)
@@ -42,6 +80,7 @@ class Tensor:
     role: Role = Role.REPLICATED
     groups: int | None = None  # indivisible units along the role's split axis (None: every entry)
     layer: int = 0  # rotates where shard remainders land, as llama.cpp does
+    cache: CacheSpec | None = None  # caches only: kind and split axis
 
     @property
     def ndim(self) -> int:
@@ -53,8 +92,20 @@ class Tensor:
 
     @property
     def spec(self) -> tuple[Any, ...]:
-        """What must agree between two declarations of one weight or cache: shape, dtype, role, groups, layer."""
-        return (self.shape, self.dtype, self.role, self.groups, self.layer)
+        """What must agree between two declarations of one weight or cache: shape, dtype, role, groups, layer,
+        cache kind and split axis."""
+        return (self.shape, self.dtype, self.role, self.groups, self.layer, self.cache)
+
+    @property
+    def split_axis(self) -> int | None:
+        """The axis a weight or cache is split along over devices (None: replicated)."""
+        if self.cache is not None:
+            return self.cache.axis
+        return self.role.axis(len(self.shape)) if self.shape else None
+
+    def placement(self, ratios: Any) -> State:
+        """This weight's or cache's split state over devices with ``ratios``."""
+        return split_state(self.split_axis, self.shape, self.groups, ratios, self.layer)
 
     def __add__(self, other: Tensor) -> Tensor:
         return self.graph.op("add", self, other)
@@ -114,20 +165,42 @@ class Graph:
     ) -> Tensor:
         """A weight, laid out over devices by ``role`` in ``groups`` indivisible units. Declaring the same name
         again with the same spec returns the same tensor (tied embeddings)."""
-        return self._persistent(self.weights, "weight", name, shape, role, groups, layer, dtype)
+        return self._persistent(self.weights, "weight", name, shape, role, groups, layer, dtype, None)
 
     def cache(
         self,
         name: str,
         shape: Any,
-        role: Role = Role.KV_HEAD,
+        kind: str,
         *,
+        axis: int | None,
         groups: int | None = None,
         layer: int = 0,
         dtype: Any = None,
+        window: int | None = None,
     ) -> Tensor:
-        """Persistent per-device state written by ops (the KV cache): [context, ...], kept across runs."""
-        return self._persistent(self.caches, "cache", name, shape, role, groups, layer, dtype)
+        """Persistent per-device state that ops read and write, kept across runs: a ``kind`` of ``CACHE_KINDS``
+        (see ``CacheSpec``) split along ``axis`` (None: replicated) in ``groups`` units. A kv or ring cache is
+        [rows, ...] indexed by position along axis 0, which is never the split axis (a KV cache [ctx, kv_heads,
+        head_dim] splits along axis 1); a ring reads the last ``window`` positions (default: all its rows)."""
+        shape = tuple(int(s) for s in shape)
+        if kind not in CACHE_KINDS:
+            raise ShapeError(f"{self.name}: cache {name!r} has kind {kind!r}; kinds: {', '.join(CACHE_KINDS)}")
+        if axis is not None and not -len(shape) <= axis < len(shape):
+            raise ShapeError(f"{self.name}: cache {name!r} {shape} has no axis {axis} to split along")
+        axis = None if axis is None else axis % len(shape)
+        if kind != "state" and (not shape or axis == 0):
+            raise ShapeError(
+                f"{self.name}: {kind} cache {name!r} {shape} is indexed by position along axis 0, "
+                "which cannot also be its split axis"
+            )
+        if window is not None and (kind != "ring" or not 0 < window <= shape[0]):
+            raise ShapeError(
+                f"{self.name}: cache {name!r}: a window ({window}) is for a ring of at least that many "
+                f"slots, not a {kind} cache {shape}"
+            )
+        spec = CacheSpec(kind, axis, window)
+        return self._persistent(self.caches, "cache", name, shape, Role.REPLICATED, groups, layer, dtype, spec)
 
     def _persistent(
         self,
@@ -139,20 +212,21 @@ class Graph:
         groups: int | None,
         layer: int,
         dtype: Any,
+        cache: CacheSpec | None,
     ) -> Tensor:
         dtype = self.dtype if dtype is None else dtype
-        t = self._tensor(name, shape, dtype, kind, role=role, groups=groups, layer=layer)
+        t = self._tensor(name, shape, dtype, kind, role=role, groups=groups, layer=layer, cache=cache)
         old = table.get(name)
         if old is not None:
             self.tensors.pop()
             if old.spec != t.spec:
-                raise ShapeError(f"{self.name}: {kind} {name!r} declared twice with different shape/dtype/role")
+                raise ShapeError(f"{self.name}: {kind} {name!r} declared twice with a different shape/dtype/split")
             return old
-        axis = role.axis(len(t.shape)) if t.shape else None
+        axis = t.split_axis
         if axis is not None and groups is not None and (groups <= 0 or t.shape[axis] % groups):
             raise ShapeError(
                 f"{self.name}: {kind} {name!r} {t.shape}: axis {axis} of length {t.shape[axis]} is not {groups} "
-                f"whole groups (role {role.value})"
+                f"whole groups"
             )
         table[name] = t
         return t
@@ -213,6 +287,13 @@ class Graph:
         With a ``window`` the cache may be a ring shorter than the context (position j in slot j % len): a
         session's consecutive positions then need only ``window`` slots however long the context grows.
         """
+        for c in cache or ():
+            spec = c.cache
+            if spec is not None and (spec.kind == "state" or (spec.kind == "ring" and window != spec.window)):
+                raise ShapeError(
+                    f"{self.name}: attention with window={window} cannot use {spec.kind} cache {c.name!r} "
+                    f"(window {spec.window}): keys/values go in a kv cache, or a ring of the attention's window"
+                )
         extra = [*(cache or ()), *([sinks] if sinks is not None else [])]
         return self.op(
             "attention",

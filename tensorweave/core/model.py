@@ -135,9 +135,11 @@ class ModelFamily:
         """GGUF metadata (key -> python value) and the file's weight shapes by graph name -> config."""
         raise NotImplementedError
 
-    def build(self, config: Any, tokens: int) -> Graph:
+    def build(self, config: Any, tokens: int, n_logits: int | None = None) -> Graph:
         """The graph of one step over ``tokens`` new tokens (inputs ``tokens`` and ``positions``, output
-        ``logits``), reading and extending the KV cache."""
+        ``logits``), reading and extending the caches. ``n_logits``: only the last ``n_logits`` tokens' rows
+        reach the LM head (``logits`` is [n_logits, vocab]; generation samples from the last row of a prompt);
+        None: every token's. The runtime passes it only when it is less than ``tokens``."""
         raise NotImplementedError
 
     def __repr__(self) -> str:

@@ -1,8 +1,9 @@
 """The planner: one graph + N devices + tensor_split -> one program per device, collectives inserted.
 
-It walks the graph in trace order keeping every value's split state (``sharding``). Weights and caches get theirs
-from their role; inputs are replicated. Each op's sharding rule says which states it needs its inputs in and what
-state its output has; where a value is not in the state a consumer needs, the planner converts it:
+It walks the graph in trace order keeping every value's split state (``sharding``). Weights get theirs from their
+role, caches from their declared split axis; inputs are replicated. Each op's sharding rule says which states it
+needs its inputs in and what state its output has; where a value is not in the state a consumer needs, the planner
+converts it:
 
     PARTIAL  -> REPLICATED   allreduce (the only place partial sums are summed)
     SPLIT    -> REPLICATED   allgather (e.g. vocab-split logits)
@@ -36,7 +37,6 @@ from .sharding import (
     local_shape,
     local_slice,
     normalize_split,
-    weight_state,
 )
 
 COLLECTIVES = ("allreduce", "allgather")
@@ -198,10 +198,11 @@ class _Planner:
         if key in self.memo:
             return self.memo[key]
         if v.kind in ("weight", "cache") and not isinstance(v.state, Replicated):
-            role = v.tensor.role.value if v.tensor is not None else "?"
+            t = v.tensor
+            how = "?" if t is None else f"role {t.role.value}" if t.cache is None else f"split axis {t.cache.axis}"
             raise PlanError(
-                f"{v.kind} {v.name!r} (role {role}) is {v.state} but {self.consumer} needs it {target}; "
-                "weights are never gathered at run time: give it a role that matches how the op uses it"
+                f"{v.kind} {v.name!r} ({how}) is {v.state} but {self.consumer} needs it {target}; weights and "
+                "caches are never gathered at run time: give it a role (split axis) that matches how the op uses it"
             )
         if isinstance(target, Partial):
             raise PlanError(f"{self.consumer}: cannot turn {v.name!r} ({v.state}) into partial sums")
@@ -220,7 +221,7 @@ class _Planner:
         for t in g.tensors:
             if t.kind == "node":
                 continue
-            state = weight_state(t.role, t.shape, t.groups, self.ratios, t.layer) if t.kind != "input" else REPLICATED
+            state = t.placement(self.ratios) if t.kind != "input" else REPLICATED
             self.of_tensor[t.id] = vid = self.value(t.name, t.shape, t.dtype, state, t.kind)
             self.values[vid].tensor = t
         for i, node in enumerate(g.nodes):

@@ -5,12 +5,12 @@ A value distributed over N devices is in one of three states:
 - ``Split(axis, sizes)``: device j holds ``sizes[j]`` consecutive entries along ``axis`` (rank order; a size may be 0);
 - ``PARTIAL``: every device holds a value of the whole shape, and the true value is their sum.
 
-Model code gives each weight a ``Role`` and a number of ``groups`` (the indivisible units along the split axis:
-KV-head groups with their query heads, quantization blocks). ``shard_sizes`` turns the ratios into whole groups
-per device the way llama.cpp does: boundaries are the prefix sums of the ratios scaled to the group count and
-rounded down, with the prefix sum started at device ``layer % N`` so the rounding remainders land on a different
-device each layer. Tensors that must agree (q/k/v/o of a layer, gate/up/down) share boundaries because they are
-computed from the same (groups, ratios, layer).
+Model code gives each weight a ``Role`` (a cache names its split axis) and a number of ``groups`` (the indivisible
+units along the split axis: KV-head groups with their query heads, quantization blocks). ``shard_sizes`` turns
+the ratios into whole groups per device the way llama.cpp does: boundaries are the prefix sums of the ratios scaled
+to the group count and rounded down, with the prefix sum started at device ``layer % N`` so the rounding
+remainders land on a different device each layer. Tensors that must agree (q/k/v/o of a layer, gate/up/down) share
+boundaries because they are computed from the same (groups, ratios, layer).
 """
 
 from __future__ import annotations
@@ -59,11 +59,10 @@ class Role(Enum):
     VOCAB = "vocab"  # the LM head, column-parallel over the vocabulary (logits gathered); or a tied embedding
     EXPERT_COLUMN = "expert_column"  # stacked experts [E, out, in], split out (axis 1)
     EXPERT_ROW = "expert_row"  # stacked experts [E, out, in], split in (axis 2)
-    KV_HEAD = "kv_head"  # KV cache [ctx, kv_heads, head_dim], split by KV head (axis 1)
 
     def axis(self, ndim: int) -> int | None:
         """The axis this role splits in a tensor of ``ndim`` dimensions (None: not split)."""
-        offset = {"column": 0, "vocab": 0, "row": -1, "expert_column": -2, "expert_row": -1, "kv_head": -2}
+        offset = {"column": 0, "vocab": 0, "row": -1, "expert_column": -2, "expert_row": -1}
         a = offset.get(self.value)
         return None if a is None else a % ndim
 
@@ -113,7 +112,13 @@ def shard_sizes(groups: int, ratios: Sequence[float], layer: int = 0) -> tuple[i
 
 def weight_state(role: Role, shape: Sequence[int], groups: int | None, ratios: Sequence[float], layer: int) -> State:
     """The split state of a weight with this role, shape and group count under ``ratios``."""
-    axis = role.axis(len(shape)) if shape else None
+    return split_state(role.axis(len(shape)) if shape else None, shape, groups, ratios, layer)
+
+
+def split_state(
+    axis: int | None, shape: Sequence[int], groups: int | None, ratios: Sequence[float], layer: int
+) -> State:
+    """The split state of a tensor split along ``axis`` (None: replicated) in ``groups`` units under ``ratios``."""
     if axis is None or len(ratios) == 1:
         return REPLICATED
     dim = shape[axis]
@@ -121,7 +126,7 @@ def weight_state(role: Role, shape: Sequence[int], groups: int | None, ratios: S
     if dim == 0:
         return Split(axis, (0,) * len(ratios))
     if groups <= 0 or dim % groups:
-        raise SplitError(f"a {role.value} tensor of shape {tuple(shape)}: axis {axis} ({dim}) is not {groups} groups")
+        raise SplitError(f"a tensor of shape {tuple(shape)} split along axis {axis} ({dim}) is not {groups} groups")
     per = dim // groups
     return Split(axis, tuple(s * per for s in shard_sizes(groups, ratios, layer)))
 

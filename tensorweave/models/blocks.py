@@ -101,12 +101,14 @@ def norm(g: Graph, cfg: Config, x: Tensor, layer: Layer, name: str) -> Tensor:
 
 
 def kv_cache(g: Graph, cfg: Config, layer: Layer) -> tuple[Tensor, Tensor]:
-    """Layer's K and V caches [slots, kv heads, head_dim]; a sliding-window layer keeps a ring of ``window`` slots."""
-    slots = min(cfg.ctx, layer.window) if layer.window else cfg.ctx
-    shape, p = (slots, layer.n_kv, layer.head_dim), f"blk.{layer.index}."
+    """Layer's K and V caches [slots, kv heads, head_dim], split by KV head; a sliding-window layer keeps a ring of
+    ``window`` slots (when the window is shorter than the context)."""
+    ring = layer.window if layer.window and layer.window < cfg.ctx else None
+    shape, p = (ring or cfg.ctx, layer.n_kv, layer.head_dim), f"blk.{layer.index}."
+    kind = "ring" if ring else "kv"
     return (
-        g.cache(p + "k_cache", shape, groups=layer.n_kv, layer=layer.index),
-        g.cache(p + "v_cache", shape, groups=layer.n_kv, layer=layer.index),
+        g.cache(p + "k_cache", shape, kind, axis=1, groups=layer.n_kv, layer=layer.index, window=ring),
+        g.cache(p + "v_cache", shape, kind, axis=1, groups=layer.n_kv, layer=layer.index, window=ring),
     )
 
 
@@ -172,8 +174,11 @@ def shared_expert(g: Graph, cfg: Config, layer: Layer, h: Tensor) -> Tensor:
     return g.mul(y, g.sigmoid(g.linear(h, weight(g, layer, "ffn_gate_inp_shexp", (1, h.shape[-1])))))
 
 
-def head(g: Graph, cfg: Config, x: Tensor) -> Tensor:
-    """Final norm and LM head (vocab-split; the tied head is the embedding) -> output ``logits``."""
+def head(g: Graph, cfg: Config, x: Tensor, n_logits: int | None = None) -> Tensor:
+    """Final norm and LM head (vocab-split; the tied head is the embedding) -> output ``logits``, for the last
+    ``n_logits`` rows of ``x`` only (None: all): generation samples from a prompt's last row, not [tokens, vocab]."""
+    if n_logits is not None:  # a slice is a view: the norm and the head run on those rows alone
+        x = g.slice(x, axis=0, start=x.shape[0] - n_logits, stop=x.shape[0])
     h = g.rms_norm(x, g.weight("output_norm", (cfg.hidden,)), eps=cfg.norm_eps)
     w = g.weight("token_embd" if cfg.tied else "output", (cfg.vocab, cfg.hidden), Role.VOCAB)
     return g.output("logits", g.linear(h, w))

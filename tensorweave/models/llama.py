@@ -17,9 +17,10 @@ from tensorweave.models import blocks
 from tensorweave.models.blocks import Config
 
 
-def build(cfg: Config, tokens: int) -> Graph:
+def build(cfg: Config, tokens: int, n_logits: int | None = None) -> Graph:
     """The graph of one step over ``tokens`` new tokens at ``positions`` (reading and extending the KV caches):
-    embedding, then per layer x + attention(norm(x)) and x + ffn(norm(x)), then the head."""
+    embedding, then per layer x + attention(norm(x)) and x + ffn(norm(x)), then the head (for the last
+    ``n_logits`` tokens; None: all)."""
     g, x, pos = blocks.embed(cfg, tokens)
     for il in range(cfg.n_layer):
         layer = cfg.layer(il)
@@ -29,7 +30,7 @@ def build(cfg: Config, tokens: int) -> Graph:
         if layer.moe and cfg.shared_ffn:
             y = y + blocks.shared_expert(g, cfg, layer, h)
         x = x + y
-    blocks.head(g, cfg, x)
+    blocks.head(g, cfg, x, n_logits)
     return g
 
 
@@ -47,8 +48,8 @@ class Llama(ModelFamily):
     def config_from_gguf(self, meta: dict[str, Any], shapes: Mapping[str, tuple[int, ...]]) -> Config:
         return gguf_common(meta, shapes, meta["general.architecture"])
 
-    def build(self, config: Config, tokens: int) -> Graph:
-        return build(config, tokens)
+    def build(self, config: Config, tokens: int, n_logits: int | None = None) -> Graph:
+        return build(config, tokens, n_logits)
 
 
 def gguf_common(meta: dict[str, Any], shapes: Mapping[str, tuple[int, ...]], arch: str, **extra: Any) -> Config:
