@@ -187,7 +187,7 @@ def test_chat_reuses_the_cached_conversation() -> None:
     messages += [{"role": "assistant", "content": first.text}, {"role": "user", "content": "and then?"}]
     evaluated = []
     orig = sess.eval
-    sess.eval = lambda ids: (evaluated.append(len(ids)), orig(ids))[1]  # type: ignore[method-assign]
+    sess.eval = lambda ids, **kw: (evaluated.append(len(ids)), orig(ids, **kw))[1]  # type: ignore[method-assign]
     second = sess.chat(messages, 6)
     assert isinstance(second, Generation)
     whole = model.tokenizer.encode(  # type: ignore[union-attr]

@@ -6,7 +6,8 @@ device the weight and KV-cache bytes, against the device's memory when the devic
 collectives and bytes communicated per decode token. ``tensorweave plan`` prints it.
 
 ``bench`` measures a loaded model the way llama-bench does: ``pp N`` is the prefill speed of an N-token prompt
-(one ``Session.eval`` of N random token ids), ``tg N`` the decode speed of N tokens evaluated one per step from an
+(one ``Session.eval`` of N random token ids with the last token's logits only, as generation and llama-bench
+evaluate a prompt), ``tg N`` the decode speed of N tokens evaluated one per step from an
 empty context (random ids, no sampling: the model's speed, not the sampler's). Each test runs once as a warm-up
 (tracing, planning and placing the buffers of its graph shapes) and then ``repetitions`` times, each in a fresh
 session; it reports the mean and sample standard deviation of tokens per second over the repetitions, and the share
@@ -266,11 +267,12 @@ def bench(model: Model, n_prompt: int = 512, n_gen: int = 128, repetitions: int 
 
 
 def _run_test(model: Model, kind: str, ids: np.ndarray) -> float:
-    """Wall seconds of one repetition in a fresh session: the prompt at once (pp) or one token per step (tg)."""
+    """Wall seconds of one repetition in a fresh session: the prompt at once (pp; as generation and llama-bench
+    evaluate a prompt, with the logits of its last token only) or one token per step (tg)."""
     sess = model.session()
     t0 = time.perf_counter()
     if kind == "pp":
-        sess.eval(ids)
+        sess.eval(ids, last_only=True)
     else:
         for i in range(ids.size):
             sess.eval(ids[i : i + 1])

@@ -20,12 +20,13 @@ from ..core import dtypes
 from ..core.communicator import Communicator
 from ..core.device import Device
 from ..core.executor import Executor
-from ..core.graph import Graph, GraphCache
+from ..core.graph import Graph, GraphCache, Tensor
 from ..core.model import Checkpoint
 from ..core.planner import Plan
 from ..core.plugins import registry
 from ..errors import ModelFormatError, ShapeError, UnsupportedError
 from .session import Generation, Session, TextStream
+from .state import read as read_state
 
 DEFAULT_CTX = 4096  # KV-cache tokens when the caller does not say (a model's own maximum can be 128k and more)
 
@@ -47,7 +48,7 @@ class Model:
         self.family = checkpoint.family
         self.config = runtime_config(checkpoint, dtype, ctx)
         self.executor = Executor(devices, communicator, tensor_split)
-        self.graphs = GraphCache(lambda tokens: self.family.build(self.config, tokens), maxsize=8)
+        self.graphs = GraphCache(self._build, maxsize=8)
         with config_errors(checkpoint):
             g = self.graphs(tokens=1)
         check_weights(checkpoint, g)
@@ -56,9 +57,21 @@ class Model:
         self.tokenizer = checkpoint.tokenizer()
         self.active: Session | None = None  # the session whose tokens the KV caches hold
 
+    def _build(self, tokens: int, n_logits: int | None = None) -> Graph:
+        """The family's graph of one step: ``graphs(tokens=n)`` has every token's logits, ``graphs(tokens=n,
+        n_logits=k)`` the last k tokens' only (families that never get k < n need not take the argument)."""
+        if n_logits is None:
+            return self.family.build(self.config, tokens)
+        return self.family.build(self.config, tokens, n_logits)
+
     @property
     def vocab(self) -> int:
         return int(self.config.vocab)
+
+    @property
+    def caches(self) -> dict[str, Tensor]:
+        """The caches the model's layers declare: name -> declaration (shape, ``cache`` kind and split axis)."""
+        return self.graphs(tokens=1).caches
 
     @property
     def plan(self) -> Plan:
@@ -83,9 +96,9 @@ class Model:
     def restore(self, path: str | Path) -> Session:
         """A session resumed from a file ``Session.save`` wrote, on this model's devices and split (which may
         differ from the saver's); refused with ``StateError`` when the file belongs to another model."""
-        from .state import restore
-
-        return restore(self, path)
+        session = self.session()
+        session.load_state(read_state(path), str(Path(path).expanduser()))
+        return session
 
     def logits(self, token_ids: Sequence[int] | np.ndarray) -> np.ndarray:
         """float32 [len(token_ids), vocab] for ``token_ids`` as a fresh context (position 0 onward)."""

@@ -1,12 +1,14 @@
-"""A session: one running context over a model's sharded KV cache, and text generation on top of it.
+"""A session: one running context over a model's sharded caches, and text generation on top of it.
 
-The KV caches live on the devices inside the model's executor, split by KV head (sliding-window layers as rings of
-``window`` slots); a session owns them while it is the model's active session. Starting another session (or
-``model.logits``) takes them over, and the older session then refuses to run instead of silently reading someone
-else's cache. ``generate`` samples token by token (``runtime.sampling``), streams text, stops on EOS, stop strings
-or the token limit; ``chat`` renders a conversation with the model's chat template and reuses the cached prefix
-that the conversation shares with what the session already holds. ``save`` writes the state to a file that
-``Model.restore`` reads on any device count or split (``runtime.state``).
+The caches live on the devices inside the model's executor, split as their layers declare (KV caches by KV head,
+sliding-window layers as rings of ``window`` slots, recurrent states whole); a session owns them while it is the
+model's active session. Starting another session (or ``model.logits``) takes them over, and the older session then
+refuses to run instead of silently reading someone else's cache. ``generate`` samples token by token
+(``runtime.sampling``), streams text, stops on EOS, stop strings or the token limit; ``chat`` renders a conversation
+with the model's chat template and reuses the cached prefix that the conversation shares with what the session
+already holds. ``rewind`` goes back by cache kind: a KV cache in place, a wrapped ring or a recurrent state from a
+snapshot (``chat`` takes one per turn) or not at all (``StateError``). ``save`` writes the state (``state()``, data)
+to a file that ``Model.restore`` reads on any device count or split (``runtime.state``).
 """
 
 from __future__ import annotations
@@ -21,11 +23,13 @@ import numpy as np
 
 from ..errors import SamplingError, ShapeError, StateError
 from .sampling import Sampler, SamplingParams, StopStrings, reasoning_tags
+from .state import CacheState, SessionState, write
 
 if TYPE_CHECKING:
     from .model import Model
 
 UBATCH = 512  # tokens per step when prefilling: bounds activation memory and the number of traced graph shapes
+SNAPSHOTS = 4  # snapshots a session keeps (chat takes one per turn): the latest ones
 PARAMS = {f.name for f in fields(SamplingParams)}
 
 
@@ -78,6 +82,8 @@ class Session:
         self.last_logits: np.ndarray | None = None  # logits after the last evaluated token
         self.sampler: Sampler | None = None  # the last generation's sampler (continued by a bare generate())
         self._pending: list[int] = []  # sampled but not evaluated yet (a generation's last token)
+        # (tokens, device parts of the caches that cannot rewind in place: rings, recurrent states), oldest first
+        self._snapshots: list[tuple[int, dict[str, list[np.ndarray]]]] = []
 
     @property
     def n_past(self) -> int:
@@ -89,14 +95,16 @@ class Session:
         return self.tokens + self._pending
 
     def take_over(self) -> None:
-        """Make this the model's active session, with an empty KV cache."""
+        """Make this the model's active session, with empty caches."""
         self.model.executor.reset_caches()
         self.model.active = self
-        self.tokens, self._pending, self.last_logits = [], [], None
+        self.tokens, self._pending, self.last_logits, self._snapshots = [], [], None, []
 
-    def eval(self, ids: Sequence[int] | np.ndarray) -> np.ndarray:
-        """Append ``ids`` to the context; returns float32 logits [len(ids), vocab], one row per new token.
-        (A generation's last sampled token, if any, is evaluated first; its row is not returned.)"""
+    def eval(self, ids: Sequence[int] | np.ndarray, *, last_only: bool = False) -> np.ndarray:
+        """Append ``ids`` to the context; returns float32 logits [len(ids), vocab], one row per new token. With
+        ``last_only`` only the last evaluated token's row [1, vocab] comes back, and the LM head runs for that row
+        alone (what generation does with a prompt). (A generation's last sampled token, if any, is evaluated
+        first; its row is not returned.)"""
         m = self.model
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
         if ids.size and (ids.min() < 0 or ids.max() >= m.vocab):
@@ -113,18 +121,21 @@ class Session:
             if self.n_past:
                 raise StateError("this session's KV cache was taken over by a newer session of the same model")
             self.take_over()
-        out = np.empty((ids.size, m.vocab), np.float32)
+        out = np.empty((min(ids.size, 1) if last_only else ids.size, m.vocab), np.float32)
         for lo in range(0, ids.size, UBATCH):
             chunk = ids[lo : lo + UBATCH]
-            g = m.graphs(tokens=chunk.size)
+            # a graph per (tokens, rows of logits); rows = tokens is the plain graph, shared with decode steps
+            g = m.graphs(tokens=chunk.size, n_logits=1) if last_only and chunk.size > 1 else m.graphs(tokens=chunk.size)
             pos = np.arange(self.n_past, self.n_past + chunk.size, dtype=np.int32)
-            out[lo : lo + chunk.size] = m.executor.run(g, {"tokens": chunk.astype(np.int32), "positions": pos})[
-                "logits"
-            ]
+            logits = m.executor.run(g, {"tokens": chunk.astype(np.int32), "positions": pos})["logits"]
+            if last_only:
+                out[:] = logits[-1:]
+            else:
+                out[lo : lo + chunk.size] = logits
             self.tokens.extend(int(t) for t in chunk)
         if ids.size:
             self.last_logits = out[-1].copy()
-        return out[len(pending) :]
+        return out if last_only else out[len(pending) :]
 
     def flush(self) -> None:
         """Evaluate a generation's last sampled token, so the KV cache holds the whole context."""
@@ -132,20 +143,51 @@ class Session:
             self.eval([])
 
     def rewind(self, n: int) -> None:
-        """Keep only the first ``n`` tokens of the context. A sliding-window layer's ring has overwritten old
-        positions once the context outgrew it, so then the session starts over (``n`` must be 0)."""
+        """Keep only the first ``n`` tokens of the context. KV caches go back in place. A sliding-window ring
+        that has overwritten positions ``n`` needs, and a recurrent state (it holds the newest position only), go
+        back from the latest snapshot (``snapshot``) at or before ``n``, evaluating the tokens from there to ``n``
+        again; without one the rewind is refused with ``StateError`` and nothing changes. ``n = 0`` always works."""
         if n >= self.n_past:
             self._pending = self.context[self.n_past : n]
             return
-        wrapped = any(t.shape[0] < self.n_past for t in self.model.graphs(tokens=1).caches.values())
-        if wrapped and n:
-            raise StateError(f"cannot rewind to {n} tokens: a sliding-window layer's ring has already overwritten them")
-        if n == 0 or self.model.active is not self:
+        if n <= 0:
             self.take_over()
             return
-        # Full caches: positions >= n are rewritten before they are read again (attention reads up to the
-        # newest position); an unwrapped ring marks slots past the newest position as never written.
-        self.tokens, self._pending, self.last_logits = self.tokens[:n], [], None
+        if self.model.active is not self:
+            raise StateError("cannot rewind: this session's caches were taken over by a newer session of the model")
+        caches = self.model.caches
+        stuck = [t.cache for t in caches.values() if t.cache and not t.cache.can_rewind(t.shape[0], self.n_past, n)]
+        snapshots = [s for s in self._snapshots if s[0] <= n]
+        if stuck and not snapshots:
+            why = {
+                "ring": "a sliding-window layer's ring has already overwritten them",
+                "state": "a recurrent state holds only the newest position",
+            }
+            kinds = sorted({c.kind for c in stuck})
+            raise StateError(
+                f"cannot rewind to {n} tokens: {'; '.join(why[k] for k in kinds)}; and no snapshot was kept at or "
+                f"before {n}"
+            )
+        self._snapshots, self._pending, self.last_logits = snapshots, [], None
+        if not stuck:
+            self.tokens = self.tokens[:n]
+            return
+        at, parts = snapshots[-1]
+        self.model.executor.load_cache_parts(parts)
+        redo, self.tokens = self.tokens[at:n], self.tokens[:at]
+        if redo:
+            self.eval(redo, last_only=True)
+
+    def snapshot(self) -> None:
+        """Remember the caches that cannot rewind in place (rings, recurrent states) as they are now, so that a
+        later ``rewind`` to this length or beyond can start from here. Keeps the latest few; a no-op for a model
+        with KV caches only."""
+        m = self.model
+        names = [name for name, t in m.caches.items() if t.cache and t.cache.kind != "kv"]
+        if not names or m.active is not self:
+            return
+        kept = [s for s in self._snapshots if s[0] != self.n_past]
+        self._snapshots = [*kept, (self.n_past, m.executor.cache_parts(names))][-SNAPSHOTS:]
 
     # --- generation -------------------------------------------------------------------------------------------
 
@@ -159,6 +201,7 @@ class Session:
         ignore_eos: bool = False,
         stream: bool = False,
         add_special: bool | None = None,
+        snapshot: bool = False,
         **params: Any,
     ) -> Generation | TextStream:
         """Continue the context with ``prompt`` (text or token ids; None: continue from where it stands) and
@@ -166,7 +209,9 @@ class Session:
         (``temperature=0.7, top_p=0.9, seed=1, reasoning_budget=64, ...``); with neither, a session that has
         generated before continues its sampler (RNG, penalties, reasoning budget), and a new one is greedy.
         ``stop``: strings that end the generation (not included in the text). ``add_special``: BOS for a text
-        prompt (default: only at the start of the context). ``stream=True`` returns a TextStream to iterate."""
+        prompt (default: only at the start of the context). ``stream=True`` returns a TextStream to iterate.
+        ``snapshot``: take a ``snapshot`` just before the prompt's last token, for a later ``rewind`` (as
+        ``chat`` does: its next turn, or this turn again, goes back to there)."""
         m, tok = self.model, self.model.tokenizer
         if max_tokens < 0:
             raise SamplingError(f"max_tokens={max_tokens}: must be >= 0")
@@ -194,17 +239,29 @@ class Session:
             assert self.sampler is not None
             self.sampler.prime(ids)
         result: list[Generation] = []
-        text = TextStream(self._generate(ids, max_tokens, stop, ignore_eos, result), result)
+        text = TextStream(self._generate(ids, max_tokens, stop, ignore_eos, snapshot, result), result)
         return text if stream else text.collect()
 
     def _generate(
-        self, ids: list[int], max_tokens: int, stop: Sequence[str], ignore_eos: bool, result: list[Generation]
+        self,
+        ids: list[int],
+        max_tokens: int,
+        stop: Sequence[str],
+        ignore_eos: bool,
+        snapshot: bool,
+        result: list[Generation],
     ) -> Iterator[str]:
         tok, sampler = self.model.tokenizer, self.sampler
         assert sampler is not None
         t0 = time.perf_counter()
-        if ids or self._pending:
-            self.eval(ids)
+        if snapshot and len(ids) > 1 and any(t.cache and t.cache.kind != "kv" for t in self.model.caches.values()):
+            self.eval(ids[:-1], last_only=True)
+            self.snapshot()
+            ids_left = ids[-1:]
+        else:
+            ids_left = ids
+        if ids_left or self._pending:
+            self.eval(ids_left, last_only=True)
         logits = self.last_logits
         assert logits is not None
         t1 = time.perf_counter()
@@ -267,19 +324,101 @@ class Session:
             common += 1  # at least the last token is fed again: its logits start the answer
         try:
             self.rewind(common)
-        except StateError:
+        except StateError:  # a ring or recurrent state with no snapshot to come back from: start over
             self.take_over()
             common = 0
-        return self.generate(ids[common:], max_tokens, **kwargs)
+        return self.generate(ids[common:], max_tokens, snapshot=True, **kwargs)
 
     # --- state ------------------------------------------------------------------------------------------------
 
     def save(self, path: str | Path) -> Path:
-        """Write this session (tokens, KV cache in the unsplit layout, sampler) to ``path``; ``Model.restore``
-        reads it back on any device count, split or backend."""
-        from .state import save
+        """Write this session (``state()``) to ``path``; ``Model.restore`` reads it back on any device count,
+        split or backend. Every rank of a multi-process group must call it; the rank holding device rank 0 writes
+        the file."""
+        state = self.state()
+        out = Path(path).expanduser()
+        if 0 in self.model.executor.ranks:
+            write(state, out)
+        return out
 
-        return save(self, path)
+    def state(self) -> SessionState:
+        """This session as data: tokens, every cache whole along its split axis (a kv or ring cache as the
+        positions it holds, a recurrent state whole), the last logits, the sampler. A generation's last sampled
+        token is evaluated first. Every rank of a multi-process group must call it (caches are gathered)."""
+        m = self.model
+        self.flush()
+        if m.active is not self:
+            if self.n_past:
+                raise StateError("cannot save: this session's caches were taken over by a newer session of the model")
+            self.take_over()
+        m.executor.ensure_caches(m.graphs(tokens=1))
+        caches = {}
+        for name, t in m.caches.items():
+            assert t.cache is not None
+            held = t.cache.positions(t.shape[0], self.n_past)
+            if held is None:
+                caches[name] = CacheState(t.cache.kind, m.executor.read_cache(name))
+            else:
+                rows = np.arange(held.start, held.stop) % t.shape[0]
+                caches[name] = CacheState(t.cache.kind, m.executor.read_cache(name, rows), held.start)
+        ckpt = m.checkpoint
+        return SessionState(
+            model={"fingerprint": ckpt.fingerprint(), "family": m.family.name, "source": str(ckpt.path)},
+            tokens=list(self.tokens),
+            caches=caches,
+            logits=self.last_logits,
+            sampler=self.sampler_state(),
+        )
+
+    def load_state(self, state: SessionState, where: str = "state") -> None:
+        """Continue from ``state`` (``runtime.state.read``), taking over the model's caches; refused with
+        ``StateError`` (naming ``where``), before anything changes, when it belongs to another model or does not
+        fit this model's caches or context."""
+        m, n = self.model, len(state.tokens)
+        saved, fp = state.model, m.checkpoint.fingerprint()
+        if saved["fingerprint"] != fp:
+            raise StateError(
+                f"{where}: this state belongs to another model ({saved['family']} from {saved['source']}, "
+                f"fingerprint {saved['fingerprint']}); the loaded model is {m.family.name} from "
+                f"{m.checkpoint.path} ({fp})"
+            )
+        if n > m.config.ctx:
+            raise StateError(
+                f"{where}: the state holds {n} tokens but the model's context is {m.config.ctx} (load with a "
+                f"larger ctx=)"
+            )
+        caches = m.caches
+        if set(state.caches) != set(caches):
+            raise StateError(f"{where}: the state's caches do not match this model's layers")
+        writes: list[tuple[str, np.ndarray, np.ndarray | None]] = []
+        for name, t in caches.items():
+            c, spec = state.caches[name], t.cache
+            assert spec is not None
+            held = spec.positions(t.shape[0], n)
+            shape = tuple(c.values.shape)
+            if held is None:  # a recurrent state: whole
+                if c.kind != "state" or shape != t.shape:
+                    raise StateError(
+                        f"{where}: cache {name!r} is a {c.kind or 'kv'} cache {shape}; this model's is a state "
+                        f"{t.shape}"
+                    )
+                writes.append((name, c.values, None))
+                continue
+            # kv and ring caches hold positions: this model's needs `held`, from the saved rows (first..n-1)
+            if c.kind not in (None, "kv", "ring") or shape != (n - c.first, *t.shape[1:]) or held.start < c.first:
+                raise StateError(
+                    f"{where}: cache {name!r} holds {shape} ({c.kind or 'kv/ring'}, positions {c.first}..{n - 1}); "
+                    f"this model's {spec.kind} cache {t.shape} needs positions {held.start}..{n - 1}"
+                )
+            writes.append((name, c.values[held.start - c.first :], np.arange(held.start, n) % t.shape[0]))
+        m.executor.ensure_caches(m.graphs(tokens=1))
+        self.take_over()
+        for name, values, rows in writes:
+            if rows is None or rows.size:
+                m.executor.write_cache(name, np.asarray(values, caches[name].dtype), rows)
+        self.tokens = list(state.tokens)
+        self.last_logits = None if state.logits is None else np.array(state.logits, np.float32)
+        self.load_sampler_state(state.sampler)
 
     def sampler_state(self) -> dict[str, Any] | None:
         if self.sampler is None:

@@ -1,18 +1,22 @@
-"""Session state files: save a conversation's KV cache and resume it on any device count, split or backend.
+"""A session's state as data (``SessionState``), and its file: read and write, nothing else.
 
-A state file is a plain safetensors container (no pickle). Its JSON metadata (key ``tensorweave``) holds the
-model's fingerprint, the tokens, where each cache's rows start, the last logits' presence and the sampler's state;
-its tensors are each KV cache in the *unsplit* layout — [positions, all KV heads, head_dim], in position order —
-plus the last position's logits. Nothing in it depends on how the saving model was split: restoring places each
-device's KV heads from the whole rows, exactly as loading places weights. A sliding-window layer's ring stores only
-the positions it still holds (the last ``window``), and they go back into slot ``position % slots``.
+A state file is a plain safetensors container (no pickle). Its JSON metadata (key ``tensorweave``) holds the format
+version, the model's fingerprint, the tokens, each cache's kind and first stored position, the last logits'
+presence and the sampler's state; its tensors are the caches in the *unsplit* layout, plus the last position's
+logits. A kv cache is stored as [positions, all KV heads, head_dim] in position order; a ring as the positions it
+still holds (the last ``rows``) in position order; a recurrent state whole. Nothing in it depends on how the saving
+model was split: ``Session.load_state`` places each device's part from the whole, as loading places weights.
+
+Format version 1 (before caches had kinds) stored only each cache's first position; its caches were all kv or
+ring, so they read back with kind None (position-indexed, the restoring model's cache says which).
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
 import numpy as np
 
@@ -20,53 +24,52 @@ from .._version import __version__
 from ..errors import ModelFormatError, StateError
 from ..loaders.safetensors_io import SafetensorsFile, write_safetensors
 
-if TYPE_CHECKING:
-    from .model import Model
-    from .session import Session
-
-FORMAT, VERSION = "tensorweave.state", 1
+FORMAT, VERSION = "tensorweave.state", 2
 LOGITS = "__logits__"  # the tensor holding the last position's logits (what the next token is sampled from)
 
 
-def save(session: Session, path: str | Path) -> Path:
-    """Write ``session`` to ``path`` (atomically). Every rank of a multi-process group must call it; the rank
-    holding device rank 0 writes the file."""
-    m = session.model
-    session.flush()
-    n_past = session.n_past
-    graph = m.graphs(tokens=1)
-    m.executor.ensure_caches(graph)
-    tensors: dict[str, np.ndarray] = {}
-    caches: dict[str, int] = {}
-    for name, t in graph.caches.items():
-        slots = t.shape[0]
-        first = max(0, n_past - slots)  # a ring keeps only the last `slots` positions
-        positions = np.arange(first, n_past)
-        tensors[name] = np.ascontiguousarray(m.executor.read_cache(name, positions % slots), dtype=t.dtype)
-        caches[name] = first
-    if session.last_logits is not None:
-        tensors[LOGITS] = np.asarray(session.last_logits, np.float32)
+@dataclass
+class CacheState:
+    """One cache, whole along its split axis: positions ``first``, ``first + 1``... in order (kv, ring; one row
+    each), or the whole value (state). ``kind`` None: a version-1 file's position-indexed cache (kv or ring)."""
+
+    kind: str | None
+    values: np.ndarray
+    first: int = 0
+
+
+@dataclass
+class SessionState:
+    """Everything a session needs to continue: what the file holds, independent of devices and split."""
+
+    model: dict[str, str]  # "fingerprint", "family", "source" of the model that saved it
+    tokens: list[int]  # every evaluated token
+    caches: dict[str, CacheState]
+    logits: np.ndarray | None = None  # after the last token
+    sampler: dict[str, Any] | None = None  # Session.sampler_state()
+
+
+def write(state: SessionState, path: str | Path) -> Path:
+    """Write ``state`` to ``path`` atomically."""
+    tensors = {name: np.ascontiguousarray(c.values) for name, c in state.caches.items()}
+    if state.logits is not None:
+        tensors[LOGITS] = np.asarray(state.logits, np.float32)
     meta = {
         "format": FORMAT,
         "version": VERSION,
         "tensorweave": __version__,
-        "model": {
-            "fingerprint": m.checkpoint.fingerprint(),
-            "family": m.family.name,
-            "source": str(m.checkpoint.path),
-        },
-        "tokens": list(session.tokens),
-        "caches": caches,
-        "sampler": session.sampler_state(),
+        "model": state.model,
+        "tokens": list(state.tokens),
+        "caches": {name: {"kind": c.kind, "first": c.first} for name, c in state.caches.items()},
+        "sampler": state.sampler,
     }
     out = Path(path).expanduser()
-    if 0 in m.executor.ranks:
-        write_safetensors(out, tensors, {"tensorweave": json.dumps(meta)})
+    write_safetensors(out, tensors, {"tensorweave": json.dumps(meta)})
     return out
 
 
-def restore(model: Model, path: str | Path) -> Session:
-    """A new session of ``model`` holding the state saved in ``path``; it takes over the model's KV caches."""
+def read(path: str | Path) -> SessionState:
+    """The state in ``path`` (tensors stay memory-mapped until used); ``StateError`` for anything else."""
     p = Path(path).expanduser()
     try:
         f = SafetensorsFile(p)
@@ -80,40 +83,19 @@ def restore(model: Model, path: str | Path) -> Session:
         meta = None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise StateError(f"{p}: not a tensorweave state file (no {FORMAT!r} metadata)")
-    if meta.get("version") != VERSION:
-        raise StateError(
-            f"{p}: state format version {meta.get('version')} is not {VERSION} (tensorweave {__version__})"
-        )
-    saved, fp = meta["model"], model.checkpoint.fingerprint()
-    if saved["fingerprint"] != fp:
-        raise StateError(
-            f"{p}: this state belongs to another model ({saved['family']} from {saved['source']}, fingerprint "
-            f"{saved['fingerprint']}); the loaded model is {model.family.name} from {model.checkpoint.path} ({fp})"
-        )
-    tokens = [int(t) for t in meta["tokens"]]
-    if len(tokens) > model.config.ctx:
-        raise StateError(
-            f"{p}: the state holds {len(tokens)} tokens but the model's context is {model.config.ctx} (load with a "
-            f"larger ctx=)"
-        )
-    graph = model.graphs(tokens=1)
-    if set(meta["caches"]) != set(graph.caches):
-        raise StateError(f"{p}: the state's KV caches do not match this model's layers")
-    model.executor.ensure_caches(graph)
-    session = model.session()  # not Session(model): the session module imports this one (Session.save)
-    session.take_over()
-    for name, t in graph.caches.items():
-        rows, first = f.get(name), int(meta["caches"][name])
-        slots = t.shape[0]
-        keep = max(first, len(tokens) - slots)  # this model's ring may be shorter than the saver's
-        want = (len(tokens) - first, *t.shape[1:])
-        if tuple(rows.shape) != want or not 0 <= first <= len(tokens):
-            raise StateError(f"{p}: cache {name!r} has shape {tuple(rows.shape)}, expected {want}")
-        if keep < len(tokens):
-            positions = np.arange(keep, len(tokens))
-            model.executor.write_cache(name, positions % slots, np.asarray(rows[keep - first :], t.dtype))
-    session.tokens = tokens
-    if LOGITS in f.entries:
-        session.last_logits = np.array(f.get(LOGITS), np.float32)
-    session.load_sampler_state(meta.get("sampler"))
-    return session
+    version = meta.get("version")
+    if version not in (1, VERSION):
+        raise StateError(f"{p}: state format version {version} is not 1..{VERSION} (tensorweave {__version__})")
+    caches = {}
+    for name, c in meta["caches"].items():
+        if name not in f.entries:
+            raise StateError(f"{p}: cache {name!r} has no tensor in the file")
+        kind, first = (None, c) if version == 1 else (c["kind"], c["first"])
+        caches[name] = CacheState(kind, f.get(name), int(first))
+    return SessionState(
+        model=dict(meta["model"]),
+        tokens=[int(t) for t in meta["tokens"]],
+        caches=caches,
+        logits=np.array(f.get(LOGITS), np.float32) if LOGITS in f.entries else None,
+        sampler=meta.get("sampler"),
+    )
