@@ -85,7 +85,9 @@ def scan_reference(x: np.ndarray, s: np.ndarray, decay: float) -> tuple[np.ndarr
 
 @pytest.fixture
 def scan_op(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(ops.OPS, SCAN, ops.OpDef(SCAN, _infer_scan, _k_scan, _rule_scan, arity=(2, 2)))
+    monkeypatch.setitem(
+        ops.OPS, SCAN, ops.OpDef(SCAN, _infer_scan, _k_scan, _rule_scan, arity=(2, 2), attrs={"decay": ops.REQUIRED})
+    )
 
 
 @pytest.mark.usefixtures("scan_op")
