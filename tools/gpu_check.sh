@@ -9,7 +9,7 @@
 set -uo pipefail
 OUT="${OUT:-/tmp/gpu-out}"
 mkdir -p "$OUT"
-STEPS="${STEPS:-install pytest models vs_transformers bench threads conformance}"
+STEPS="${STEPS:-install pytest models conformance vs_transformers bench threads}"
 T0=$(date +%s)
 declare -A RC SECS
 
@@ -38,6 +38,8 @@ step install 60 bash -c install
 step pytest 150 python3 -m pytest -m gpu -q -p no:cacheprovider --timeout 60 --junitxml="$OUT/pytest.xml" tests
 BENCH=/tmp/tw-bench-125m
 step models 100 python3 tools/gpu_models.py --out "$OUT" --bench-model "$BENCH" --split 3,1,1
+step conformance 120 python3 -m tensorweave.cli conformance --backend cuda --devices cuda:0,0,0 --communicator peer \
+    --world-size 3 --report "$OUT/conformance.json"
 step vs_transformers 100 python3 benchmarks/vs_transformers.py --dir "$BENCH" --torch-device cuda \
     --devices cuda:0 cuda:0,0,0 -ts 3,1,1 --communicator peer --runs 3 --json
 step bench 50 python3 -m tensorweave.cli bench "$BENCH" --devices cuda:0,0,0 -ts 3,1,1 --communicator peer \
@@ -52,8 +54,6 @@ with tw.load('$BENCH', tw.devices('cuda:0,0,0'), [3, 1, 1], communicator='peer',
         sys.setswitchinterval(interval)
         print('switch interval', interval, 'tg16 t/s', round(bench(m, 0, 16, 2, 0).tests[0].tps_mean, 2), flush=True)
 "
-step conformance 120 python3 -m tensorweave.cli conformance --backend cuda --devices cuda:0,0,0 --communicator peer \
-    --world-size 3 --report "$OUT/conformance.json"
 
 python3 - "$OUT" "$(($(date +%s) - T0))" "${!RC[@]}" -- "${RC[@]}" -- "${SECS[@]}" <<'EOF'
 import json, sys, pathlib, xml.etree.ElementTree as ET
