@@ -57,3 +57,23 @@ def test_tutorial_pyproject_matches_the_example_package() -> None:
     assert len(shown) == 1, f"plugins.md should show {example['name']}'s pyproject once"
     for key in ("version", "dependencies", "entry-points"):
         assert shown[0][key] == example[key], f"plugins.md shows another {key} than {EXAMPLE.relative_to(ROOT)}"
+
+
+README = (ROOT / "README.md").read_text()
+SNIPPETS = re.findall(r"```python\n(.*?)```", README, re.S)
+FIXTURE = str(ROOT / "tests" / "fixtures" / "models" / "qwen3" / "hf")  # has a chat template and thinking tags
+
+
+@pytest.mark.parametrize("index", range(len(SNIPPETS)), ids=[s.splitlines()[-1][:40] for s in SNIPPETS])
+def test_readme_python_snippet_runs(index: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every ```python block of the README runs as written, its placeholder paths pointing at a fixture model. The
+    one that is a rank's program (``spmd_from_env``) must, started without a launcher, fail asking for one."""
+    code = SNIPPETS[index].replace("path/to/hf_dir_or_model.gguf", FIXTURE).replace("path/to/same/model", FIXTURE)
+    monkeypatch.chdir(tmp_path)  # snippets that save files write them here
+    if "spmd_from_env()" in code:
+        from tensorweave.errors import CollectiveError
+
+        with pytest.raises(CollectiveError, match="launch"):
+            exec(compile(code, f"README.md python block {index}", "exec"), {})
+        return
+    exec(compile(code, f"README.md python block {index}", "exec"), {})
