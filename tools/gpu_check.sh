@@ -35,7 +35,10 @@ install() {
 export -f install
 export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 step install 60 bash -c install
-step pytest 150 python3 -m pytest -m gpu -q -p no:cacheprovider --timeout 60 --junitxml="$OUT/pytest.xml" tests
+# A per-test limit where the image has pytest-timeout (no extra installs it); the step's own limit holds regardless.
+PER_TEST=$(python3 -c 'import pytest_timeout' 2>/dev/null && echo "--timeout 60")
+# shellcheck disable=SC2086
+step pytest 150 python3 -m pytest -m gpu -q -p no:cacheprovider $PER_TEST --junitxml="$OUT/pytest.xml" tests
 BENCH=/tmp/tw-bench-125m
 step models 100 python3 tools/gpu_models.py --out "$OUT" --bench-model "$BENCH" --split 3,1,1
 step conformance 120 python3 -m tensorweave.cli conformance --backend cuda --devices cuda:0,0,0 --communicator peer \
