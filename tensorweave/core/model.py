@@ -64,6 +64,9 @@ class Naming:
     ignore: tuple[str, ...] = ()
     passthrough: bool = False
     norm_shift: float = 0.0
+    # names whose cuts only the other tensors' shapes tell (Qwen3.5's q|k|v blocks: key_dim from the fused length
+    # and the value width): called with every stored name (prefixes applied) and shape, its result joins ``names``
+    shaped: Callable[[Mapping[str, tuple[int, ...]]], Mapping[str, Target]] | None = None
 
 
 def _layer(hf: str, graph: str) -> tuple[str, str]:

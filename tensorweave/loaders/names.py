@@ -71,13 +71,19 @@ def map_names(
     the checkpoint; graph weights in ``unused`` (a tied model's redundant head) are dropped; ``check`` is called
     with every stored name that is used. A stored name that is neither matched nor ignored is a
     ``ModelFormatError``, unless the naming passes unmatched names through."""
+
+    def keyed(name: str) -> str:
+        return next((new + name[len(old) :] for old, new in naming.prefixes.items() if name.startswith(old)), name)
+
     exact = {p: t for p, t in naming.names.items() if "{" not in p}
+    if naming.shaped is not None:
+        exact.update(naming.shaped({keyed(n): tuple(s) for n, s in stored.items()}))
     patterns = [(_compile(p), p, t) for p, t in naming.names.items() if "{" in p]
     ignore = [re.compile(r) for r in naming.ignore]
     out = Mapped()
     experts: dict[str, tuple[str, dict[str, str], dict[int, str]]] = {}  # graph name -> (pattern, groups, by expert)
     for name, shape in stored.items():
-        key = next((new + name[len(old) :] for old, new in naming.prefixes.items() if name.startswith(old)), name)
+        key = keyed(name)
         if any(r.fullmatch(key) for r in ignore):
             continue
         target, pattern, groups = exact.get(key), key, {}

@@ -1,0 +1,277 @@
+"""Blocks of the Gated DeltaNet hybrids (Qwen3-Next, Qwen3.5-MoE): ``HybridConfig``, the full-attention layer with a
+sigmoid output gate (``gated_attention``), the linear-attention layer (``gated_deltanet``) and ``build``, which
+interleaves them by ``layer_types`` before the llama-like FFN/MoE blocks of ``blocks``.
+
+Splitting (llama.cpp's tensor mode after b8738): a linear-attention layer splits by key-head groups, each device
+keeping the value heads that read its key heads, so its q/k/v/z/a/b projections, conv channels, ``dt_bias``,
+``A`` and both recurrent states split alike and its output projection is row-parallel: one allreduce per layer. A
+device with no key head holds zero-size shards. The full-attention layer splits by KV head; its q_proj rows hold
+``[query | gate]`` per head, so a KV-head group of rows carries its gates along.
+
+Norms are (1 + w) in the checkpoints; the families' namings shift them at load (``Naming.norm_shift``) so the
+graph multiplies by its weights as they are; the gated norm of a linear layer is plain ``w`` and is named so the
+shift misses it (``ssm_norm_gated``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from tensorweave.core import dtypes
+from tensorweave.core.graph import Graph, Tensor
+from tensorweave.core.model import LLAMA_HF_NAMES, Derived, Naming, Target
+from tensorweave.core.sharding import Role
+from tensorweave.errors import ModelFormatError, UnsupportedError
+from tensorweave.models import blocks
+from tensorweave.models.blocks import Config, Layer
+from tensorweave.models.llama import gguf_config, hf_config
+
+LINEAR, FULL = "linear_attention", "full_attention"
+
+
+@dataclass(frozen=True)
+class HybridConfig(Config):
+    layer_types: tuple[str, ...] = ()  # per layer: "linear_attention" (Gated DeltaNet) or "full_attention"
+    lin_k_heads: int = 2
+    lin_v_heads: int = 4
+    lin_k_dim: int = 8
+    lin_v_dim: int = 8
+    conv_kernel: int = 4
+    # Qwen3-Next fuses q, k, v, z per key head in one projection (ssm_in) and b, a in another (ssm_ba); Qwen3.5
+    # projects q|k|v as blocks (cut into ssm_in_q/k/v at load), z (attn_gate), b (ssm_beta), a (ssm_alpha) apart
+    grouped_in: bool = True
+
+
+def _lin(g: Graph, cfg: HybridConfig, il: int, name: str, shape: tuple[int, ...], role: Role = Role.COLUMN) -> Tensor:
+    """A linear-attention weight, split in whole key-head groups (rows of column-parallel ones, columns of ssm_out)."""
+    return g.weight(f"blk.{il}.{name}", shape, role, groups=cfg.lin_k_heads, layer=il)
+
+
+def gated_deltanet(g: Graph, cfg: HybridConfig, il: int, h: Tensor) -> Tensor:
+    """Gated DeltaNet: q, k, v through a causal conv (SiLU), q and k L2-normed, the gated delta rule over the tokens
+    with decay g = -exp(A_log) * softplus(a + dt_bias) and beta = sigmoid(b), an RMSNorm gated by silu(z), and the
+    row-parallel output projection. Conv states (q, k, v apart) and the SSM state are caches of kind "state"."""
+    T, H = h.shape
+    nk, nv, dk, dv, K = cfg.lin_k_heads, cfg.lin_v_heads, cfg.lin_k_dim, cfg.lin_v_dim, cfg.conv_kernel
+    r = nv // nk
+    if cfg.grouped_in:  # [q k v z] and [b a] per key head
+        per = 2 * dk + 2 * r * dv
+        qkvz = g.reshape(g.linear(h, _lin(g, cfg, il, "ssm_in", (nk * per, H))), shape=(T, nk, per))
+        ba = g.reshape(g.linear(h, _lin(g, cfg, il, "ssm_ba", (nk * 2 * r, H))), shape=(T, nk, 2 * r))
+        cuts = {"q": (0, dk), "k": (dk, 2 * dk), "v": (2 * dk, 2 * dk + r * dv), "z": (2 * dk + r * dv, per)}
+        qkvz_parts = {n: g.slice(qkvz, axis=2, start=a, stop=b) for n, (a, b) in cuts.items()}
+        mixed = {n: g.reshape(p, shape=(T, p.shape[1] * p.shape[2])) for n, p in qkvz_parts.items()}
+        b = g.reshape(g.slice(ba, axis=2, start=0, stop=r), shape=(T, nv))
+        a = g.reshape(g.slice(ba, axis=2, start=r, stop=2 * r), shape=(T, nv))
+    else:
+        rows = {"q": nk * dk, "k": nk * dk, "v": nv * dv}
+        mixed = {n: g.linear(h, _lin(g, cfg, il, f"ssm_in_{n}", (w, H))) for n, w in rows.items()}
+        mixed["z"] = g.linear(h, _lin(g, cfg, il, "attn_gate", (nv * dv, H)))
+        b = g.linear(h, _lin(g, cfg, il, "ssm_beta", (nv, H)))
+        a = g.linear(h, _lin(g, cfg, il, "ssm_alpha", (nv, H)))
+    conv = {}
+    for n in "qkv":
+        C = mixed[n].shape[1]
+        state = g.cache(f"blk.{il}.conv_{n}", (K - 1, C), "state", axis=1, groups=nk, layer=il)
+        conv[n] = g.conv1d_causal(mixed[n], _lin(g, cfg, il, f"ssm_conv1d_{n}", (C, K)), state)
+    q = g.l2_norm(g.reshape(conv["q"], shape=(T, nk, dk)), eps=1e-6)
+    k = g.l2_norm(g.reshape(conv["k"], shape=(T, nk, dk)), eps=1e-6)
+    v = g.reshape(conv["v"], shape=(T, nv, dv))
+    decay = g.mul(g.softplus(g.add(a, _lin(g, cfg, il, "ssm_dt.bias", (nv,)))), _lin(g, cfg, il, "ssm_a", (nv,)))
+    # the SSM state sums over every token so far: float32 even when activations are 16-bit (float64 stays float64)
+    sdt = dtypes.float64 if g.dtype == dtypes.float64 else dtypes.float32
+    state = g.cache(f"blk.{il}.ssm_state", (nv, dk, dv), "state", axis=0, groups=nk, layer=il, dtype=sdt)
+    y = g.gated_delta_rule(q, k, v, decay, g.sigmoid(b), state, scale=dk**-0.5)
+    z = g.reshape(mixed["z"], shape=(T, nv, dv))
+    y = g.rms_norm_gated(y, z, g.weight(f"blk.{il}.ssm_norm_gated", (dv,)), eps=cfg.norm_eps)
+    return g.linear(g.reshape(y, shape=(T, nv * dv)), _lin(g, cfg, il, "ssm_out", (H, nv * dv), Role.ROW))
+
+
+def gated_attention(g: Graph, cfg: HybridConfig, layer: Layer, h: Tensor, pos: Tensor) -> Tensor:
+    """Full attention whose output is scaled by sigmoid(gate) per head before o_proj; q_proj rows interleave
+    [query | gate] per head; q/k RMSNorm per head; rope over the first ``n_rot`` dims (partial rotary)."""
+    T, H, hd, nh, nkv = h.shape[0], cfg.hidden, layer.head_dim, layer.n_head, layer.n_kv
+    qg = g.reshape(g.linear(h, blocks.weight(g, layer, "attn_q", (nh * 2 * hd, H), Role.COLUMN)), shape=(T, nh, 2 * hd))
+    q, gate = g.slice(qg, axis=2, start=0, stop=hd), g.slice(qg, axis=2, start=hd, stop=2 * hd)
+    k, v = (
+        g.reshape(g.linear(h, blocks.weight(g, layer, f"attn_{n}", (nkv * hd, H), Role.COLUMN)), shape=(T, nkv, hd))
+        for n in "kv"
+    )
+    q, k = blocks.norm(g, cfg, q, layer, "attn_q_norm"), blocks.norm(g, cfg, k, layer, "attn_k_norm")
+    r = layer.rope
+    rope = {"theta": r.theta, "neox": r.neox, "n_rot": r.n_rot, "scaling": dict(r.scaling) or None}
+    q, k = g.rope(q, pos, **rope), g.rope(k, pos, **rope)
+    a = g.attention(q, k, v, pos, scale=hd**-0.5, cache=blocks.kv_cache(g, cfg, layer))
+    a = g.mul(a, g.sigmoid(gate))
+    return g.linear(g.reshape(a, shape=(T, nh * hd)), blocks.weight(g, layer, "attn_output", (H, nh * hd), Role.ROW))
+
+
+def build(cfg: HybridConfig, tokens: int, n_logits: int | None = None) -> Graph:
+    """One step: per layer x + mixer(norm(x)) (Gated DeltaNet or gated attention by ``layer_types``), then
+    x + ffn(norm(x)) (routed experts plus a sigmoid-gated shared expert, or a dense gated FFN), then the head."""
+    g, x, pos = blocks.embed(cfg, tokens)
+    for il in range(cfg.n_layer):
+        layer = cfg.layer(il)
+        h = blocks.norm(g, cfg, x, layer, "attn_norm")
+        linear = cfg.layer_types[il] == LINEAR
+        x = x + (gated_deltanet(g, cfg, il, h) if linear else gated_attention(g, cfg, layer, h, pos))
+        h = blocks.norm(g, cfg, x, layer, "ffn_norm")
+        y = blocks.moe(g, cfg, layer, h) if layer.moe else blocks.gated_ffn(g, layer, h, cfg.ffn)
+        if layer.moe and cfg.shared_ffn:
+            y = y + blocks.shared_expert(g, cfg, layer, h)
+        x = x + y
+    blocks.head(g, cfg, x, n_logits)
+    return g
+
+
+# --- configs -------------------------------------------------------------------------------------------------------
+
+
+def hf_hybrid(c: dict[str, Any], norm_topk: bool | None = None) -> dict[str, Any]:
+    """HybridConfig fields of a Qwen3-Next / Qwen3.5(-MoE) config.json (a multimodal one: its ``text_config``).
+    ``norm_topk``: the family's fixed rule for renormalizing the top-k weights (None: ``norm_topk_prob``)."""
+    if isinstance(c.get("text_config"), dict):
+        c = {"tie_word_embeddings": c.get("tie_word_embeddings", False), **c["text_config"]}
+    kw = hf_config({"intermediate_size": 0, **c})
+    n = kw["n_layer"]
+    interval = int(c.get("full_attention_interval") or 4)
+    types = tuple(c.get("layer_types") or (LINEAR if (i + 1) % interval else FULL for i in range(n)))
+    if len(types) != n or set(types) - {LINEAR, FULL}:
+        raise UnsupportedError(f"layer_types must be {n} of {LINEAR!r}/{FULL!r}, got {list(types)}")
+    n_expert = int(c.get("num_experts") or 0)
+    step = int(c.get("decoder_sparse_step", 1) or 1)
+    only = set(c.get("mlp_only_layers") or ())
+    nk, nv = int(c["linear_num_key_heads"]), int(c["linear_num_value_heads"])
+    if nv % nk:
+        raise UnsupportedError(f"linear_num_value_heads {nv} is not a multiple of linear_num_key_heads {nk}")
+    return {
+        **kw,
+        "qk_norm": True,
+        "n_expert": n_expert,
+        "top_k": int(c.get("num_experts_per_tok") or 1),
+        "norm_topk": bool(c.get("norm_topk_prob", True)) if norm_topk is None else norm_topk,
+        "expert_ffn": int(c.get("moe_intermediate_size") or 0),
+        "shared_ffn": int(c.get("shared_expert_intermediate_size") or 0),
+        "dense_layers": tuple(il for il in range(n) if not n_expert or il in only or (il + 1) % step),
+        "layer_types": types,
+        "lin_k_heads": nk,
+        "lin_v_heads": nv,
+        "lin_k_dim": int(c["linear_key_head_dim"]),
+        "lin_v_dim": int(c["linear_value_head_dim"]),
+        "conv_kernel": int(c["linear_conv_kernel_dim"]),
+    }
+
+
+def gguf_hybrid(meta: dict[str, Any], shapes: Mapping[str, tuple[int, ...]], arch: str) -> HybridConfig:
+    """A qwen3next / qwen35moe GGUF as llama.cpp's converter writes it: the llama-like keys, the ``ssm.*`` keys of
+    the linear-attention layers (which are told by their ``ssm_out`` tensors) and the MoE keys."""
+
+    def get(key: str) -> Any:
+        if f"{arch}.{key}" not in meta:
+            raise ModelFormatError(f"GGUF metadata has no {arch}.{key}")
+        return meta[f"{arch}.{key}"]
+
+    kw = gguf_config(meta, arch)
+    kw["tied"] = "output" not in shapes
+    kw["qk_norm"] = True
+    n = kw["n_layer"]
+    types = tuple(LINEAR if f"blk.{il}.ssm_out" in shapes else FULL for il in range(n))
+    nv = int(get("ssm.time_step_rank"))
+    n_expert = int(meta.get(f"{arch}.expert_count", 0))
+    dense = tuple(il for il in range(n) if f"blk.{il}.ffn_up_exps" not in shapes)
+    return HybridConfig(
+        **kw,
+        n_expert=n_expert,
+        top_k=int(meta.get(f"{arch}.expert_used_count", 1)),
+        norm_topk=bool(meta.get(f"{arch}.expert_weights_norm", True)),
+        expert_ffn=int(meta.get(f"{arch}.expert_feed_forward_length", 0)),
+        shared_ffn=int(meta.get(f"{arch}.expert_shared_feed_forward_length", 0)),
+        dense_layers=dense if n_expert else tuple(range(n)),
+        layer_types=types,
+        lin_k_heads=int(get("ssm.group_count")),
+        lin_v_heads=nv,
+        lin_k_dim=int(get("ssm.state_size")),
+        lin_v_dim=int(get("ssm.inner_size")) // nv,
+        conv_kernel=int(get("ssm.conv_kernel")),
+        grouped_in=f"blk.{types.index(LINEAR)}.ssm_in" in shapes if LINEAR in types else True,
+    )
+
+
+# --- checkpoint names ----------------------------------------------------------------------------------------------
+
+
+def qkv_blocks(
+    *fused: tuple[str, str, int | None], out: str
+) -> Callable[[Mapping[str, tuple[int, ...]]], dict[str, Target]]:
+    """``Naming.shaped`` for tensors that hold q|k|v as blocks [key_dim | key_dim | value_dim] along axis 0 (the
+    conv1d of both families, Qwen3.5's in_proj_qkv): each ``(stored pattern, graph pattern with {part}, squeezed
+    axis)`` is cut into its three parts, key_dim = (rows - value_dim) / 2 with value_dim the width of the layer's
+    output projection ``out``."""
+
+    def shaped(stored: Mapping[str, tuple[int, ...]]) -> dict[str, Target]:
+        found: dict[str, Target] = {}
+        for pattern, graph, squeeze in fused:
+            head, tail = pattern.split("{L}")
+            for name, shape in stored.items():
+                layer = name[len(head) : len(name) - len(tail)]
+                if not (name.startswith(head) and name.endswith(tail) and layer.isdigit()):
+                    continue
+                width = stored.get(out.format(L=layer))
+                if width is None or (shape[0] - width[-1]) % 2 or shape[0] < width[-1]:
+                    raise ModelFormatError(f"{name} {shape}: no q|k|v blocks beside {out.format(L=layer)} {width}")
+                kd = (shape[0] - width[-1]) // 2
+                cuts = {"q": (0, kd), "k": (kd, 2 * kd), "v": (2 * kd, shape[0])}
+                found[name] = tuple(
+                    Derived(graph.format(L=layer, part=p), rows=lambda n, c=c: c, squeeze=squeeze)
+                    for p, c in cuts.items()
+                )
+        return found
+
+    return shaped
+
+
+def _neg_exp(a: np.ndarray) -> np.ndarray:
+    return -np.exp(a.astype(np.float64)).astype(a.dtype)  # A = -exp(A_log), as llama.cpp stores ssm_a
+
+
+_HF_LINEAR = {
+    "linear_attn.in_proj_qkvz.weight": "ssm_in",
+    "linear_attn.in_proj_ba.weight": "ssm_ba",
+    "linear_attn.in_proj_z.weight": "attn_gate",
+    "linear_attn.in_proj_b.weight": "ssm_beta",
+    "linear_attn.in_proj_a.weight": "ssm_alpha",
+    "linear_attn.dt_bias": "ssm_dt.bias",
+    "linear_attn.norm.weight": "ssm_norm_gated",
+    "linear_attn.out_proj.weight": "ssm_out",
+    "mlp.shared_expert_gate.weight": "ffn_gate_inp_shexp",
+    **{f"mlp.shared_expert.{x}_proj.weight": f"ffn_{x}_shexp" for x in ("gate", "up", "down")},
+}
+HF_NAMING = Naming(
+    {
+        **LLAMA_HF_NAMES,
+        **{f"model.layers.{{L}}.{hf}": f"blk.{{L}}.{graph}" for hf, graph in _HF_LINEAR.items()},
+        "model.layers.{L}.linear_attn.A_log": Derived("blk.{L}.ssm_a", transform=_neg_exp),
+    },
+    prefixes={"model.language_model.": "model."},
+    ignore=(r"(.*\.)?rotary_emb\.inv_freq", r"mtp\..*", r"model\.visual\..*"),  # language model only
+    norm_shift=1.0,  # every RMSNorm but the gated one is (1 + w)
+    shaped=qkv_blocks(
+        ("model.layers.{L}.linear_attn.conv1d.weight", "blk.{L}.ssm_conv1d_{part}", 1),
+        ("model.layers.{L}.linear_attn.in_proj_qkv.weight", "blk.{L}.ssm_in_{part}", None),
+        out="model.layers.{L}.linear_attn.out_proj.weight",
+    ),
+)
+# llama.cpp's converter adds the 1 to the (1 + w) norms itself, squeezes the conv and stores A = -exp(A_log)
+GGUF_NAMING = Naming(
+    {"blk.{L}.post_attention_norm": "blk.{L}.ffn_norm", "blk.{L}.ssm_norm": "blk.{L}.ssm_norm_gated"},
+    passthrough=True,
+    shaped=qkv_blocks(
+        ("blk.{L}.ssm_conv1d", "blk.{L}.ssm_conv1d_{part}", None),
+        ("blk.{L}.attn_qkv", "blk.{L}.ssm_in_{part}", None),
+        out="blk.{L}.ssm_out",
+    ),
+)
