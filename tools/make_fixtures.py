@@ -1348,9 +1348,10 @@ def hybrid_to_gguf(hf: dict[str, np.ndarray], cfg: dict[str, Any], arch: str) ->
                 a = np.concatenate([a[: 2 * nk * dk], tile_v_heads(a[2 * nk * dk :], 0, nk, dv)])
             elif rest == "linear_attn.in_proj_z.weight":
                 a = tile_v_heads(a, 0, nk, dv)
-            elif rest in ("linear_attn.in_proj_a.weight", "linear_attn.in_proj_b.weight", "linear_attn.A_log"):
-                a = tile_v_heads(a, 0, nk, 1)
-            elif rest == "linear_attn.dt_bias":
+            elif rest.split(".")[-2:] in (["in_proj_a", "weight"], ["in_proj_b", "weight"]) or rest in (
+                "linear_attn.A_log",
+                "linear_attn.dt_bias",
+            ):
                 a = tile_v_heads(a, 0, nk, 1)
             elif rest == "linear_attn.out_proj.weight":
                 a = tile_v_heads(a, 1, nk, dv)
