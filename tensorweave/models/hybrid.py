@@ -204,31 +204,63 @@ def gguf_hybrid(meta: dict[str, Any], shapes: Mapping[str, tuple[int, ...]], arc
 # --- checkpoint names ----------------------------------------------------------------------------------------------
 
 
+def untile(n_k: int, width: int) -> Callable[[int], np.ndarray]:
+    """``Derived.order`` from llama.cpp's tiled value heads (k0v0 k1v0 k0v1 k1v1: ggml broadcasts key heads that
+    way) to the graph's grouped ones (k0v0 k0v1 k1v0 k1v1), ``width`` entries per head."""
+
+    def order(length: int) -> np.ndarray:
+        tiled = np.arange(length).reshape(length // (n_k * width), n_k, width)  # [v per k, k, width]
+        return tiled.transpose(1, 0, 2).reshape(-1)
+
+    return order
+
+
 def qkv_blocks(
-    *fused: tuple[str, str, int | None], out: str
-) -> Callable[[Mapping[str, tuple[int, ...]]], dict[str, Target]]:
+    *fused: tuple[str, str, int | None], out: str, tiled: tuple[str, ...] = ()
+) -> Callable[[Mapping[str, tuple[int, ...]], Mapping[str, Any]], dict[str, Target]]:
     """``Naming.shaped`` for tensors that hold q|k|v as blocks [key_dim | key_dim | value_dim] along axis 0 (the
     conv1d of both families, Qwen3.5's in_proj_qkv): each ``(stored pattern, graph pattern with {part}, squeezed
     axis)`` is cut into its three parts, key_dim = (rows - value_dim) / 2 with value_dim the width of the layer's
-    output projection ``out``."""
+    output projection ``out``. ``tiled``: a GGUF whose value heads llama.cpp tiled (qwen35moe): the v parts and
+    these per-value-head tensors of the layer (ssm_out along its columns) come back grouped."""
 
-    def shaped(stored: Mapping[str, tuple[int, ...]]) -> dict[str, Target]:
+    def shaped(stored: Mapping[str, tuple[int, ...]], meta: Mapping[str, Any]) -> dict[str, Target]:
         found: dict[str, Target] = {}
-        for pattern, graph, squeeze in fused:
-            head, tail = pattern.split("{L}")
-            for name, shape in stored.items():
-                layer = name[len(head) : len(name) - len(tail)]
-                if not (name.startswith(head) and name.endswith(tail) and layer.isdigit()):
+        nk = nv = 0
+        if tiled:
+            arch = meta.get("general.architecture")
+            nk, nv = int(meta.get(f"{arch}.ssm.group_count", 0)), int(meta.get(f"{arch}.ssm.time_step_rank", 0))
+            if not nk or not nv:
+                raise ModelFormatError(f"{arch}: GGUF metadata has no ssm.group_count / ssm.time_step_rank")
+        head, tail = out.split("{L}")
+        for out_name, width in stored.items():
+            layer = out_name[len(head) : len(out_name) - len(tail)]
+            if not (out_name.startswith(head) and out_name.endswith(tail) and layer.isdigit()):
+                continue
+            vd = width[-1]
+            for pattern, graph, squeeze in fused:
+                name = pattern.format(L=layer)
+                shape = stored.get(name)
+                if shape is None:
                     continue
-                width = stored.get(out.format(L=layer))
-                if width is None or (shape[0] - width[-1]) % 2 or shape[0] < width[-1]:
-                    raise ModelFormatError(f"{name} {shape}: no q|k|v blocks beside {out.format(L=layer)} {width}")
-                kd = (shape[0] - width[-1]) // 2
+                if (shape[0] - vd) % 2 or shape[0] < vd:
+                    raise ModelFormatError(f"{name} {shape}: no q|k|v blocks beside {out_name} {width}")
+                kd = (shape[0] - vd) // 2
                 cuts = {"q": (0, kd), "k": (kd, 2 * kd), "v": (2 * kd, shape[0])}
                 found[name] = tuple(
-                    Derived(graph.format(L=layer, part=p), rows=lambda n, c=c: c, squeeze=squeeze)
+                    Derived(
+                        graph.format(L=layer, part=p),
+                        rows=lambda n, c=c: c,
+                        squeeze=squeeze,
+                        order=untile(nk, vd // nv) if tiled and p == "v" else None,
+                    )
                     for p, c in cuts.items()
                 )
+            for t in tiled:  # per value head: dv rows (z), one entry (a, b, A, dt_bias), dv columns (ssm_out)
+                name = f"blk.{layer}.{t}"
+                if name in stored:
+                    axis = 1 if t == "ssm_out" else 0
+                    found[name] = Derived(name, axis=axis, order=untile(nk, stored[name][axis] // nv))
         return found
 
     return shaped
@@ -265,13 +297,20 @@ HF_NAMING = Naming(
         out="model.layers.{L}.linear_attn.out_proj.weight",
     ),
 )
-# llama.cpp's converter adds the 1 to the (1 + w) norms itself, squeezes the conv and stores A = -exp(A_log)
-GGUF_NAMING = Naming(
-    {"blk.{L}.post_attention_norm": "blk.{L}.ffn_norm", "blk.{L}.ssm_norm": "blk.{L}.ssm_norm_gated"},
+_GGUF_NAMES = {"blk.{L}.post_attention_norm": "blk.{L}.ffn_norm", "blk.{L}.ssm_norm": "blk.{L}.ssm_norm_gated"}
+_GGUF_QKV = (
+    ("blk.{L}.ssm_conv1d", "blk.{L}.ssm_conv1d_{part}", None),
+    ("blk.{L}.attn_qkv", "blk.{L}.ssm_in_{part}", None),
+)
+# llama.cpp's converter adds the 1 to the (1 + w) norms itself, squeezes the conv and stores A = -exp(A_log); for
+# qwen35moe it also tiles the value heads
+GGUF_NAMING = Naming(_GGUF_NAMES, passthrough=True, shaped=qkv_blocks(*_GGUF_QKV, out="blk.{L}.ssm_out"))
+GGUF_TILED_NAMING = Naming(
+    _GGUF_NAMES,
     passthrough=True,
     shaped=qkv_blocks(
-        ("blk.{L}.ssm_conv1d", "blk.{L}.ssm_conv1d_{part}", None),
-        ("blk.{L}.attn_qkv", "blk.{L}.ssm_in_{part}", None),
+        *_GGUF_QKV,
         out="blk.{L}.ssm_out",
+        tiled=("attn_gate", "ssm_beta", "ssm_alpha", "ssm_a", "ssm_dt.bias", "ssm_out"),
     ),
 )

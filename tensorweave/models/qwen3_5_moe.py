@@ -20,6 +20,7 @@ class Qwen35Moe(Qwen3Next):
     name = "qwen3_5_moe"
     hf_model_types: tuple[str, ...] = ("qwen3_5_moe", "qwen3_5_moe_text")
     gguf_architectures: tuple[str, ...] = ("qwen35moe",)
+    gguf_naming = hybrid.GGUF_TILED_NAMING  # llama.cpp tiles the value heads of qwen35moe
 
     def config_from_hf(self, config: dict[str, Any]) -> HybridConfig:
         return HybridConfig(**hybrid.hf_hybrid(config, norm_topk=True), grouped_in=False)
