@@ -1,0 +1,122 @@
+"""Gated DeltaNet hybrids (Qwen3-Next, Qwen3.5-MoE) against transformers: the fixtures (tools/make_fixtures.py) are
+tiny random models with loud 1-D weights and a layer pattern other than 3:1 (linear, full, linear, linear), 2 key
+heads with 2 value heads each and 2 KV heads, as HF safetensors and GGUF files written the way llama.cpp's converter
+names (and, for qwen35moe, tiles) them.
+
+Splits over up to 4 devices leave devices without a key head in a linear-attention layer and without a KV head in
+the full-attention one; sessions carry the recurrent states across steps, save them in a split-independent layout
+and rewind them only from snapshots."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import tensorweave as tw
+from tensorweave.core.sharding import Split
+from tensorweave.errors import StateError
+
+FIXTURES = Path(__file__).parent / "fixtures" / "models"
+NAMES = ["qwen3_next", "qwen3_5_moe"]
+SOURCES = {"hf": "hf", "gguf": "model-f32.gguf"}
+SPLITS = [("cpu-sim", None), ("cpu-sim:2", [1, 3]), ("cpu-sim:3", [2, 1, 1]), ("cpu-sim:4", [1, 1, 1, 5])]
+
+
+def expected(name: str) -> dict[str, np.ndarray]:
+    with np.load(FIXTURES / name / "expected.npz") as z:
+        return {k: z[k] for k in z.files}
+
+
+def load(name: str, devices: str, split: list[int] | None, source: str = "hf") -> tw.Model:
+    return tw.load(FIXTURES / name / SOURCES[source], devices=devices, tensor_split=split, progress=False)
+
+
+@pytest.mark.parametrize("source", list(SOURCES))
+@pytest.mark.parametrize("name", NAMES)
+def test_logits_match_transformers_at_tp_1_to_4_with_devices_holding_no_head(name: str, source: str) -> None:
+    ref = expected(name)
+    for devices, split in SPLITS:
+        with load(name, devices, split, source) as model:
+            err = float(np.abs(model.logits(ref["tokens"]) - ref["logits"]).max())
+            assert err < 1e-4, f"{name} {source} {devices} {split}: max abs error {err:.2e}"
+            if devices == "cpu-sim:4":  # 2 key heads and 2 KV heads over 4 devices: some hold none of either
+                held = {v.name: v.state for v in model.plan.values if v.kind == "cache"}
+                for cache in ("blk.0.ssm_state", "blk.0.conv_q", "blk.1.k_cache"):
+                    state = held[cache]
+                    assert isinstance(state, Split) and 0 in state.sizes, (cache, state)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_prefill_12_then_8_single_tokens_equals_the_full_forward(name: str) -> None:
+    ref = expected(name)
+    with load(name, "cpu-sim:3", [2, 1, 1]) as model:
+        sess = model.session()
+        steps = [sess.eval(ref["tokens"][:12])] + [sess.eval(ref["tokens"][i : i + 1]) for i in range(12, 20)]
+        err = float(np.abs(np.concatenate(steps) - ref["logits"][:20]).max())
+        assert err < 1e-4, f"{name}: incremental vs transformers {err:.2e}"
+
+
+@pytest.mark.parametrize(("name", "source"), [("qwen3_next", "gguf"), ("qwen3_5_moe", "hf")])
+def test_greedy_tokens_equal_transformers(name: str, source: str) -> None:
+    ref = expected(name)
+    with load(name, "cpu-sim:2", [1, 3], source) as model:
+        sess = model.session()
+        logits = sess.eval(ref["tokens"][: int(ref["greedy_prompt_len"])])
+        out: list[int] = []
+        for _ in range(len(ref["greedy"])):
+            out.append(int(np.argmax(logits[-1])))
+            logits = sess.eval([out[-1]])
+        assert out == ref["greedy"].tolist()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_a_session_saved_at_tp3_continues_at_tp1_and_tp2(name: str, tmp_path: Path) -> None:
+    """Saved after 14 tokens on 3 devices (2:1:1), restored on 1 and on 2 (1:3) devices: the next 6 tokens give
+    the logits of an uninterrupted run (transformers')."""
+    ref = expected(name)
+    ids = ref["tokens"]
+    with load(name, "cpu-sim:3", [2, 1, 1]) as model:
+        sess = model.session()
+        sess.eval(ids[:14])
+        path = sess.save(tmp_path / "s.twstate")
+    for devices, split in (("cpu-sim", None), ("cpu-sim:2", [1, 3])):
+        with load(name, devices, split) as model:
+            sess = model.restore(path)
+            assert sess.n_past == 14
+            got = np.concatenate([sess.eval(ids[14:16])] + [sess.eval(ids[i : i + 1]) for i in range(16, 20)])
+            err = float(np.abs(got - ref["logits"][14:20]).max())
+            assert err < 1e-4, f"{name} restored at {devices} {split}: {err:.2e}"
+
+
+def test_rewinding_a_recurrent_state_is_exact_from_a_snapshot_or_refused() -> None:
+    ref = expected("qwen3_next")
+    ids = ref["tokens"]
+    with load("qwen3_next", "cpu-sim:3", [1, 2, 1]) as model:
+        sess = model.session()
+        sess.eval(ids[:10])
+        sess.eval(ids[10:14])
+        with pytest.raises(StateError, match="recurrent state"):
+            sess.rewind(12)  # inside the last turn, no snapshot: refused rather than silently wrong
+        sess.rewind(0)
+        sess.eval(ids[:10])
+        sess.snapshot()  # a turn boundary, as chat takes one
+        sess.eval(ids[10:14])
+        sess.rewind(12)  # back to the snapshot at 10, then 10..11 evaluated again
+        assert sess.n_past == 12
+        got = sess.eval(ids[12:16])
+        np.testing.assert_allclose(got, ref["logits"][12:16], rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_plan_has_one_allreduce_per_layer_of_each_kind_and_the_recurrent_state_bytes(name: str) -> None:
+    with load(name, "cpu-sim:2", [1, 3]) as model:
+        plan = model.plan
+        cfg = model.config
+        # the embedding (vocab-split), then per layer: the mixer's output (linear or full attention) and the
+        # FFN/MoE block (routed experts and the shared expert reduced together); the logits gathered once
+        assert plan.count("allreduce") == 1 + 2 * cfg.n_layer and plan.count("allgather") == 1
+        whole = sum(np.prod(t.shape) * t.dtype.itemsize for t in model.caches.values() if t.cache.kind == "state")
+        assert sum(plan.state_bytes) == whole and all(b > 0 for b in plan.state_bytes)
+        assert "recurrent state" in plan.summary().splitlines()[1]
