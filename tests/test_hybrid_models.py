@@ -120,3 +120,60 @@ def test_plan_has_one_allreduce_per_layer_of_each_kind_and_the_recurrent_state_b
         whole = sum(np.prod(t.shape) * t.dtype.itemsize for t in model.caches.values() if t.cache.kind == "state")
         assert sum(plan.state_bytes) == whole and all(b > 0 for b in plan.state_bytes)
         assert "recurrent state" in plan.summary().splitlines()[1]
+
+
+def test_a_multimodal_qwen35_checkpoint_with_fused_experts_loads_its_language_model(tmp_path: Path) -> None:
+    """Qwen3.5-MoE as published: config.json nests the text model (model_type qwen3_5_moe, text_config), the
+    language model lives under model.language_model., experts are fused (gate_up_proj [E, 2F, H], down_proj), and
+    a vision tower and mtp.* tensors sit beside it; they are ignored and the logits are the text model's."""
+    import json
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    src = FIXTURES / "qwen3_5_moe" / "hf"
+    text = json.loads((src / "config.json").read_text())
+    config = {
+        "model_type": "qwen3_5_moe",
+        "text_config": text,
+        "vision_config": {"depth": 1},
+        "tie_word_embeddings": False,
+    }
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(src / f, tmp_path / f)
+    tensors = load_file(src / "model.safetensors")
+    out: dict[str, np.ndarray] = {"mtp.fc.weight": np.ones((4, 4), np.float32)}
+    out["model.visual.blocks.0.attn.qkv.weight"] = np.ones((6, 4), np.float32)
+    for il in range(text["num_hidden_layers"]):
+        p = f"model.layers.{il}.mlp.experts"
+        per = [
+            [tensors.pop(f"{p}.{e}.{x}_proj.weight") for e in range(text["num_experts"])]
+            for x in ("gate", "up", "down")
+        ]
+        out[f"model.language_model.layers.{il}.mlp.experts.gate_up_proj"] = np.stack(
+            [np.concatenate([g, u]) for g, u in zip(per[0], per[1], strict=True)]
+        )
+        out[f"model.language_model.layers.{il}.mlp.experts.down_proj"] = np.stack(per[2])
+    for k, v in tensors.items():
+        out[k.replace("model.", "model.language_model.", 1) if k.startswith("model.") else k] = v
+    save_file(out, tmp_path / "model.safetensors")
+    ref = expected("qwen3_5_moe")
+    with tw.load(tmp_path, devices="cpu-sim:3", tensor_split=[1, 1, 2], progress=False) as model:
+        assert model.family.name == "qwen3_5_moe"
+        assert float(np.abs(model.logits(ref["tokens"]) - ref["logits"]).max()) < 1e-4
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_both_formats_carry_the_tokenizer_chat_template_and_think_budget(name: str) -> None:
+    """The GGUF's vocabulary and chat template are the HF tokenizer's; a <think> the prompt opens is closed by the
+    reasoning budget after 2 tokens, in both formats alike."""
+    runs = []
+    for source in SOURCES:
+        with load(name, "cpu-sim:2", [1, 3], source) as model:
+            tok = model.tokenizer
+            chat = tok.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True)
+            gen = model.generate("Hi <think>", max_tokens=4, temperature=0.0, reasoning_budget=2)
+            assert [tok.decode([t]) for t in gen.tokens][2] == "</think>"
+            runs.append((chat, gen.tokens))
+    assert runs[0] == runs[1] and runs[0][0].endswith("<|im_start|>assistant\n")
