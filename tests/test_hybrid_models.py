@@ -167,13 +167,13 @@ def test_a_multimodal_qwen35_checkpoint_with_fused_experts_loads_its_language_mo
 @pytest.mark.parametrize("name", NAMES)
 def test_both_formats_carry_the_tokenizer_chat_template_and_think_budget(name: str) -> None:
     """The GGUF's vocabulary and chat template are the HF tokenizer's; a <think> the prompt opens is closed by the
-    reasoning budget after 2 tokens, in both formats alike."""
+    reasoning budget after 2 tokens (and the end of a UTF-8 character begun), in both formats alike."""
     runs = []
     for source in SOURCES:
         with load(name, "cpu-sim:2", [1, 3], source) as model:
             tok = model.tokenizer
             chat = tok.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True)
-            gen = model.generate("Hi <think>", max_tokens=4, temperature=0.0, reasoning_budget=2)
-            assert [tok.decode([t]) for t in gen.tokens][2] == "</think>"
+            gen = model.generate("Hi <think>", max_tokens=5, temperature=0.0, reasoning_budget=2)
+            assert "</think>" in [tok.decode([t]) for t in gen.tokens][2:4]
             runs.append((chat, gen.tokens))
     assert runs[0] == runs[1] and runs[0][0].endswith("<|im_start|>assistant\n")
