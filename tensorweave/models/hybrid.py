@@ -250,7 +250,7 @@ def qkv_blocks(
                 found[name] = tuple(
                     Derived(
                         graph.format(L=layer, part=p),
-                        rows=lambda n, c=c: c,
+                        rows=_fixed(*c),
                         squeeze=squeeze,
                         order=untile(nk, vd // nv) if tiled and p == "v" else None,
                     )
@@ -264,6 +264,10 @@ def qkv_blocks(
         return found
 
     return shaped
+
+
+def _fixed(lo: int, hi: int) -> Callable[[int], tuple[int, int]]:
+    return lambda length: (lo, hi)
 
 
 def _neg_exp(a: np.ndarray) -> np.ndarray:

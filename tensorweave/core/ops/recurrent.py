@@ -87,7 +87,7 @@ def _k_gdr(xp: Any, out: Any, q: Any, k: Any, v: Any, g: Any, beta: Any, state: 
     qa = xp.repeat(_acc(q), r, axis=1) * scale  # [T, nv, dk]
     ka = xp.repeat(_acc(k), r, axis=1)
     va, decay, ba = _acc(v), xp.exp(_acc(g)), _acc(beta)
-    s = xp.asarray(_acc(state), copy=True)
+    s = _acc(state)  # rebound below, never written in place: the state changes only at the end
     for t in range(n_tok):
         s = s * decay[t, :, None, None]
         kt = ka[t, ...]
