@@ -177,3 +177,13 @@ def test_both_formats_carry_the_tokenizer_chat_template_and_think_budget(name: s
             assert "</think>" in [tok.decode([t]) for t in gen.tokens][2:4]
             runs.append((chat, gen.tokens))
     assert runs[0] == runs[1] and runs[0][0].endswith("<|im_start|>assistant\n")
+
+
+def test_plan_command_lists_the_recurrent_state_per_device() -> None:
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "tensorweave.cli", "plan", str(FIXTURES / "qwen3_5_moe" / "hf"), "-ts", "2,1,1"]
+    out = subprocess.run([*cmd, "--devices", "cpu-sim:3"], capture_output=True, text=True, timeout=120).stdout
+    line = next(x for x in out.splitlines() if x.startswith("of which recurrent state:"))
+    assert len(line.split(",")) == 3 and "per decode token: 9 allreduce + 1 allgather" in out
