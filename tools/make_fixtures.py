@@ -856,6 +856,17 @@ def stays_f32(name: str, arr: np.ndarray) -> bool:
     return arr.ndim <= 1 or name.endswith("_norm.weight") or name.endswith("ffn_gate_inp.weight")
 
 
+def add_metadata(writer: GGUFWriter, items: list[tuple[str, Any]]) -> None:
+    """Architecture keys: booleans, uint32 counts and float32 values, as llama.cpp's converter types them."""
+    for key, value in items:
+        if isinstance(value, bool):
+            writer.add_bool(key, value)
+        elif isinstance(value, int):
+            writer.add_uint32(key, value)
+        else:
+            writer.add_float32(key, value)
+
+
 def write_gguf(
     path: Path,
     fx: Fixture,
@@ -872,13 +883,7 @@ def write_gguf(
     ftype = gguf.LlamaFileType.ALL_F32 if qtype == GGMLQuantizationType.F32 else gguf.LlamaFileType.MOSTLY_Q8_0
     writer.add_file_type(int(ftype))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    for key, value in gguf_arch_metadata(hp, fx):
-        if isinstance(value, bool):
-            writer.add_bool(key, value)
-        elif isinstance(value, int):
-            writer.add_uint32(key, value)
-        else:
-            writer.add_float32(key, value)
+    add_metadata(writer, gguf_arch_metadata(hp, fx))
     write_gguf_vocab(writer, vocab_meta)
     for name, arr in tensors.items():
         if qtype == GGMLQuantizationType.F32 or stays_f32(name, arr):
@@ -1037,18 +1042,23 @@ def vocab_metadata(info: TokenizerInfo) -> dict[str, Any]:
     )
 
 
-def make_fixture(fx: Fixture, out_root: Path) -> dict[str, Any]:
+def start_fixture(fx: Fixture, out_root: Path) -> tuple[Path, Path, TokenizerInfo, np.ndarray]:
+    """A fresh output directory with the fixture's tokenizer saved: (out, its hf dir, tokenizer, fixed tokens)."""
     out = out_root / fx.name
     if out.exists():
         shutil.rmtree(out)
     hf_dir = out / "hf"
     hf_dir.mkdir(parents=True)
-    vocab_size = fx.config["vocab_size"]
-
-    info = make_tokenizer(fx.tokenizer_style, vocab_size)
+    info = make_tokenizer(fx.tokenizer_style, fx.config["vocab_size"])
     save_tokenizer(info, hf_dir)
     tokens = fixed_tokens(info)
-    assert tokens.shape == (N_TOKENS,) and int(tokens.max()) < vocab_size
+    assert tokens.shape == (N_TOKENS,) and int(tokens.max()) < fx.config["vocab_size"]
+    return out, hf_dir, info, tokens
+
+
+def make_fixture(fx: Fixture, out_root: Path) -> dict[str, Any]:
+    out, hf_dir, info, tokens = start_fixture(fx, out_root)
+    vocab_size = fx.config["vocab_size"]
 
     built = build_model(fx, info)
     built.save_pretrained(hf_dir, safe_serialization=True)
@@ -1396,14 +1406,7 @@ def hybrid_metadata(hp: dict[str, Any], arch: str) -> list[tuple[str, Any]]:
 
 def make_hybrid_fixture(fx: Fixture, out_root: Path) -> dict[str, Any]:
     """HF safetensors + tokenizer, an F32 GGUF, and transformers' logits and greedy tokens (see the module doc)."""
-    out = out_root / fx.name
-    if out.exists():
-        shutil.rmtree(out)
-    hf_dir = out / "hf"
-    hf_dir.mkdir(parents=True)
-    info = make_tokenizer(fx.tokenizer_style, fx.config["vocab_size"])
-    save_tokenizer(info, hf_dir)
-    tokens = fixed_tokens(info)
+    out, hf_dir, info, tokens = start_fixture(fx, out_root)
     config = getattr(transformers, fx.config_class)(
         **fx.config, eos_token_id=info.token_id(info.eos), pad_token_id=info.token_id(info.pad)
     )
@@ -1424,13 +1427,7 @@ def make_hybrid_fixture(fx: Fixture, out_root: Path) -> dict[str, Any]:
     writer = GGUFWriter(out / "model-f32.gguf", fx.gguf_arch)
     writer.add_name(f"tensorweave-fixture-{fx.name}")
     writer.add_file_type(int(gguf.LlamaFileType.ALL_F32))
-    for key, value in hybrid_metadata(hp, fx.gguf_arch):
-        if isinstance(value, bool):
-            writer.add_bool(key, value)
-        elif isinstance(value, int):
-            writer.add_uint32(key, value)
-        else:
-            writer.add_float32(key, value)
+    add_metadata(writer, hybrid_metadata(hp, fx.gguf_arch))
     write_gguf_vocab(writer, vocab_metadata(info))
     for name, arr in tensors.items():
         writer.add_tensor(name, arr)
