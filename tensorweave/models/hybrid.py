@@ -28,6 +28,7 @@ from tensorweave.core.sharding import Role
 from tensorweave.errors import ModelFormatError, UnsupportedError
 from tensorweave.models import blocks
 from tensorweave.models.blocks import Config, Layer
+from tensorweave.models.llama import build as llama_build
 from tensorweave.models.llama import gguf_config, hf_config
 
 LINEAR, FULL = "linear_attention", "full_attention"
@@ -110,22 +111,17 @@ def gated_attention(g: Graph, cfg: HybridConfig, layer: Layer, h: Tensor, pos: T
     return g.linear(g.reshape(a, shape=(T, nh * hd)), blocks.weight(g, layer, "attn_output", (H, nh * hd), Role.ROW))
 
 
+def mixer(g: Graph, cfg: HybridConfig, layer: Layer, h: Tensor, pos: Tensor) -> Tensor:
+    """The layer's token mixer by ``layer_types``: Gated DeltaNet or gated attention."""
+    if cfg.layer_types[layer.index] == LINEAR:
+        return gated_deltanet(g, cfg, layer.index, h)
+    return gated_attention(g, cfg, layer, h, pos)
+
+
 def build(cfg: HybridConfig, tokens: int, n_logits: int | None = None) -> Graph:
-    """One step: per layer x + mixer(norm(x)) (Gated DeltaNet or gated attention by ``layer_types``), then
-    x + ffn(norm(x)) (routed experts plus a sigmoid-gated shared expert, or a dense gated FFN), then the head."""
-    g, x, pos = blocks.embed(cfg, tokens)
-    for il in range(cfg.n_layer):
-        layer = cfg.layer(il)
-        h = blocks.norm(g, cfg, x, layer, "attn_norm")
-        linear = cfg.layer_types[il] == LINEAR
-        x = x + (gated_deltanet(g, cfg, il, h) if linear else gated_attention(g, cfg, layer, h, pos))
-        h = blocks.norm(g, cfg, x, layer, "ffn_norm")
-        y = blocks.moe(g, cfg, layer, h) if layer.moe else blocks.gated_ffn(g, layer, h, cfg.ffn)
-        if layer.moe and cfg.shared_ffn:
-            y = y + blocks.shared_expert(g, cfg, layer, h)
-        x = x + y
-    blocks.head(g, cfg, x, n_logits)
-    return g
+    """llama's step (``llama.build``) with the hybrid's mixers; its FFN blocks are the routed experts plus a
+    sigmoid-gated shared expert, or a dense gated FFN on the dense layers."""
+    return llama_build(cfg, tokens, n_logits, mixer)
 
 
 # --- configs -------------------------------------------------------------------------------------------------------
