@@ -16,7 +16,7 @@ import pytest
 
 import tensorweave as tw
 from tensorweave.core.sharding import Split
-from tensorweave.errors import StateError
+from tensorweave.errors import ModelFormatError, StateError, UnsupportedError
 
 FIXTURES = Path(__file__).parent / "fixtures" / "models"
 NAMES = ["qwen3_next", "qwen3_5_moe"]
@@ -185,3 +185,47 @@ def test_plan_command_lists_the_recurrent_state_per_device() -> None:
     out = subprocess.run([*cmd, "--devices", "cpu-sim:3"], capture_output=True, text=True, timeout=120).stdout
     line = next(x for x in out.splitlines() if x.startswith("of which recurrent state:"))
     assert len(line.split(",")) == 3 and "per decode token: 9 allreduce + 1 allgather" in out
+
+
+def _hf_copy(tmp_path: Path, name: str, config: dict[str, object], drop_row: str | None = None) -> Path:
+    """The fixture's HF directory with config.json fields replaced, and optionally one row cut off a tensor."""
+    import json
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    src = FIXTURES / name / "hf"
+    shutil.copytree(src, tmp_path / name)
+    cfg = json.loads((src / "config.json").read_text())
+    (tmp_path / name / "config.json").write_text(json.dumps({**cfg, **config}))
+    if drop_row is not None:
+        tensors = load_file(src / "model.safetensors")
+        tensors[drop_row] = tensors[drop_row][1:]
+        save_file(tensors, tmp_path / name / "model.safetensors")
+    return tmp_path / name
+
+
+@pytest.mark.parametrize(
+    ("config", "drop_row", "error", "message"),
+    [
+        (
+            {"linear_num_value_heads": 3},
+            None,
+            UnsupportedError,
+            "config.json: .*not a multiple of linear_num_key_heads",
+        ),
+        ({"layer_types": ["full_attention"]}, None, UnsupportedError, "config.json: layer_types must be 4"),
+        (
+            {},
+            "model.layers.0.linear_attn.conv1d.weight",
+            ModelFormatError,
+            r"qwen3_5_moe: model.layers.0.linear_attn.conv1d.weight \(95, 1, 4\): no q\|k\|v blocks beside",
+        ),
+    ],
+)
+def test_inconsistent_checkpoints_fail_with_one_error_naming_the_field_or_tensor(
+    tmp_path: Path, config: dict[str, object], drop_row: str | None, error: type[Exception], message: str
+) -> None:
+    path = _hf_copy(tmp_path, "qwen3_5_moe", config, drop_row)
+    with pytest.raises(error, match=message):
+        tw.load(path, devices="cpu-sim:2", progress=False)

@@ -79,7 +79,10 @@ def map_names(
 
     exact = {p: t for p, t in naming.names.items() if "{" not in p}
     if naming.shaped is not None:
-        exact.update(naming.shaped({keyed(n): tuple(s) for n, s in stored.items()}, meta or {}))
+        try:
+            exact.update(naming.shaped({keyed(n): tuple(s) for n, s in stored.items()}, meta or {}))
+        except ModelFormatError as e:  # the family's words, with the checkpoint
+            raise ModelFormatError(f"{where}: {e}") from None
     patterns = [(_compile(p), p, t) for p, t in naming.names.items() if "{" in p]
     ignore = [re.compile(r) for r in naming.ignore]
     out = Mapped()
