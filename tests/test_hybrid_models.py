@@ -229,3 +229,17 @@ def test_inconsistent_checkpoints_fail_with_one_error_naming_the_field_or_tensor
     path = _hf_copy(tmp_path, "qwen3_5_moe", config, drop_row)
     with pytest.raises(error, match=message):
         tw.load(path, devices="cpu-sim:2", progress=False)
+
+
+def test_uneven_remainders_rotate_among_the_linear_attention_layers() -> None:
+    """Layers 0, 2 and 3 are the linear ones: their key heads split as the 1st, 2nd and 3rd turn of the rotation
+    (llama.cpp rotates among layers of one kind), so over 4 devices (1:1:1:5) each of the last three holds some."""
+    from tensorweave.core.sharding import shard_sizes
+
+    with load("qwen3_next", "cpu-sim:4", [1, 1, 1, 5]) as model:
+        held = {v.name: v.state for v in model.plan.values if v.kind == "cache"}
+        r = model.config.lin_v_heads // model.config.lin_k_heads
+        for turn, il in enumerate((0, 2, 3)):
+            state = held[f"blk.{il}.ssm_state"]
+            assert isinstance(state, Split)
+            assert state.sizes == tuple(n * r for n in shard_sizes(2, [1, 1, 1, 5], turn)), (il, state)

@@ -49,7 +49,13 @@ class HybridConfig(Config):
 
 def _lin(g: Graph, cfg: HybridConfig, il: int, name: str, shape: tuple[int, ...], role: Role = Role.COLUMN) -> Tensor:
     """A linear-attention weight, split in whole key-head groups (rows of column-parallel ones, columns of ssm_out)."""
-    return g.weight(f"blk.{il}.{name}", shape, role, groups=cfg.lin_k_heads, layer=il)
+    return g.weight(f"blk.{il}.{name}", shape, role, groups=cfg.lin_k_heads, layer=_turn(cfg, il))
+
+
+def _turn(cfg: HybridConfig, il: int) -> int:
+    """Where uneven shards' remainders go in linear-attention layer ``il``: rotated among the layers of its kind
+    (its index among them), as llama.cpp does, so they spread evenly whatever the layer pattern."""
+    return cfg.layer_types[:il].count(LINEAR)
 
 
 def gated_deltanet(g: Graph, cfg: HybridConfig, il: int, h: Tensor) -> Tensor:
@@ -77,7 +83,7 @@ def gated_deltanet(g: Graph, cfg: HybridConfig, il: int, h: Tensor) -> Tensor:
     conv = {}
     for n in "qkv":
         C = mixed[n].shape[1]
-        state = g.cache(f"blk.{il}.conv_{n}", (K - 1, C), "state", axis=1, groups=nk, layer=il)
+        state = g.cache(f"blk.{il}.conv_{n}", (K - 1, C), "state", axis=1, groups=nk, layer=_turn(cfg, il))
         conv[n] = g.conv1d_causal(mixed[n], _lin(g, cfg, il, f"ssm_conv1d_{n}", (C, K)), state)
     q = g.l2_norm(g.reshape(conv["q"], shape=(T, nk, dk)), eps=1e-6)
     k = g.l2_norm(g.reshape(conv["k"], shape=(T, nk, dk)), eps=1e-6)
@@ -85,7 +91,8 @@ def gated_deltanet(g: Graph, cfg: HybridConfig, il: int, h: Tensor) -> Tensor:
     decay = g.mul(g.softplus(g.add(a, _lin(g, cfg, il, "ssm_dt.bias", (nv,)))), _lin(g, cfg, il, "ssm_a", (nv,)))
     # the SSM state sums over every token so far: float32 even when activations are 16-bit (float64 stays float64)
     sdt = dtypes.float64 if g.dtype == dtypes.float64 else dtypes.float32
-    state = g.cache(f"blk.{il}.ssm_state", (nv, dk, dv), "state", axis=0, groups=nk, layer=il, dtype=sdt)
+    turn = _turn(cfg, il)
+    state = g.cache(f"blk.{il}.ssm_state", (nv, dk, dv), "state", axis=0, groups=nk, layer=turn, dtype=sdt)
     y = g.gated_delta_rule(q, k, v, decay, g.sigmoid(b), state, scale=dk**-0.5)
     z = g.reshape(mixed["z"], shape=(T, nv, dv))
     y = g.rms_norm_gated(y, z, g.weight(f"blk.{il}.ssm_norm_gated", (dv,)), eps=cfg.norm_eps)
