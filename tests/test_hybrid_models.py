@@ -233,8 +233,8 @@ def test_inconsistent_checkpoints_fail_with_one_error_naming_the_field_or_tensor
 
 def test_uneven_remainders_rotate_among_the_linear_attention_layers() -> None:
     """Layers 0, 2 and 3 are the linear ones: their key heads split as the 1st, 2nd and 3rd turn of the rotation
-    (llama.cpp rotates among layers of one kind), so over 4 devices (1:1:1:5) the odd key head lands on device 0,
-    then 1, instead of following the layer index."""
+    (llama.cpp rotates among layers of one kind), so over 4 devices (1:1:1:5) the two key heads go
+    (0, 0, 0, 2), (1, 0, 0, 1), (0, 1, 0, 1), whatever the full-attention layer between them."""
     from tensorweave.core.sharding import shard_sizes
 
     with load("qwen3_next", "cpu-sim:4", [1, 1, 1, 5]) as model:
