@@ -1289,6 +1289,24 @@ def test_gated_delta_rule_matches_the_definition_per_head() -> None:
     np.testing.assert_allclose(caches["s"], s, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize(("tokens", "chunk"), [(11, 4), (3, 8), (2, 1)])
+def test_gated_delta_rule_in_chunks_equals_the_scan(tokens: int, chunk: int) -> None:
+    """The chunked form (a triangular solve per chunk) gives the token-by-token outputs and state, partial last
+    chunk included."""
+    rng = np.random.default_rng(tokens)
+    nk, nv, dk, dv = 2, 4, 3, 5
+    q, k = (l2_reference(rng.standard_normal((tokens, nk, dk))) for _ in range(2))
+    v, s0 = rng.standard_normal((tokens, nv, dv)), rng.standard_normal((nv, dk, dv))
+    g, beta = -rng.random((tokens, nv)) * 2, rng.random((tokens, nv))
+    results = []
+    for c in (0, chunk):
+        state, out = s0.copy(), np.empty((tokens, nv, dv))
+        OPS["gated_delta_rule"].kernel(np, out, q, k, v, g, beta, state, scale=0.4, chunk=c)
+        results.append((out, state))
+    np.testing.assert_allclose(results[1][0], results[0][0], rtol=1e-11, atol=1e-12)
+    np.testing.assert_allclose(results[1][1], results[0][1], rtol=1e-11, atol=1e-12)
+
+
 @covers("rms_norm_gated")
 def test_rms_norm_gated_is_norm_times_weight_times_silu_gate() -> None:
     rng = np.random.default_rng(2)

@@ -207,14 +207,21 @@ def _gated_delta_rule(g: Graph, d: Dims, rng: np.random.Generator) -> Built:
     nk, ratio, dk, dv = d.size("k_heads", 1, 2), d.size("ratio", 1, 3), d.pick("dk", [2, 4]), d.pick("dv", [3, 4])
     nv = nk * ratio
     state = g.cache("ssm_state", (nv, dk, dv), "state", axis=0, groups=nk)
-    ys = []
+    ys, chunk = [], d.pick("chunk", [0, 3])  # token by token, or chunks of 3 (a partial one at 4 tokens)
     for i, t in enumerate([d.size("tokens", 1, 4), d.size("next_tokens", 1, 2)]):
         q, k = (g.l2_norm(_f(g, f"{n}{i}", t, nk, dk)) for n in "qk")
         # g = log decay <= 0 and beta in (0, 1), as the layers make them (softplus, sigmoid)
         decay = g.scale(g.softplus(_f(g, f"a{i}", t, nv)), scale=-1.0)
         ys.append(
             g.gated_delta_rule(
-                q, k, _f(g, f"v{i}", t, nv, dv), decay, g.sigmoid(_f(g, f"b{i}", t, nv)), state, scale=dk**-0.5
+                q,
+                k,
+                _f(g, f"v{i}", t, nv, dv),
+                decay,
+                g.sigmoid(_f(g, f"b{i}", t, nv)),
+                state,
+                scale=dk**-0.5,
+                chunk=chunk,
             )
         )
     return g.concat(*ys, axis=0), {}

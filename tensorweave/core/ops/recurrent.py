@@ -76,9 +76,14 @@ def _infer_gdr(metas: list[Meta], attrs: dict[str, Any]) -> Meta:
     return vs, qd
 
 
-def _k_gdr(xp: Any, out: Any, q: Any, k: Any, v: Any, g: Any, beta: Any, state: Any, *, scale: float) -> None:
+def _k_gdr(
+    xp: Any, out: Any, q: Any, k: Any, v: Any, g: Any, beta: Any, state: Any, *, scale: float, chunk: int = 0
+) -> None:
     """Per token t and value head h (reading key head h // r):  S = exp(g_t) S;  S += k (beta_t (v_t - S^T k))^T;
-    out_t = S^T (scale q_t). S is [k_dim, v_dim] per value head; q and k come L2-normed."""
+    out_t = S^T (scale q_t). S is [k_dim, v_dim] per value head; q and k come L2-normed. With ``chunk`` > 0 a step
+    of several tokens goes ``chunk`` tokens at a time (``_chunk``: the same sums as matrix products); the default
+    is token by token, which measured faster on numpy (2 CPU threads, 32 heads of 128 x 128: 256 tokens in 366 ms
+    against 1048 ms in chunks of 64)."""
     n_tok, nk = q.shape[0], q.shape[1]
     nv = v.shape[1]
     if nv == 0:  # a device holding no key head
@@ -86,8 +91,21 @@ def _k_gdr(xp: Any, out: Any, q: Any, k: Any, v: Any, g: Any, beta: Any, state: 
     r = nv // nk
     qa = xp.repeat(_acc(q), r, axis=1) * scale  # [T, nv, dk]
     ka = xp.repeat(_acc(k), r, axis=1)
-    va, decay, ba = _acc(v), xp.exp(_acc(g)), _acc(beta)
+    va, ga, ba = _acc(v), _acc(g), _acc(beta)
     s = _acc(state)  # rebound below, never written in place: the state changes only at the end
+    if chunk and n_tok > 1:
+        perm = getattr(xp, "permute_dims", None) or xp.transpose
+        dense = getattr(xp, "ascontiguousarray", None) or (lambda x: x)  # batched BLAS wants whole matrices
+        qh, kh, vh = (dense(perm(x, (1, 0, 2))) for x in (qa, ka, va))  # [heads, T, d]
+        gh, bh = (dense(perm(x, (1, 0))) for x in (ga, ba))
+        for a in range(0, n_tok, chunk):
+            b = min(a + chunk, n_tok)
+            parts = (dense(x[:, a:b, ...]) for x in (qh, kh, vh, gh, bh))
+            o, s = _chunk(xp, *parts, s)
+            out[a:b, ...] = perm(o, (1, 0, 2))
+        state[...] = s
+        return
+    decay = xp.exp(ga)
     for t in range(n_tok):
         s = s * decay[t, :, None, None]
         kt = ka[t, ...]
@@ -96,6 +114,31 @@ def _k_gdr(xp: Any, out: Any, q: Any, k: Any, v: Any, g: Any, beta: Any, state: 
         s = s + kt[:, :, None] * delta[:, None, :]
         out[t, ...] = xp.matmul(qa[t, :, None, :], s)[:, 0, :]
     state[...] = s
+
+
+def _chunk(xp: Any, q: Any, k: Any, v: Any, g: Any, beta: Any, s0: Any) -> tuple[Any, Any]:
+    """n tokens of the rule at once, per head (q, k, v [heads, n, d]; g, beta [heads, n]). With G the running sum
+    of g over the chunk, the scan's state is S_i = e^{G_i} S_0 + sum_{j<=i} e^{G_i - G_j} k_j u_j^T, where the
+    updates u solve the unit lower-triangular (I + A) U = beta (V - e^G K S_0), A_ij = beta_i e^{G_i - G_j} k_i.k_j
+    (j < i); then O = e^G Q S_0 + (Q K^T * e^{G_i - G_j}, j <= i) U and S_n = e^{G_n} S_0 + (e^{G_n - G} K)^T U.
+    Returns (outputs [heads, n, dv], S_n). Only differences G_i - G_j with j <= i are exponentiated: no overflow."""
+    perm = getattr(xp, "permute_dims", None) or xp.transpose
+    cumsum = getattr(xp, "cumulative_sum", None) or xp.cumsum
+    dense = getattr(xp, "ascontiguousarray", None) or (lambda x: x)
+    n = q.shape[1]
+    big_g = cumsum(g, axis=1)
+    rows, cols = xp.arange(n)[:, None], xp.arange(n)[None, :]
+    diff = big_g[:, :, None] - big_g[:, None, :]
+    decay = xp.where(rows >= cols, xp.exp(xp.where(rows >= cols, diff, 0.0)), 0.0)  # [heads, n, n]
+    kt = dense(perm(k, (0, 2, 1)))
+    a = xp.where(rows > cols, beta[:, :, None] * decay * xp.matmul(k, kt), 0.0)
+    eye = xp.astype(rows == cols, a.dtype) if hasattr(xp, "astype") else (rows == cols).astype(a.dtype)
+    e_g = xp.exp(big_g)[:, :, None]
+    u = xp.linalg.solve(eye + a, beta[:, :, None] * (v - e_g * xp.matmul(k, s0)))
+    o = e_g * xp.matmul(q, s0) + xp.matmul(xp.matmul(q, kt) * decay, u)
+    tail = xp.exp(big_g[:, -1:] - big_g)[:, :, None]  # e^{G_n - G_j}
+    s_n = xp.exp(big_g[:, -1])[:, None, None] * s0 + xp.matmul(dense(perm(tail * k, (0, 2, 1))), u)
+    return o, s_n
 
 
 def _rule_gdr(ins: list[State], shapes: list[Shape], out: Shape, attrs: dict[str, Any]) -> tuple[list[State], State]:
@@ -157,7 +200,7 @@ for _op in [
         _rule_gdr,
         arity=(6, 6),
         doc="gated delta-rule scan: q, k, v, g (log decay), beta, state [v_heads, k_dim, v_dim]",
-        attrs={"scale": REQUIRED},
+        attrs={"scale": REQUIRED, "chunk": 0},  # tokens per chunk of a multi-token step (0: token by token)
     ),
     OpDef(
         "l2_norm",
