@@ -244,3 +244,44 @@ def test_uneven_remainders_rotate_among_the_linear_attention_layers() -> None:
             state = held[f"blk.{il}.ssm_state"]
             assert isinstance(state, Split)
             assert state.sizes == tuple(n * r for n in shard_sizes(2, [1, 1, 1, 5], turn)), (il, state)
+
+
+def test_gguf_names_regroup_tiled_value_heads_and_split_fused_experts_reading_only_slices() -> None:
+    """qwen35moe's tiled value heads come back grouped by key head for any slice a device reads (runs of stored
+    rows, never the whole tensor), and a fused ffn_gate_up_exps splits into gate and up."""
+    from tensorweave.loaders.names import map_names
+    from tensorweave.models import hybrid
+
+    nk, r, dv, hidden = 2, 3, 2, 5
+    rng = np.random.default_rng(0)
+    grouped = rng.standard_normal((nk * r * dv, hidden))  # rows: key head, value head of it, dv
+    tiled = grouped.reshape(nk, r, dv, hidden).transpose(1, 0, 2, 3).reshape(-1, hidden)  # llama.cpp's order
+    gate_up = rng.standard_normal((4, 2 * 3, hidden))
+    stored = {
+        "blk.0.attn_gate": tiled,
+        "blk.0.ssm_out": rng.standard_normal((hidden, nk * r * dv)),
+        "blk.1.ffn_gate_up_exps": gate_up,
+    }
+    reads: list[tuple[slice, ...]] = []
+
+    def read(name: str, index: tuple[slice, ...]) -> np.ndarray:
+        reads.append(index)
+        return stored[name][index]
+
+    meta = {
+        "general.architecture": "qwen35moe",
+        "qwen35moe.ssm.group_count": nk,
+        "qwen35moe.ssm.time_step_rank": nk * r,
+    }
+    shapes = {n: a.shape for n, a in stored.items()}
+    mapped = map_names(hybrid.GGUF_TILED_NAMING, shapes, read, str, "qwen3_5_moe", "test.gguf", meta=meta)
+    for lo, hi in ((0, 12), (6, 12), (2, 9), (5, 5)):
+        reads.clear()
+        np.testing.assert_array_equal(mapped.sources["blk.0.attn_gate"]((slice(lo, hi), slice(None))), grouped[lo:hi])
+        assert all(i[0].stop - i[0].start <= max(hi - lo, 1) for i in reads)  # no whole-tensor read
+    np.testing.assert_array_equal(
+        mapped.sources["blk.1.ffn_up_exps"]((slice(1, 3), slice(None), slice(None))), gate_up[1:3, 3:]
+    )
+    np.testing.assert_array_equal(
+        mapped.sources["blk.1.ffn_gate_exps"]((slice(None), slice(0, 2), slice(None))), gate_up[:, :2]
+    )

@@ -23,7 +23,7 @@ import numpy as np
 
 from tensorweave.core import dtypes
 from tensorweave.core.graph import Graph, Tensor
-from tensorweave.core.model import LLAMA_HF_NAMES, Derived, Naming, Target
+from tensorweave.core.model import LLAMA_HF_NAMES, Derived, Naming, Target, piece
 from tensorweave.core.sharding import Role
 from tensorweave.errors import ModelFormatError, UnsupportedError
 from tensorweave.models import blocks
@@ -64,7 +64,7 @@ def gated_deltanet(g: Graph, cfg: HybridConfig, il: int, h: Tensor) -> Tensor:
     row-parallel output projection. Conv states (q, k, v apart) and the SSM state are caches of kind "state"."""
     T, H = h.shape
     nk, nv, dk, dv, K = cfg.lin_k_heads, cfg.lin_v_heads, cfg.lin_k_dim, cfg.lin_v_dim, cfg.conv_kernel
-    r = nv // nk
+    r, turn = nv // nk, _turn(cfg, il)
     if cfg.grouped_in:  # [q k v z] and [b a] per key head
         per = 2 * dk + 2 * r * dv
         qkvz = g.reshape(g.linear(h, _lin(g, cfg, il, "ssm_in", (nk * per, H))), shape=(T, nk, per))
@@ -83,7 +83,7 @@ def gated_deltanet(g: Graph, cfg: HybridConfig, il: int, h: Tensor) -> Tensor:
     conv = {}
     for n in "qkv":
         C = mixed[n].shape[1]
-        state = g.cache(f"blk.{il}.conv_{n}", (K - 1, C), "state", axis=1, groups=nk, layer=_turn(cfg, il))
+        state = g.cache(f"blk.{il}.conv_{n}", (K - 1, C), "state", axis=1, groups=nk, layer=turn)
         conv[n] = g.conv1d_causal(mixed[n], _lin(g, cfg, il, f"ssm_conv1d_{n}", (C, K)), state)
     q = g.l2_norm(g.reshape(conv["q"], shape=(T, nk, dk)), eps=1e-6)
     k = g.l2_norm(g.reshape(conv["k"], shape=(T, nk, dk)), eps=1e-6)
@@ -91,7 +91,6 @@ def gated_deltanet(g: Graph, cfg: HybridConfig, il: int, h: Tensor) -> Tensor:
     decay = g.mul(g.softplus(g.add(a, _lin(g, cfg, il, "ssm_dt.bias", (nv,)))), _lin(g, cfg, il, "ssm_a", (nv,)))
     # the SSM state sums over every token so far: float32 even when activations are 16-bit (float64 stays float64)
     sdt = dtypes.float64 if g.dtype == dtypes.float64 else dtypes.float32
-    turn = _turn(cfg, il)
     state = g.cache(f"blk.{il}.ssm_state", (nv, dk, dv), "state", axis=0, groups=nk, layer=turn, dtype=sdt)
     y = g.gated_delta_rule(q, k, v, decay, g.sigmoid(b), state, scale=dk**-0.5)
     z = g.reshape(mixed["z"], shape=(T, nv, dv))
@@ -186,13 +185,16 @@ def gguf_hybrid(meta: dict[str, Any], shapes: Mapping[str, tuple[int, ...]], arc
     nv = int(get("ssm.time_step_rank"))
     n_expert = int(meta.get(f"{arch}.expert_count", 0))
     dense = tuple(il for il in range(n) if f"blk.{il}.ffn_up_exps" not in shapes)
+    # FFN widths from the tensors themselves: the files leave out the keys they do not need
+    moe = next((il for il in range(n) if il not in dense), None)
+    kw["ffn"] = kw["ffn"] or next((shapes[f"blk.{il}.ffn_up"][0] for il in dense if f"blk.{il}.ffn_up" in shapes), 0)
     return HybridConfig(
         **kw,
         n_expert=n_expert,
         top_k=int(meta.get(f"{arch}.expert_used_count", 1)),
         norm_topk=bool(meta.get(f"{arch}.expert_weights_norm", True)),
-        expert_ffn=int(meta.get(f"{arch}.expert_feed_forward_length", 0)),
-        shared_ffn=int(meta.get(f"{arch}.expert_shared_feed_forward_length", 0)),
+        expert_ffn=shapes[f"blk.{moe}.ffn_up_exps"][1] if moe is not None else 0,
+        shared_ffn=shapes[f"blk.{moe}.ffn_up_shexp"][0] if f"blk.{moe}.ffn_up_shexp" in shapes else 0,
         dense_layers=dense if n_expert else tuple(range(n)),
         layer_types=types,
         lin_k_heads=int(get("ssm.group_count")),
@@ -304,7 +306,15 @@ HF_NAMING = Naming(
         out="model.layers.{L}.linear_attn.out_proj.weight",
     ),
 )
-_GGUF_NAMES = {"blk.{L}.post_attention_norm": "blk.{L}.ffn_norm", "blk.{L}.ssm_norm": "blk.{L}.ssm_norm_gated"}
+_GGUF_NAMES: dict[str, Target] = {
+    "blk.{L}.post_attention_norm": "blk.{L}.ffn_norm",
+    "blk.{L}.ssm_norm": "blk.{L}.ssm_norm_gated",
+    # newer converters fuse the experts' gate and up projections, gate rows first (as transformers' gate_up_proj)
+    "blk.{L}.ffn_gate_up_exps": (
+        Derived("blk.{L}.ffn_gate_exps", axis=1, rows=piece(0, 2)),
+        Derived("blk.{L}.ffn_up_exps", axis=1, rows=piece(1, 2)),
+    ),
+}
 _GGUF_QKV = (
     ("blk.{L}.ssm_conv1d", "blk.{L}.ssm_conv1d_{part}", None),
     ("blk.{L}.attn_qkv", "blk.{L}.ssm_in_{part}", None),

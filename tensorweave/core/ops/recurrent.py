@@ -100,8 +100,8 @@ def _k_gdr(
         gh, bh = (dense(perm(x, (1, 0))) for x in (ga, ba))
         for a in range(0, n_tok, chunk):
             b = min(a + chunk, n_tok)
-            parts = (dense(x[:, a:b, ...]) for x in (qh, kh, vh, gh, bh))
-            o, s = _chunk(xp, *parts, s)
+            qc, kc, vc, gc, bc = (dense(x[:, a:b, ...]) for x in (qh, kh, vh, gh, bh))
+            o, s = _chunk(xp, qc, kc, vc, gc, bc, s)
             out[a:b, ...] = perm(o, (1, 0, 2))
         state[...] = s
         return
