@@ -1,7 +1,7 @@
 """Make the tiny real-format model fixtures under ``tests/fixtures/models``.
 
 What it makes, for each fixture model (``llama``, ``mistral``, ``qwen2``, ``qwen3``, ``qwen3_moe``, ``qwen3_moe_norm``,
-``mixtral``)::
+``mixtral``; the hybrids below)::
 
     tests/fixtures/models/<name>/
         hf/config.json, hf/generation_config.json, hf/model.safetensors   transformers ``save_pretrained`` output
@@ -31,6 +31,12 @@ stay F32.  The vocabulary is written by ``tensorweave.loaders.tokenizer.write_gg
   loader test against it sees only the loader's own error, not the quantization error;
 * ``greedy`` [8]: ``model.generate(tokens[:8], max_new_tokens=8, do_sample=False)``'s new tokens (no EOS stopping);
 * ``greedy_prompt_len``: 8.
+
+The Gated DeltaNet hybrids (``qwen3_next``, ``qwen3_5_moe``; ``HYBRID_FIXTURES``) get hf/, ``model-f32.gguf`` and an
+``expected.npz`` without the Q8_0 parts. Their 1-D weights are loud too ((1 + w) norms around 0, the gated norm around
+1, ``dt_bias`` and ``A_log`` spread), their layer pattern is linear, full, linear, linear, and their GGUFs follow
+llama.cpp's converter for ``qwen3next`` (ssm_in/ssm_ba grouped per key head) and ``qwen35moe`` (attn_qkv, attn_gate,
+ssm_alpha/beta, with the value heads tiled in every tensor that has them).
 
 Before anything is left on disk the script checks its own output: every GGUF is read back with ``GGUFReader`` (metadata,
 tensor names, shapes, types), converting the F32 GGUF back to HF names gives the saved safetensors bit for bit (so the
