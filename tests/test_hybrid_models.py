@@ -285,3 +285,16 @@ def test_gguf_names_regroup_tiled_value_heads_and_split_fused_experts_reading_on
     np.testing.assert_array_equal(
         mapped.sources["blk.1.ffn_gate_exps"]((slice(None), slice(0, 2), slice(None))), gate_up[:, :2]
     )
+
+
+def test_a_qwen3next_gguf_with_split_projections_is_refused_not_misread() -> None:
+    """Converters differ in the value-head order of qwen3next files whose projections are split (attn_qkv, ...):
+    such a file is refused with UnsupportedError instead of being read in a guessed order."""
+    from tensorweave.models.qwen3_next import Qwen3Next
+    from tensorweave.runtime.model import open_checkpoint
+
+    ck = open_checkpoint(FIXTURES / "qwen3_5_moe" / "model-f32.gguf")  # split projections, arch qwen35moe
+    meta = {k.replace("qwen35moe.", "qwen3next.", 1): v for k, v in ck.meta.items()}  # type: ignore[attr-defined]
+    with pytest.raises(UnsupportedError, match="split linear-attention projections"):
+        Qwen3Next().config_from_gguf(meta, ck.mapped.shapes)  # type: ignore[attr-defined]
+    ck.close()

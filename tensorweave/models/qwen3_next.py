@@ -12,6 +12,7 @@ from typing import Any
 from tensorweave.core.graph import Graph
 from tensorweave.core.hookspecs import hookimpl
 from tensorweave.core.model import ModelFamily
+from tensorweave.errors import UnsupportedError
 from tensorweave.models import hybrid
 from tensorweave.models.hybrid import HybridConfig
 
@@ -28,7 +29,13 @@ class Qwen3Next(ModelFamily):
         return HybridConfig(**hybrid.hf_hybrid(config))
 
     def config_from_gguf(self, meta: dict[str, Any], shapes: Mapping[str, tuple[int, ...]]) -> HybridConfig:
-        return hybrid.gguf_hybrid(meta, shapes, "qwen3next")
+        cfg = hybrid.gguf_hybrid(meta, shapes, "qwen3next")
+        if not cfg.grouped_in:  # refused rather than read in a value-head order we cannot tell from the file
+            raise UnsupportedError(
+                "qwen3next GGUF with split linear-attention projections (attn_qkv, ...) instead of ssm_in/ssm_ba "
+                "is not supported: converters differ in their value-head order there"
+            )
+        return cfg
 
     def build(self, config: HybridConfig, tokens: int, n_logits: int | None = None) -> Graph:
         return hybrid.build(config, tokens, n_logits)
