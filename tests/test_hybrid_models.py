@@ -58,7 +58,8 @@ def test_prefill_12_then_8_single_tokens_equals_the_full_forward(name: str) -> N
         assert err < 1e-4, f"{name}: incremental vs transformers {err:.2e}"
 
 
-@pytest.mark.parametrize(("name", "source"), [("qwen3_next", "gguf"), ("qwen3_5_moe", "hf")])
+@pytest.mark.parametrize("source", list(SOURCES))
+@pytest.mark.parametrize("name", NAMES)
 def test_greedy_tokens_equal_transformers(name: str, source: str) -> None:
     """Generation through the session (prefill, then one token per step on the carried states) is greedy
     transformers' ``generate``."""
