@@ -1,7 +1,7 @@
-"""Gated DeltaNet hybrids (Qwen3-Next, Qwen3.5-MoE) against transformers: the fixtures (tools/make_fixtures.py) are
-tiny random models with loud 1-D weights and a layer pattern other than 3:1 (linear, full, linear, linear), 2 key
+"""Gated DeltaNet hybrids (Qwen3-Next, Qwen3.5-MoE, Qwen3.5) against transformers: the fixtures (tools/make_fixtures.py)
+are tiny random models with loud 1-D weights and a layer pattern other than 3:1 (linear, full, linear, linear), 2 key
 heads with 2 value heads each and 2 KV heads, as HF safetensors and GGUF files written the way llama.cpp's converter
-names (and, for qwen35moe, tiles) them.
+names (and, for qwen35 and qwen35moe, tiles) them.
 
 Splits over up to 4 devices leave devices without a key head in a linear-attention layer and without a KV head in
 the full-attention one; sessions carry the recurrent states across steps, save them in a split-independent layout
@@ -19,7 +19,7 @@ from tensorweave.core.sharding import Split
 from tensorweave.errors import ModelFormatError, StateError, UnsupportedError
 
 FIXTURES = Path(__file__).parent / "fixtures" / "models"
-NAMES = ["qwen3_next", "qwen3_5_moe"]
+NAMES = ["qwen3_next", "qwen3_5_moe", "qwen3_5"]
 SOURCES = {"hf": "hf", "gguf": "model-f32.gguf"}
 SPLITS = [("cpu-sim", None), ("cpu-sim:2", [1, 3]), ("cpu-sim:3", [2, 1, 1]), ("cpu-sim:4", [1, 1, 1, 5])]
 

@@ -32,11 +32,12 @@ stay F32.  The vocabulary is written by ``tensorweave.loaders.tokenizer.write_gg
 * ``greedy`` [8]: ``model.generate(tokens[:8], max_new_tokens=8, do_sample=False)``'s new tokens (no EOS stopping);
 * ``greedy_prompt_len``: 8.
 
-The Gated DeltaNet hybrids (``qwen3_next``, ``qwen3_5_moe``; ``HYBRID_FIXTURES``) get hf/, ``model-f32.gguf`` and an
-``expected.npz`` without the Q8_0 parts. Their 1-D weights are loud too ((1 + w) norms around 0, the gated norm around
-1, ``dt_bias`` and ``A_log`` spread), their layer pattern is linear, full, linear, linear, and their GGUFs follow
-llama.cpp's converter for ``qwen3next`` (ssm_in/ssm_ba grouped per key head) and ``qwen35moe`` (attn_qkv, attn_gate,
-ssm_alpha/beta, with the value heads tiled in every tensor that has them).
+The Gated DeltaNet hybrids (``qwen3_next``, ``qwen3_5_moe``, ``qwen3_5``; ``HYBRID_FIXTURES``) get hf/,
+``model-f32.gguf`` and an ``expected.npz`` without the Q8_0 parts. Their 1-D weights are loud too ((1 + w) norms around
+0, the gated norm around 1, ``dt_bias`` and ``A_log`` spread), their layer pattern is linear, full, linear, linear, and
+their GGUFs follow llama.cpp's converter for ``qwen3next`` (ssm_in/ssm_ba grouped per key head) and
+``qwen35``/``qwen35moe`` (attn_qkv, attn_gate, ssm_alpha/beta, with the value heads tiled in every tensor that has
+them).
 
 Before anything is left on disk the script checks its own output: every GGUF is read back with ``GGUFReader`` (metadata,
 tensor names, shapes, types), converting the F32 GGUF back to HF names gives the saved safetensors bit for bit (so the
@@ -1264,6 +1265,17 @@ HYBRID_FIXTURES: list[Fixture] = [
         config=HYBRID_COMMON,
         notes="Qwen3-Next's shape with q|k|v, z, b, a projected apart; router always renormalised; every layer MoE",
     ),
+    Fixture(
+        name="qwen3_5",
+        hf_class="Qwen3_5ForCausalLM",
+        config_class="Qwen3_5TextConfig",
+        gguf_arch="qwen35",
+        tokenizer_style="gpt2",
+        seed=9107,
+        config={k: v for k, v in HYBRID_COMMON.items() if "expert" not in k and "moe" not in k}
+        | {"intermediate_size": 96},
+        notes="Qwen3.5-MoE's layers with a dense SwiGLU FFN everywhere",
+    ),
 ]
 
 
@@ -1359,7 +1371,7 @@ def hybrid_to_gguf(hf: dict[str, np.ndarray], cfg: dict[str, Any], arch: str) ->
             a = -np.exp(a.astype(np.float64)).astype(np.float32)
         if rest == "linear_attn.conv1d.weight":
             a = a[:, 0, :]
-        if arch == "qwen35moe" and nv != nk:  # value heads tiled, as llama.cpp's converter reorders them
+        if arch in ("qwen35", "qwen35moe") and nv != nk:  # value heads tiled, as llama.cpp's converter does
             if rest in ("linear_attn.in_proj_qkv.weight", "linear_attn.conv1d.weight"):
                 a = np.concatenate([a[: 2 * nk * dk], tile_v_heads(a[2 * nk * dk :], 0, nk, dv)])
             elif rest == "linear_attn.in_proj_z.weight":
@@ -1380,13 +1392,17 @@ def hybrid_to_gguf(hf: dict[str, np.ndarray], cfg: dict[str, Any], arch: str) ->
 
 def hybrid_metadata(hp: dict[str, Any], arch: str) -> list[tuple[str, Any]]:
     n_rot = int(hp["head_dim"] * hp["rope_parameters"]["partial_rotary_factor"])
-    moe = [
-        ("expert_count", hp["num_experts"]),
-        ("expert_used_count", hp["num_experts_per_tok"]),
-        ("expert_feed_forward_length", hp["moe_intermediate_size"]),
-        ("expert_shared_feed_forward_length", hp["shared_expert_intermediate_size"]),
-        ("expert_weights_norm", bool(hp.get("norm_topk_prob", True))),
-    ]
+    moe = (
+        [
+            ("expert_count", hp["num_experts"]),
+            ("expert_used_count", hp["num_experts_per_tok"]),
+            ("expert_feed_forward_length", hp["moe_intermediate_size"]),
+            ("expert_shared_feed_forward_length", hp["shared_expert_intermediate_size"]),
+            ("expert_weights_norm", bool(hp.get("norm_topk_prob", True))),
+        ]
+        if hp.get("num_experts")
+        else []
+    )
     keys = [
         ("context_length", hp["max_position_embeddings"]),
         ("embedding_length", hp["hidden_size"]),

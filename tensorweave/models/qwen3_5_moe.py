@@ -26,7 +26,7 @@ class Qwen35Moe(Qwen3Next):
         return HybridConfig(**hybrid.hf_hybrid(config, norm_topk=True), grouped_in=False)
 
     def config_from_gguf(self, meta: dict[str, Any], shapes: Mapping[str, tuple[int, ...]]) -> HybridConfig:
-        return replace(hybrid.gguf_hybrid(meta, shapes, "qwen35moe"), grouped_in=False)
+        return replace(hybrid.gguf_hybrid(meta, shapes, meta["general.architecture"]), grouped_in=False)
 
 
 @hookimpl
