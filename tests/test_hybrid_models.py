@@ -123,8 +123,9 @@ def test_plan_has_one_allreduce_per_layer_of_each_kind_and_the_recurrent_state_b
 
 def test_a_multimodal_qwen35_checkpoint_with_fused_experts_loads_its_language_model(tmp_path: Path) -> None:
     """Qwen3.5-MoE as published: config.json nests the text model (model_type qwen3_5_moe, text_config), the
-    language model lives under model.language_model., experts are fused (gate_up_proj [E, 2F, H], down_proj), and
-    a vision tower and mtp.* tensors sit beside it; they are ignored and the logits are the text model's."""
+    language model lives under model.language_model., experts are fused (gate_up_proj [E, 2F, H], down_proj), rope
+    has mrope sections, and a vision tower and mtp.* tensors sit beside it; they are ignored and the logits are the
+    text model's."""
     import json
     import shutil
 
@@ -132,6 +133,8 @@ def test_a_multimodal_qwen35_checkpoint_with_fused_experts_loads_its_language_mo
 
     src = FIXTURES / "qwen3_5_moe" / "hf"
     text = json.loads((src / "config.json").read_text())
+    # mrope over (t, h, w) sections: with text-only positions all three are alike, which is plain partial rotary
+    text["rope_parameters"] |= {"mrope_section": [1, 1, 0], "mrope_interleaved": True}
     config = {
         "model_type": "qwen3_5_moe",
         "text_config": text,
