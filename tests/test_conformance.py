@@ -85,7 +85,7 @@ def test_cpu_sim_passes_with_a_summary_table(tmp_path: Path) -> None:
     assert tests["op[matmul,dtype=float16]"]["threshold"] == 5e-4 and tests["op[copy,dtype=float32]"]["nmse"] == 0
     models = {t["id"] for t in report["tests"] if t["section"] == "end to end"}
     assert {"model[synthetic-moe,tp=2]", "model[qwen3_moe,tp=2]"} <= models  # the source tree's fixtures: auto
-    assert report["summary"]["ops"]["passed"] == 3 * 25 and report["exit_status"] == 0
+    assert report["summary"]["ops"]["passed"] == 3 * 29 and report["exit_status"] == 0
 
 
 def test_a_broken_backend_fails_naming_op_dtype_and_error(broken_site: Path, tmp_path: Path) -> None:

@@ -1203,6 +1203,121 @@ def test_declared_attributes_are_the_kernels_keywords(name: str) -> None:
         )
 
 
+# --- Gated DeltaNet ops (core/ops/recurrent.py): against numpy float64 from the definitions, per token and head ---
+
+
+def conv_reference(x: np.ndarray, w: np.ndarray, state: np.ndarray, silu: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Per channel c: y[t] = sum_j w[c, j] * u[t + j] over u = the previous kernel - 1 inputs, then x."""
+    u = np.concatenate([state, x]).astype(np.float64)
+    kernel = w.shape[1]
+    y = np.zeros(x.shape)
+    for c in range(x.shape[1]):
+        for t in range(x.shape[0]):
+            y[t, c] = sum(w[c, j] * u[t + j, c] for j in range(kernel))
+    if silu:
+        y = y / (1 + np.exp(-y))
+    return y, u[x.shape[0] :]
+
+
+def gdr_reference(
+    q: np.ndarray, k: np.ndarray, v: np.ndarray, g: np.ndarray, beta: np.ndarray, s0: np.ndarray, scale: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """The gated delta rule of Qwen3-Next one value head at a time; value head h reads key head h // (nv / nk)."""
+    nk, nv = q.shape[1], v.shape[1]
+    s = s0.astype(np.float64).copy()
+    out = np.zeros(v.shape)
+    for h in range(nv):
+        kh = h // (nv // nk)
+        for t in range(q.shape[0]):
+            s[h] *= np.exp(g[t, h])
+            kt = k[t, kh].astype(np.float64)
+            err = v[t, h] - kt @ s[h]  # what the memory predicts for this key, vs the value
+            s[h] += np.outer(kt, beta[t, h] * err)
+            out[t, h] = (scale * q[t, kh]) @ s[h]
+    return out, s
+
+
+def l2_reference(x: np.ndarray) -> np.ndarray:
+    return x / np.sqrt((x.astype(np.float64) ** 2).sum(-1, keepdims=True) + 1e-6)
+
+
+@covers("conv1d_causal")
+def test_conv1d_causal_matches_the_definition_and_carries_its_state() -> None:
+    rng = np.random.default_rng(0)
+    C, K, steps = 5, 4, (6, 1, 2)
+    g = Graph("float64")
+    state = g.cache("s", (K - 1, C), "state", axis=1)
+    w = g.input("w", (C, K), "float64")
+    xs = [g.input(f"x{i}", (t, C), "float64") for i, t in enumerate(steps)]
+    for i, x in enumerate(xs):
+        g.output(f"y{i}", g.conv1d_causal(x, w, state))
+    feeds = {"w": rng.standard_normal((C, K)), **{f"x{i}": rng.standard_normal((t, C)) for i, t in enumerate(steps)}}
+    caches: dict[str, np.ndarray] = {}
+    got = g.evaluate(feeds, {}, caches)
+    s = np.zeros((K - 1, C))
+    for i in range(len(steps)):
+        want, s = conv_reference(feeds[f"x{i}"], feeds["w"], s, silu=True)
+        np.testing.assert_allclose(got[f"y{i}"], want, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(caches["s"], s, rtol=1e-12)
+
+
+@covers("gated_delta_rule", "l2_norm")
+def test_gated_delta_rule_matches_the_definition_per_head() -> None:
+    rng = np.random.default_rng(1)
+    T, nk, r, dk, dv = 5, 2, 3, 4, 3
+    nv = nk * r
+    g = Graph("float64")
+    state = g.cache("s", (nv, dk, dv), "state", axis=0, groups=nk)
+    ins = {
+        n: g.input(n, shape, "float64")
+        for n, shape in (("q", (T, nk, dk)), ("k", (T, nk, dk)), ("v", (T, nv, dv)), ("g", (T, nv)), ("b", (T, nv)))
+    }
+    g.output(
+        "y",
+        g.gated_delta_rule(g.l2_norm(ins["q"]), g.l2_norm(ins["k"]), ins["v"], ins["g"], ins["b"], state, scale=0.5),
+    )
+    feeds = {n: rng.standard_normal(t.shape) for n, t in ins.items()}
+    feeds["g"] = -np.abs(feeds["g"])
+    feeds["b"] = 1 / (1 + np.exp(-feeds["b"]))
+    s0 = rng.standard_normal((nv, dk, dv))
+    caches = {"s": s0.copy()}
+    got = g.evaluate(feeds, {}, caches)["y"]
+    want, s = gdr_reference(
+        l2_reference(feeds["q"]), l2_reference(feeds["k"]), feeds["v"], feeds["g"], feeds["b"], s0, 0.5
+    )
+    np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(caches["s"], s, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize(("tokens", "chunk"), [(11, 4), (3, 8), (2, 1)])
+def test_gated_delta_rule_in_chunks_equals_the_scan(tokens: int, chunk: int) -> None:
+    """The chunked form (a triangular solve per chunk) gives the token-by-token outputs and state, partial last
+    chunk included."""
+    rng = np.random.default_rng(tokens)
+    nk, nv, dk, dv = 2, 4, 3, 5
+    q, k = (l2_reference(rng.standard_normal((tokens, nk, dk))) for _ in range(2))
+    v, s0 = rng.standard_normal((tokens, nv, dv)), rng.standard_normal((nv, dk, dv))
+    g, beta = -rng.random((tokens, nv)) * 2, rng.random((tokens, nv))
+    results = []
+    for c in (0, chunk):
+        state, out = s0.copy(), np.empty((tokens, nv, dv))
+        OPS["gated_delta_rule"].kernel(np, out, q, k, v, g, beta, state, scale=0.4, chunk=c)
+        results.append((out, state))
+    np.testing.assert_allclose(results[1][0], results[0][0], rtol=1e-11, atol=1e-12)
+    np.testing.assert_allclose(results[1][1], results[0][1], rtol=1e-11, atol=1e-12)
+
+
+@covers("rms_norm_gated")
+def test_rms_norm_gated_is_norm_times_weight_times_silu_gate() -> None:
+    rng = np.random.default_rng(2)
+    g = Graph("float64")
+    x, z, w = g.input("x", (3, 2, 8), "float64"), g.input("z", (3, 2, 8), "float64"), g.input("w", (8,), "float64")
+    g.output("y", g.rms_norm_gated(x, z, w, eps=1e-6))
+    f = {"x": rng.standard_normal((3, 2, 8)), "z": rng.standard_normal((3, 2, 8)), "w": rng.standard_normal(8)}
+    want = f["x"] / np.sqrt((f["x"] ** 2).mean(-1, keepdims=True) + 1e-6) * f["w"] * f["z"] / (1 + np.exp(-f["z"]))
+    np.testing.assert_allclose(g.evaluate(f, {})["y"], want, rtol=1e-12)
+
+
 # --- coverage -------------------------------------------------------------------------------------------------
 
 

@@ -350,6 +350,9 @@ def test_tensorweave_plugins_env_selects_and_blocks(site: Path) -> None:
                 "mixtral",
                 "hf",
                 "gguf",
+                "qwen3_next",  # Gated DeltaNet hybrids
+                "qwen3_5_moe",
+                "qwen3_5",
             ],
             "loaded",
         ),  # no GPU/MPI needed

@@ -1,7 +1,7 @@
 """Make the tiny real-format model fixtures under ``tests/fixtures/models``.
 
 What it makes, for each fixture model (``llama``, ``mistral``, ``qwen2``, ``qwen3``, ``qwen3_moe``, ``qwen3_moe_norm``,
-``mixtral``)::
+``mixtral``; the hybrids below)::
 
     tests/fixtures/models/<name>/
         hf/config.json, hf/generation_config.json, hf/model.safetensors   transformers ``save_pretrained`` output
@@ -31,6 +31,13 @@ stay F32.  The vocabulary is written by ``tensorweave.loaders.tokenizer.write_gg
   loader test against it sees only the loader's own error, not the quantization error;
 * ``greedy`` [8]: ``model.generate(tokens[:8], max_new_tokens=8, do_sample=False)``'s new tokens (no EOS stopping);
 * ``greedy_prompt_len``: 8.
+
+The Gated DeltaNet hybrids (``qwen3_next``, ``qwen3_5_moe``, ``qwen3_5``; ``HYBRID_FIXTURES``) get hf/,
+``model-f32.gguf`` and an ``expected.npz`` without the Q8_0 parts. Their 1-D weights are loud too ((1 + w) norms around
+0, the gated norm around 1, ``dt_bias`` and ``A_log`` spread), their layer pattern is linear, full, linear, linear, and
+their GGUFs follow llama.cpp's converter for ``qwen3next`` (ssm_in/ssm_ba grouped per key head) and
+``qwen35``/``qwen35moe`` (attn_qkv, attn_gate, ssm_alpha/beta, with the value heads tiled in every tensor that has
+them).
 
 Before anything is left on disk the script checks its own output: every GGUF is read back with ``GGUFReader`` (metadata,
 tensor names, shapes, types), converting the F32 GGUF back to HF names gives the saved safetensors bit for bit (so the
@@ -856,6 +863,17 @@ def stays_f32(name: str, arr: np.ndarray) -> bool:
     return arr.ndim <= 1 or name.endswith("_norm.weight") or name.endswith("ffn_gate_inp.weight")
 
 
+def add_metadata(writer: GGUFWriter, items: list[tuple[str, Any]]) -> None:
+    """Architecture keys: booleans, uint32 counts and float32 values, as llama.cpp's converter types them."""
+    for key, value in items:
+        if isinstance(value, bool):
+            writer.add_bool(key, value)
+        elif isinstance(value, int):
+            writer.add_uint32(key, value)
+        else:
+            writer.add_float32(key, value)
+
+
 def write_gguf(
     path: Path,
     fx: Fixture,
@@ -872,13 +890,7 @@ def write_gguf(
     ftype = gguf.LlamaFileType.ALL_F32 if qtype == GGMLQuantizationType.F32 else gguf.LlamaFileType.MOSTLY_Q8_0
     writer.add_file_type(int(ftype))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    for key, value in gguf_arch_metadata(hp, fx):
-        if isinstance(value, bool):
-            writer.add_bool(key, value)
-        elif isinstance(value, int):
-            writer.add_uint32(key, value)
-        else:
-            writer.add_float32(key, value)
+    add_metadata(writer, gguf_arch_metadata(hp, fx))
     write_gguf_vocab(writer, vocab_meta)
     for name, arr in tensors.items():
         if qtype == GGMLQuantizationType.F32 or stays_f32(name, arr):
@@ -1037,18 +1049,23 @@ def vocab_metadata(info: TokenizerInfo) -> dict[str, Any]:
     )
 
 
-def make_fixture(fx: Fixture, out_root: Path) -> dict[str, Any]:
+def start_fixture(fx: Fixture, out_root: Path) -> tuple[Path, Path, TokenizerInfo, np.ndarray]:
+    """A fresh output directory with the fixture's tokenizer saved: (out, its hf dir, tokenizer, fixed tokens)."""
     out = out_root / fx.name
     if out.exists():
         shutil.rmtree(out)
     hf_dir = out / "hf"
     hf_dir.mkdir(parents=True)
-    vocab_size = fx.config["vocab_size"]
-
-    info = make_tokenizer(fx.tokenizer_style, vocab_size)
+    info = make_tokenizer(fx.tokenizer_style, fx.config["vocab_size"])
     save_tokenizer(info, hf_dir)
     tokens = fixed_tokens(info)
-    assert tokens.shape == (N_TOKENS,) and int(tokens.max()) < vocab_size
+    assert tokens.shape == (N_TOKENS,) and int(tokens.max()) < fx.config["vocab_size"]
+    return out, hf_dir, info, tokens
+
+
+def make_fixture(fx: Fixture, out_root: Path) -> dict[str, Any]:
+    out, hf_dir, info, tokens = start_fixture(fx, out_root)
+    vocab_size = fx.config["vocab_size"]
 
     built = build_model(fx, info)
     built.save_pretrained(hf_dir, safe_serialization=True)
@@ -1202,9 +1219,287 @@ def make_fixture(fx: Fixture, out_root: Path) -> dict[str, Any]:
     return meta
 
 
+# ----------------------------------------------------------------------------------------------------------------------
+# Gated DeltaNet hybrids (Qwen3-Next, Qwen3.5-MoE): their own fixtures, HF safetensors and a GGUF as llama.cpp names it
+# ----------------------------------------------------------------------------------------------------------------------
+
+HYBRID_COMMON: dict[str, Any] = {
+    **{k: COMMON[k] for k in ("vocab_size", "hidden_size", "max_position_embeddings", "hidden_act")},
+    "num_hidden_layers": 4,
+    "layer_types": ["linear_attention", "full_attention", "linear_attention", "linear_attention"],  # not 3:1
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+    "linear_num_key_heads": 2,
+    "linear_num_value_heads": 4,
+    "linear_key_head_dim": 16,
+    "linear_value_head_dim": 8,
+    "linear_conv_kernel_dim": 4,
+    "num_experts": 4,
+    "num_experts_per_tok": 2,
+    "moe_intermediate_size": 32,
+    "shared_expert_intermediate_size": 48,
+    "tie_word_embeddings": False,
+    "rms_norm_eps": 1e-6,
+    "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25},
+}
+HYBRID_FIXTURES: list[Fixture] = [
+    Fixture(
+        name="qwen3_next",
+        hf_class="Qwen3NextForCausalLM",
+        config_class="Qwen3NextConfig",
+        gguf_arch="qwen3next",
+        tokenizer_style="gpt2",
+        seed=8011,
+        config={**HYBRID_COMMON, "intermediate_size": 96, "norm_topk_prob": False, "mlp_only_layers": [2]},
+        notes="layers linear, full, linear, linear; 2 key heads with 2 value heads each (k_dim 16 != v_dim 8); "
+        "gated q, partial rotary 0.25; 4 experts top-2 not renormalised + shared expert; layer 2 dense",
+    ),
+    Fixture(
+        name="qwen3_5_moe",
+        hf_class="Qwen3_5MoeForCausalLM",
+        config_class="Qwen3_5MoeTextConfig",
+        gguf_arch="qwen35moe",
+        tokenizer_style="gpt2",
+        seed=9014,
+        config=HYBRID_COMMON,
+        notes="Qwen3-Next's shape with q|k|v, z, b, a projected apart; router always renormalised; every layer MoE",
+    ),
+    Fixture(
+        name="qwen3_5",
+        hf_class="Qwen3_5ForCausalLM",
+        config_class="Qwen3_5TextConfig",
+        gguf_arch="qwen35",
+        tokenizer_style="gpt2",
+        seed=9107,
+        config={k: v for k, v in HYBRID_COMMON.items() if "expert" not in k and "moe" not in k}
+        | {"intermediate_size": 96},
+        notes="Qwen3.5-MoE's layers with a dense SwiGLU FFN everywhere",
+    ),
+]
+
+
+def hybrid_init(model: torch.nn.Module, fx: Fixture) -> None:
+    """Loud weights for a hybrid: every 1-D weight perturbed (zero-centred norms around 0, the gated norm around 1,
+    dt_bias and A_log spread) so a wrong convention (1 + w, -exp(A_log), softplus(a + dt_bias)) shows."""
+    gen = torch.Generator().manual_seed(fx.seed)
+    hidden = fx.config["hidden_size"]
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            randn = torch.randn(p.shape, generator=gen, dtype=torch.float32)
+            if name.endswith("linear_attn.norm.weight"):
+                value = 1.0 + 0.3 * randn
+            elif name.endswith("norm.weight"):  # stored w of a (1 + w) norm
+                value = 0.3 * randn
+            elif name.endswith("dt_bias"):
+                value = 0.5 * randn
+            elif name.endswith("A_log"):
+                value = 0.5 * randn - 0.5
+            elif name.endswith("conv1d.weight"):  # [C, 1, K]
+                value = randn / math.sqrt(p.shape[-1])
+            elif name.endswith("mlp.gate.weight"):
+                value = randn * (2.5 / math.sqrt(hidden))
+            elif name == "lm_head.weight":
+                value = randn * (2.0 / math.sqrt(hidden))
+            elif name.endswith("embed_tokens.weight"):
+                value = randn
+            elif p.ndim >= 2:  # Linear [out, in], fused experts [E, out, in]
+                value = randn / math.sqrt(p.shape[-1])
+            else:
+                raise RuntimeError(f"no init rule for {name} {tuple(p.shape)}")
+            p.copy_(value)
+
+
+def tile_v_heads(w: np.ndarray, axis: int, n_k: int, width: int) -> np.ndarray:
+    """llama.cpp's qwen35 order of value heads: HF groups them by key head (k0v0 k0v1 k1v0 ...), ggml broadcasts
+    tiled (k0v0 k1v0 k0v1 ...); ``width`` entries per head along ``axis``."""
+    shape = list(w.shape)
+    per = shape[axis] // (n_k * width)
+    a = w.reshape(*shape[:axis], n_k, per, width, *shape[axis + 1 :])
+    return np.swapaxes(a, axis, axis + 1).reshape(shape)
+
+
+def hybrid_to_gguf(hf: dict[str, np.ndarray], cfg: dict[str, Any], arch: str) -> dict[str, np.ndarray]:
+    """HF -> llama.cpp names: (1 + w) norms get their 1 (not the gated norm), A_log -> -exp, conv squeezed,
+    experts stacked; qwen3next keeps in_proj_qkvz/ba (per key head) as ssm_in/ssm_ba; qwen35moe's value heads go
+    tiled (``tile_v_heads``) in every tensor that has them."""
+    nk, nv = cfg["linear_num_key_heads"], cfg["linear_num_value_heads"]
+    dk, dv = cfg["linear_key_head_dim"], cfg["linear_value_head_dim"]
+    names = {
+        "input_layernorm.weight": "attn_norm",
+        "post_attention_layernorm.weight": "post_attention_norm",
+        "self_attn.q_proj.weight": "attn_q",
+        "self_attn.k_proj.weight": "attn_k",
+        "self_attn.v_proj.weight": "attn_v",
+        "self_attn.o_proj.weight": "attn_output",
+        "self_attn.q_norm.weight": "attn_q_norm",
+        "self_attn.k_norm.weight": "attn_k_norm",
+        "linear_attn.in_proj_qkvz.weight": "ssm_in",
+        "linear_attn.in_proj_ba.weight": "ssm_ba",
+        "linear_attn.in_proj_qkv.weight": "attn_qkv",
+        "linear_attn.in_proj_z.weight": "attn_gate",
+        "linear_attn.in_proj_b.weight": "ssm_beta",
+        "linear_attn.in_proj_a.weight": "ssm_alpha",
+        "linear_attn.conv1d.weight": "ssm_conv1d",
+        "linear_attn.A_log": "ssm_a",
+        "linear_attn.dt_bias": "ssm_dt.bias",
+        "linear_attn.norm.weight": "ssm_norm",
+        "linear_attn.out_proj.weight": "ssm_out",
+        "mlp.gate.weight": "ffn_gate_inp",
+        "mlp.shared_expert_gate.weight": "ffn_gate_inp_shexp",
+        **{f"mlp.shared_expert.{x}_proj.weight": f"ffn_{x}_shexp" for x in ("gate", "up", "down")},
+        **{f"mlp.{x}_proj.weight": f"ffn_{x}" for x in ("gate", "up", "down")},
+    }
+    out: dict[str, np.ndarray] = {
+        "token_embd.weight": hf["model.embed_tokens.weight"],
+        "output_norm.weight": hf["model.norm.weight"] + 1.0,
+        "output.weight": hf["lm_head.weight"],
+    }
+    experts: dict[str, dict[int, np.ndarray]] = {}
+    for key, arr in hf.items():
+        if not key.startswith("model.layers."):
+            continue
+        il, rest = key[len("model.layers.") :].split(".", 1)
+        if ".experts." in rest:
+            e, proj = rest.split(".experts.")[1].split(".")[:2]
+            experts.setdefault(f"blk.{il}.{EXPERT_MAP[proj]}", {})[int(e)] = arr
+            continue
+        a = arr.copy()
+        if rest.endswith("norm.weight") and not rest.startswith("linear_attn."):
+            a = a + 1.0
+        if rest == "linear_attn.A_log":
+            a = -np.exp(a.astype(np.float64)).astype(np.float32)
+        if rest == "linear_attn.conv1d.weight":
+            a = a[:, 0, :]
+        if arch in ("qwen35", "qwen35moe") and nv != nk:  # value heads tiled, as llama.cpp's converter does
+            if rest in ("linear_attn.in_proj_qkv.weight", "linear_attn.conv1d.weight"):
+                a = np.concatenate([a[: 2 * nk * dk], tile_v_heads(a[2 * nk * dk :], 0, nk, dv)])
+            elif rest == "linear_attn.in_proj_z.weight":
+                a = tile_v_heads(a, 0, nk, dv)
+            elif rest.split(".")[-2:] in (["in_proj_a", "weight"], ["in_proj_b", "weight"]) or rest in (
+                "linear_attn.A_log",
+                "linear_attn.dt_bias",
+            ):
+                a = tile_v_heads(a, 0, nk, 1)
+            elif rest == "linear_attn.out_proj.weight":
+                a = tile_v_heads(a, 1, nk, dv)
+        suffix = "" if names[rest].endswith(".bias") or rest in ("linear_attn.A_log",) else ".weight"
+        out[f"blk.{il}.{names[rest]}{suffix}"] = np.ascontiguousarray(a, dtype=np.float32)
+    for name, by_e in experts.items():
+        out[name] = np.stack([by_e[e] for e in range(len(by_e))])
+    return out
+
+
+def hybrid_metadata(hp: dict[str, Any], arch: str) -> list[tuple[str, Any]]:
+    n_rot = int(hp["head_dim"] * hp["rope_parameters"]["partial_rotary_factor"])
+    moe = (
+        [
+            ("expert_count", hp["num_experts"]),
+            ("expert_used_count", hp["num_experts_per_tok"]),
+            ("expert_feed_forward_length", hp["moe_intermediate_size"]),
+            ("expert_shared_feed_forward_length", hp["shared_expert_intermediate_size"]),
+            ("expert_weights_norm", bool(hp.get("norm_topk_prob", True))),
+        ]
+        if hp.get("num_experts")
+        else []
+    )
+    keys = [
+        ("context_length", hp["max_position_embeddings"]),
+        ("embedding_length", hp["hidden_size"]),
+        ("block_count", hp["num_hidden_layers"]),
+        ("feed_forward_length", hp.get("intermediate_size") or 0),
+        ("attention.head_count", hp["num_attention_heads"]),
+        ("attention.head_count_kv", hp["num_key_value_heads"]),
+        ("attention.key_length", hp["head_dim"]),
+        ("attention.value_length", hp["head_dim"]),
+        ("attention.layer_norm_rms_epsilon", float(hp["rms_norm_eps"])),
+        ("rope.freq_base", float(hp["rope_parameters"]["rope_theta"])),
+        ("rope.dimension_count", n_rot),
+        ("full_attention_interval", 4),
+        ("ssm.conv_kernel", hp["linear_conv_kernel_dim"]),
+        ("ssm.state_size", hp["linear_key_head_dim"]),
+        ("ssm.group_count", hp["linear_num_key_heads"]),
+        ("ssm.time_step_rank", hp["linear_num_value_heads"]),
+        ("ssm.inner_size", hp["linear_num_value_heads"] * hp["linear_value_head_dim"]),
+        *moe,
+    ]
+    return [(f"{arch}.{k}", v) for k, v in keys]
+
+
+def make_hybrid_fixture(fx: Fixture, out_root: Path) -> dict[str, Any]:
+    """HF safetensors + tokenizer, an F32 GGUF, and transformers' logits and greedy tokens (see the module doc)."""
+    out, hf_dir, info, tokens = start_fixture(fx, out_root)
+    config = getattr(transformers, fx.config_class)(
+        **fx.config, eos_token_id=info.token_id(info.eos), pad_token_id=info.token_id(info.pad)
+    )
+    torch.manual_seed(fx.seed)
+    built = getattr(transformers, fx.hf_class)(config).to(torch.float32)
+    hybrid_init(built, fx)
+    built.eval()
+    built.save_pretrained(hf_dir, safe_serialization=True)
+    hf = load_file(hf_dir / "model.safetensors")
+    model = load_hf(hf_dir)
+    if not all(torch.equal(model.state_dict()[k], v) for k, v in built.state_dict().items()):
+        raise RuntimeError("the saved model does not reload with the built weights")
+    check_tokenizer(hf_dir, info, tokens)
+    hp = json.loads((hf_dir / "config.json").read_text())
+    tensors = hybrid_to_gguf(hf, hp, fx.gguf_arch)
+    from tensorweave.loaders.tokenizer import write_gguf_vocab
+
+    writer = GGUFWriter(out / "model-f32.gguf", fx.gguf_arch)
+    writer.add_name(f"tensorweave-fixture-{fx.name}")
+    writer.add_file_type(int(gguf.LlamaFileType.ALL_F32))
+    add_metadata(writer, hybrid_metadata(hp, fx.gguf_arch))
+    write_gguf_vocab(writer, vocab_metadata(info))
+    for name, arr in tensors.items():
+        writer.add_tensor(name, arr)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    reader = GGUFReader(out / "model-f32.gguf")
+    if {t.name for t in reader.tensors} != set(tensors):
+        raise RuntimeError("GGUF tensors differ from what was written")
+
+    logits = forward_logits(model, tokens)
+    gen, margin = greedy(model, tokens[:PROMPT_LEN])
+    if margin < 0.05:
+        raise RuntimeError(f"near-tie in greedy decoding: {margin}")
+    save_npz(
+        out / "expected.npz",
+        {
+            "tokens": tokens.astype(np.int32),
+            "logits": logits.astype(np.float32),
+            "greedy": gen.astype(np.int32),
+            "greedy_prompt_len": np.asarray(PROMPT_LEN, dtype=np.int32),
+        },
+    )
+    meta = {
+        "name": fx.name,
+        "notes": fx.notes,
+        "hf_class": fx.hf_class,
+        "gguf_arch": fx.gguf_arch,
+        "seed": fx.seed,
+        "config": fx.config,
+        "init": "Linear ~ N(0, 1/fan_in); (1 + w) norms w ~ 0.3 N(0, 1); gated norm 1 + 0.3 N(0, 1); dt_bias "
+        "0.5 N(0, 1); A_log 0.5 N(0, 1) - 0.5; conv ~ N(0, 1/kernel); router ~ N(0, 2.5^2/hidden)",
+        "n_params": sum(int(np.prod(v.shape)) for v in hf.values()),
+        "expected": {
+            "tokens": tokens.tolist(),
+            "greedy": gen.tolist(),
+            "greedy_min_top1_top2_margin": margin,
+            "logits_std_over_vocab_mean": float(logits.std(axis=-1).mean()),
+            "reference": f"transformers {transformers.__version__}, torch {torch.__version__.split('+')[0]}, eager",
+        },
+        "gguf": {name: list(arr.shape) for name, arr in tensors.items()},
+    }
+    (out / "meta.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return meta
+
+
 def iter_fixtures(only: str | None) -> Iterator[Fixture]:
     wanted = None if not only else set(only.split(","))
-    unknown = (wanted or set()) - {f.name for f in FIXTURES}
+    unknown = (wanted or set()) - {f.name for f in FIXTURES + HYBRID_FIXTURES}
     if unknown:
         raise SystemExit(f"unknown fixtures: {sorted(unknown)}")
     for fx in FIXTURES:
@@ -1222,6 +1517,10 @@ def main(argv: list[str] | None = None) -> None:
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     args.out.mkdir(parents=True, exist_ok=True)
+    for hx in HYBRID_FIXTURES:  # Gated DeltaNet hybrids
+        if not args.only or hx.name in args.only.split(","):
+            hmeta = make_hybrid_fixture(hx, args.out)
+            print(f"{hx.name}: {hmeta['n_params']} params")
     for fx in iter_fixtures(args.only):
         meta = make_fixture(fx, args.out)
         sizes = {f: meta["gguf"]["files"][f]["bytes"] for f in meta["gguf"]["files"]}

@@ -125,6 +125,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
                 ["device", "weights", f"kv cache ({mp.ctx} tok)", "total", "memory", "fits"],
                 memory_rows(mp.devices, with_capacity=True),
             ),
+            *(  # a recurrent model's states are a fixed part of its "kv cache" column, whatever the context
+                [f"of which recurrent state: {', '.join(errors.format_bytes(b) for b in p.state_bytes)}"]
+                if any(p.state_bytes)
+                else []
+            ),
             "",
             f"per decode token: {p.count('allreduce')} allreduce + {p.count('allgather')} allgather, "
             f"{errors.format_bytes(p.comm_bytes)} communicated",

@@ -191,6 +191,49 @@ def _copy(g: Graph, d: Dims, rng: np.random.Generator) -> Built:
     return g.copy(g.transpose(_f(g, "x", *_rows(d)[-2:]), perm=(1, 0))), {}
 
 
+# --- recurrent ops: two steps over one state, so the second reads what the first carried ----------------------
+
+
+def _conv1d_causal(g: Graph, d: Dims, rng: np.random.Generator) -> Built:
+    channels, kernel = d.size("channels", 0, 6), d.size("kernel", 1, 4)
+    steps = [d.size("tokens", 1, 4), d.size("next_tokens", 1, 2)]
+    state = g.cache("conv_state", (kernel - 1, channels), "state", axis=1)
+    w, act = _f(g, "w", channels, kernel), d.pick("act", [None, "silu"])
+    ys = [g.conv1d_causal(_f(g, f"x{i}", t, channels), w, state, act=act) for i, t in enumerate(steps)]
+    return g.concat(*ys, axis=0), {}
+
+
+def _gated_delta_rule(g: Graph, d: Dims, rng: np.random.Generator) -> Built:
+    nk, ratio, dk, dv = d.size("k_heads", 1, 2), d.size("ratio", 1, 3), d.pick("dk", [2, 4]), d.pick("dv", [3, 4])
+    nv = nk * ratio
+    state = g.cache("ssm_state", (nv, dk, dv), "state", axis=0, groups=nk)
+    ys, chunk = [], d.pick("chunk", [0, 3])  # token by token, or chunks of 3 (a partial one at 4 tokens)
+    for i, t in enumerate([d.size("tokens", 1, 4), d.size("next_tokens", 1, 2)]):
+        q, k = (g.l2_norm(_f(g, f"{n}{i}", t, nk, dk)) for n in "qk")
+        # g = log decay <= 0 and beta in (0, 1), as the layers make them (softplus, sigmoid)
+        decay = g.scale(g.softplus(_f(g, f"a{i}", t, nv)), scale=-1.0)
+        ys.append(
+            g.gated_delta_rule(
+                q,
+                k,
+                _f(g, f"v{i}", t, nv, dv),
+                decay,
+                g.sigmoid(_f(g, f"b{i}", t, nv)),
+                state,
+                scale=dk**-0.5,
+                chunk=chunk,
+            )
+        )
+    return g.concat(*ys, axis=0), {}
+
+
+def _rms_norm_gated(g: Graph, d: Dims, rng: np.random.Generator) -> Built:
+    shape = _rows(d)
+    return g.rms_norm_gated(
+        _f(g, "x", *shape), _f(g, "z", *shape), _f(g, "w", shape[-1]), eps=d.pick("eps", [1e-6, 1e-5])
+    ), {}
+
+
 OP_CASES: dict[str, Case] = {
     "add": _binary("add"),
     "mul": _binary("mul"),
@@ -217,6 +260,11 @@ OP_CASES: dict[str, Case] = {
     "transpose": _transpose,
     "slice": _slice,
     "concat": _concat,
+    # Gated DeltaNet ops
+    "conv1d_causal": _conv1d_causal,
+    "gated_delta_rule": _gated_delta_rule,
+    "l2_norm": _unary("l2_norm", eps=[1e-6, 1e-5]),
+    "rms_norm_gated": _rms_norm_gated,
 }
 
 # Special values an op's inputs may carry in the kit: where IEEE semantics alone fix the result. Element-wise ops

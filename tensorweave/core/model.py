@@ -34,6 +34,9 @@ class Derived:
     rows: Callable[[int], tuple[int, int]] | None = None
     squeeze: int | None = None
     transform: Callable[[np.ndarray], np.ndarray] | None = None
+    # order(length): the stored position along ``axis`` (within the rows' cut) of each graph position, for a stored
+    # permutation of the graph's order (llama.cpp's tiled value heads); reads whole runs of stored rows
+    order: Callable[[int], np.ndarray] | None = None
 
 
 def piece(i: int, n: int) -> Callable[[int], tuple[int, int]]:
@@ -64,6 +67,10 @@ class Naming:
     ignore: tuple[str, ...] = ()
     passthrough: bool = False
     norm_shift: float = 0.0
+    # names whose cuts only the other tensors' shapes or the metadata tell (Qwen3.5's q|k|v blocks: key_dim from the
+    # fused length and the value width): called with every stored name (prefixes applied) and shape, and the
+    # checkpoint's metadata (GGUF key/values; config.json); its result joins ``names``
+    shaped: Callable[[Mapping[str, tuple[int, ...]], Mapping[str, Any]], Mapping[str, Target]] | None = None
 
 
 def _layer(hf: str, graph: str) -> tuple[str, str]:

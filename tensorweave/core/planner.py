@@ -106,6 +106,7 @@ class Plan:
     collectives: list[Collective] = field(default_factory=list)
     weight_bytes: list[int] = field(default_factory=list)  # per device
     cache_bytes: list[int] = field(default_factory=list)  # per device, the KV cache as preallocated (all ctx)
+    state_bytes: list[int] = field(default_factory=list)  # per device, the part of cache_bytes in recurrent states
 
     @property
     def tokens(self) -> int | None:
@@ -132,9 +133,14 @@ class Plan:
         """A readable report: per-device bytes, the collectives of one step, bytes communicated."""
         ratios = ", ".join(f"{r:g}" for r in self.ratios)
         lines = [f"plan of {self.graph.name!r}: {self.world_size} device(s), tensor_split [{ratios}]"]
-        lines.append(f"{'rank':>6}  {'weights':>12}  {'kv cache':>12}")
+        states = any(self.state_bytes)  # a recurrent model: its states apart from the KV cache
+        lines.append(
+            f"{'rank':>6}  {'weights':>12}  {'kv cache':>12}" + (f"  {'recurrent state':>15}" if states else "")
+        )
         for r in range(self.world_size):
-            lines.append(f"{r:>6}  {format_bytes(self.weight_bytes[r]):>12}  {format_bytes(self.cache_bytes[r]):>12}")
+            kv, state = self.cache_bytes[r] - self.state_bytes[r], self.state_bytes[r]
+            row = f"{r:>6}  {format_bytes(self.weight_bytes[r]):>12}  {format_bytes(kv):>12}"
+            lines.append(row + (f"  {format_bytes(state):>15}" if states else ""))
         groups: dict[tuple[str, Shape, str], int] = {}
         for c in self.collectives:
             key = (c.kind, c.shape, c.dtype)
@@ -157,8 +163,8 @@ class Plan:
             "tensor_split": list(self.ratios),
             "tokens_per_step": self.tokens,
             "devices": [
-                {"rank": r, "weight_bytes": w, "kv_cache_bytes": c}
-                for r, (w, c) in enumerate(zip(self.weight_bytes, self.cache_bytes, strict=True))
+                {"rank": r, "weight_bytes": w, "kv_cache_bytes": c, "state_bytes": s}
+                for r, (w, c, s) in enumerate(zip(self.weight_bytes, self.cache_bytes, self.state_bytes, strict=True))
             ],
             "collectives": [
                 {"kind": c.kind, "value": c.value, "shape": list(c.shape), "dtype": c.dtype, "bytes": c.nbytes}
@@ -264,6 +270,10 @@ class _Planner:
         plan.weight_bytes = [sum(b[v.id] for v in self.values if v.kind == "weight") for b in prog_bytes]
         caches = [v for v in self.values if v.kind == "cache"]
         plan.cache_bytes = [sum(b[v.id] for v in caches) for b in prog_bytes]
+        states = [
+            v for v in caches if v.tensor is not None and v.tensor.cache is not None and v.tensor.cache.kind == "state"
+        ]
+        plan.state_bytes = [sum(b[v.id] for v in states) for b in prog_bytes]
         return plan
 
     def program(self, rank: int) -> Program:

@@ -59,6 +59,7 @@ class GGUFCheckpoint(MappedCheckpoint):
             lambda n: f"{path}: tensor {self.tensors[n].name!r}",
             fam.name,
             str(path),
+            meta=meta,
         )
         self.mapped = mapped
         try:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -66,18 +67,28 @@ def map_names(
     where: str,
     unused: Collection[str] = (),
     check: Callable[[str], None] = lambda name: None,
+    meta: Mapping[str, Any] | None = None,
 ) -> Mapped:
     """Map every stored tensor through ``naming``. ``describe(stored name)`` names a tensor in errors and ``where``
     the checkpoint; graph weights in ``unused`` (a tied model's redundant head) are dropped; ``check`` is called
-    with every stored name that is used. A stored name that is neither matched nor ignored is a
-    ``ModelFormatError``, unless the naming passes unmatched names through."""
+    with every stored name that is used; ``meta`` (GGUF metadata) goes to ``Naming.shaped``. A stored name that
+    is neither matched nor ignored is a ``ModelFormatError``, unless the naming passes unmatched names through."""
+
+    def keyed(name: str) -> str:
+        return next((new + name[len(old) :] for old, new in naming.prefixes.items() if name.startswith(old)), name)
+
     exact = {p: t for p, t in naming.names.items() if "{" not in p}
+    if naming.shaped is not None:
+        try:
+            exact.update(naming.shaped({keyed(n): tuple(s) for n, s in stored.items()}, meta or {}))
+        except ModelFormatError as e:  # the family's words, with the checkpoint
+            raise ModelFormatError(f"{where}: {e}") from None
     patterns = [(_compile(p), p, t) for p, t in naming.names.items() if "{" in p]
     ignore = [re.compile(r) for r in naming.ignore]
     out = Mapped()
     experts: dict[str, tuple[str, dict[str, str], dict[int, str]]] = {}  # graph name -> (pattern, groups, by expert)
     for name, shape in stored.items():
-        key = next((new + name[len(old) :] for old, new in naming.prefixes.items() if name.startswith(old)), name)
+        key = keyed(name)
         if any(r.fullmatch(key) for r in ignore):
             continue
         target, pattern, groups = exact.get(key), key, {}
@@ -135,15 +146,22 @@ def _derive(d: Derived, shape: tuple[int, ...], read: Source) -> tuple[tuple[int
         idx = list(index)
         if d.squeeze is not None:
             idx.insert(d.squeeze, slice(0, 1))
-        if d.rows is not None:
-            start, stop, step = idx[d.axis].indices(hi - lo)
-            idx[d.axis] = slice(lo + start, lo + stop, step)
-        a = read(tuple(idx))
+        if d.order is not None:  # the stored positions, read in runs of consecutive ones
+            want = lo + d.order(hi - lo)[idx[d.axis]]
+            runs = np.split(want, np.flatnonzero(np.diff(want) != 1) + 1) if want.size else []
+            parts = [read((*idx[: d.axis], slice(int(r[0]), int(r[-1]) + 1), *idx[d.axis + 1 :])) for r in runs]
+            idx[d.axis] = slice(lo, lo)
+            a = np.concatenate(parts, axis=d.axis) if parts else read(tuple(idx))
+        else:
+            if d.rows is not None:
+                start, stop, step = idx[d.axis].indices(hi - lo)
+                idx[d.axis] = slice(lo + start, lo + stop, step)
+            a = read(tuple(idx))
         if d.squeeze is not None:
             a = a.reshape([n for i, n in enumerate(a.shape) if i != d.squeeze])
         return d.transform(np.asarray(a)) if d.transform is not None else a
 
-    if d.rows is None and d.squeeze is None and d.transform is None:
+    if d.rows is None and d.squeeze is None and d.transform is None and d.order is None:
         return shape, read
     return tuple(out), source
 

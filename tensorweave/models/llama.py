@@ -9,22 +9,25 @@ from collections.abc import Callable, Mapping
 from dataclasses import replace
 from typing import Any
 
-from tensorweave.core.graph import Graph
+from tensorweave.core.graph import Graph, Tensor
 from tensorweave.core.hookspecs import hookimpl
 from tensorweave.core.model import ModelFamily
 from tensorweave.errors import ModelFormatError, UnsupportedError
 from tensorweave.models import blocks
-from tensorweave.models.blocks import Config
+from tensorweave.models.blocks import Config, Layer
+
+# (graph, config, layer, normed input, positions) -> the token mixer's contribution (attention, a recurrent layer)
+Mixer = Callable[[Graph, Any, Layer, Tensor, Tensor], Tensor]
 
 
-def build(cfg: Config, tokens: int, n_logits: int | None = None) -> Graph:
+def build(cfg: Config, tokens: int, n_logits: int | None = None, mixer: Mixer = blocks.attention) -> Graph:
     """The graph of one step over ``tokens`` new tokens at ``positions`` (reading and extending the KV caches):
-    embedding, then per layer x + attention(norm(x)) and x + ffn(norm(x)), then the head (for the last
-    ``n_logits`` tokens; None: all)."""
+    embedding, then per layer x + mixer(norm(x)) (attention unless a hybrid family gives its own) and
+    x + ffn(norm(x)), then the head (for the last ``n_logits`` tokens; None: all)."""
     g, x, pos = blocks.embed(cfg, tokens)
     for il in range(cfg.n_layer):
         layer = cfg.layer(il)
-        x = x + blocks.attention(g, cfg, layer, blocks.norm(g, cfg, x, layer, "attn_norm"), pos)
+        x = x + mixer(g, cfg, layer, blocks.norm(g, cfg, x, layer, "attn_norm"), pos)
         h = blocks.norm(g, cfg, x, layer, "ffn_norm")
         y = blocks.moe(g, cfg, layer, h) if layer.moe else blocks.gated_ffn(g, layer, h, cfg.ffn)
         if layer.moe and cfg.shared_ffn:

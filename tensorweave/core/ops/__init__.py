@@ -29,6 +29,9 @@ from .elementwise import ACTIVATIONS, sigmoid, softmax
 from .registry import OPS, REQUIRED, Infer, Localize, Meta, OpDef, Rule, Shape, infer, lookup, register
 from .rope import ROPE_SCALING_KEYS, rope_inv_freq
 
+# isort: split
+from . import recurrent  # noqa: F401  (Gated DeltaNet: causal conv, gated delta rule, l2 and gated norms)
+
 __all__ = [
     "ACTIVATIONS",
     "OPS",
