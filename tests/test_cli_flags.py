@@ -4,6 +4,7 @@ for the host's memory and the model's trained context."""
 
 from __future__ import annotations
 
+import argparse
 import io
 import json
 from pathlib import Path
@@ -18,8 +19,13 @@ FIXTURES = Path(__file__).parent / "fixtures" / "models"
 QWEN3 = str(FIXTURES / "qwen3" / "hf")  # trained context 256
 
 
-def parse(*argv: str) -> object:
+def parse(*argv: str) -> argparse.Namespace:
     return build_parser().parse_args(argv)
+
+
+def subcommands() -> dict[str, argparse.ArgumentParser]:
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return dict(sub.choices)
 
 
 def test_llama_cpp_flags_mean_what_they_mean_there() -> None:
@@ -66,15 +72,7 @@ def test_model_is_given_once(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_dtype_lists_its_values_and_refuses_int32_in_one_line(capsys: pytest.CaptureFixture[str]) -> None:
-    assert (
-        "{float32,float16,bfloat16,float64}"
-        in build_parser()
-        ._subparsers._group_actions[0]
-        .choices[  # type: ignore[union-attr]
-            "run"
-        ]
-        .format_help()
-    )
+    assert "{float32,float16,bfloat16,float64}" in subcommands()["run"].format_help()
     with pytest.raises(SystemExit) as e:
         main(["run", QWEN3, "-p", "x", "--dtype", "int32"])
     err = capsys.readouterr().err
@@ -87,9 +85,8 @@ def test_dtype_lists_its_values_and_refuses_int32_in_one_line(capsys: pytest.Cap
 
 
 def test_help_is_plain_text_and_devices_help_explains_the_spec() -> None:
-    parser = build_parser()
-    subparsers = parser._subparsers._group_actions[0].choices  # type: ignore[union-attr]
-    for name, p in {"": parser, **subparsers}.items():
+    subparsers = subcommands()
+    for name, p in {"": build_parser(), **subparsers}.items():
         text = p.format_help()
         assert "``" not in text and ":func:" not in text and ":class:" not in text, name
     devices = subparsers["devices"].format_help()
