@@ -275,7 +275,7 @@ def run(
         t0 = time.perf_counter()
         with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the summary
             status = int(pytest.main(args))
-        if not out.exists():  # pytest stopped before running anything (usage error): its message is on stderr
+        if not out.exists() or status not in (0, 1):  # a usage error or an interruption: its message is on stderr
             return status
         data = json.loads(out.read_text())
     print(format_summary(data))
