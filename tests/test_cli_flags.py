@@ -140,3 +140,17 @@ def test_bench_defaults_fit_the_models_context(capsys: pytest.CaptureFixture[str
     out, err = capsys.readouterr()
     data = json.loads(out)
     assert [t["test"] for t in data["tests"]] == ["pp256", "tg2"] and data["ctx"] == 256 and "warning" not in err
+
+
+def test_a_prompt_longer_than_the_context_names_the_flag(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["run", QWEN3, "-p", "word " * 100, "-c", "32"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("tensorweave: error: context full:") and err.rstrip().endswith("(a larger -c/--ctx-size)")
+
+
+def test_load_refuses_a_dtype_that_is_no_float_dtype() -> None:
+    import tensorweave as tw
+    from tensorweave.errors import UnsupportedError
+
+    with pytest.raises(UnsupportedError, match="dtype int32: a model computes in a float dtype"):
+        tw.load(QWEN3, dtype="int32", progress=False)

@@ -41,9 +41,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         prompt, args.n_predict, stream=True, stop=args.stop, ignore_eos=args.ignore_eos, **_sampling(args)
     )
     assert isinstance(stream, TextStream)
-    for piece in stream:
-        if printing and not args.json:
-            print(piece, end="", flush=True)
+    try:
+        for piece in stream:
+            if printing and not args.json:
+                print(piece, end="", flush=True)
+    except errors.StateError as e:  # a prompt longer than the context: name the flag, not the Python argument
+        raise errors.StateError(str(e).replace("load with a larger ctx=", "a larger -c/--ctx-size")) from None
     if not printing:
         return 0
     g = stream.result
