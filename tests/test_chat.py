@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import tensorweave as tw
+from tensorweave.runtime.session import Generation
 
 FIXTURES = Path(__file__).parent / "fixtures" / "models"
 QWEN3 = str(FIXTURES / "qwen3" / "hf")  # a chat template; trained context 256
@@ -156,18 +157,17 @@ def test_ctrl_c_stops_the_answer_and_the_chat_goes_on(tmp_path: Path) -> None:
 
 def test_launch_chat_reads_on_rank_0_and_answers_each_turn_once() -> None:
     """Two ranks, scripted input with a pause longer than the collective timeout between turns (rank 0 keeps the
-    others' broadcast alive): the same text as one process, the banner once, nothing from rank 1."""
+    others' broadcast alive): the answers of one process's session, the banner once, nothing from rank 1."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("TENSORWEAVE_")}
     chat = ["chat", QWEN3, "-n", "6", "--devices", "cpu-sim:2", "-ts", "3,1"]  # under launch: the backend
-    one = subprocess.run(
-        [sys.executable, "-m", "tensorweave.cli", *chat],
-        input="hello\n/load nosuch.tws\nand more\n",
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=env,
-    )
-    assert one.returncode == 0, one.stderr
+    session = tw.load(QWEN3, devices="cpu-sim:2", tensor_split=[3, 1], progress=False).session()
+    said = [{"role": "user", "content": "hello"}]
+    first = session.chat(said, 6)
+    assert isinstance(first, Generation)
+    said += [{"role": "assistant", "content": first.text}, {"role": "user", "content": "and more"}]
+    second = session.chat(said, 6)
+    assert isinstance(second, Generation)
+    want = f"> {first.text}\n> > {second.text}\n> "  # the error's prompt between, the end of input after
     launch = [sys.executable, "-m", "tensorweave.cli", "launch", "-n", "2", "--timeout", "3", "--", *chat]
     proc = subprocess.Popen(launch, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
     assert proc.stdin is not None
@@ -179,7 +179,6 @@ def test_launch_chat_reads_on_rank_0_and_answers_each_turn_once() -> None:
     assert proc.stdout is not None and proc.stderr is not None
     out, err = proc.stdout.read().decode(), proc.stderr.read().decode()  # (stderr is a few lines: no deadlock)
     assert proc.wait(timeout=60) == 0, err
-    assert out == one.stdout and out.count("> ") == 4  # two answers, the error's prompt, the end of input
-    assert len(out.split("\n")[1]) > 0  # the first answer's text
+    assert out == want and first.text and second.text
     assert err.count("<Model qwen3") == 1 and "[rank 1]" not in err
     assert err.count("error: nosuch.tws: no such state file") == 1
