@@ -3,8 +3,10 @@ arguments and an example implementation; the tutorial's pyproject snippet is wha
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -77,3 +79,42 @@ def test_readme_python_snippet_runs(index: int, tmp_path: Path, monkeypatch: pyt
             exec(compile(code, f"README.md python block {index}", "exec"), {})
         return
     exec(compile(code, f"README.md python block {index}", "exec"), {})
+
+
+PLUGIN_SNIPPETS = [s for s in re.findall(r"```python\n(.*?)```", DOC, re.S) if not re.fullmatch(r"def .*\n", s)]
+EXAMPLE_PACKAGE = "tensorweave_array_api_strict"  # the tutorial's excerpts run in its modules' namespaces
+
+
+@pytest.mark.parametrize("index", range(len(PLUGIN_SNIPPETS)), ids=[s.splitlines()[-1][:40] for s in PLUGIN_SNIPPETS])
+def test_plugins_md_python_snippet_runs(index: int, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Every ```python block of plugins.md (but the hook signatures, checked above) runs as written: on its own; the
+    tutorial's excerpts in the example package's namespace (step 2 in its package, the others in its backend
+    module); blocks that open array-api-strict devices in a fresh interpreter with the example installed. A hook
+    a block defines registers something when called."""
+    code = PLUGIN_SNIPPETS[index].replace("path/to/hf_dir_or_model.gguf", FIXTURE)
+    code = code.replace('"tests/fixtures/models/qwen3/hf"', repr(FIXTURE))
+    where: dict[str, object] = {"__name__": "plugins_md_snippet"}
+    excerpt = "from .backend import" in code or "StrictBackend" in code or "(xp, out," in code
+    if not excerpt and "array-api-strict:" in code:
+        from example_site import example_site
+        from test_plugins import run
+
+        proc = run(example_site(tmp_path_factory), "-c", code)
+        assert proc.returncode == 0, proc.stderr
+        return
+    if excerpt:
+        sys.path.insert(0, str(EXAMPLE.parent))
+        try:
+            backend = importlib.import_module(f"{EXAMPLE_PACKAGE}.backend")
+        finally:
+            sys.path.remove(str(EXAMPLE.parent))
+        where = {**vars(backend), "__name__": f"{EXAMPLE_PACKAGE}.snippet", "__package__": EXAMPLE_PACKAGE}
+        modules = [importlib.import_module(f"{EXAMPLE_PACKAGE}{m}") for m in ("", ".backend", ".kernels")]
+        for name in re.findall(r"^(?:class|def) (\w+)\(", code, re.M):  # an excerpt shows what the example has
+            assert any(hasattr(m, name) for m in modules), f"the example package has no {name}"
+    exec(compile(code, f"plugins.md python block {index}", "exec"), where)
+    for name in HOOKS:
+        if callable(where.get(name)):
+            registered: list[object] = []
+            where[name](registered.append)  # type: ignore[operator]
+            assert registered, f"{name} in plugins.md python block {index} registers nothing"

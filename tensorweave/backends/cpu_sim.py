@@ -244,6 +244,7 @@ class CpuSimBackend(Backend):
     capabilities = Capabilities(dtypes=frozenset(dtypes.DTYPES))
     default_communicator = "local"
     description = "simulated devices in this process (numpy); the reference backend"
+    shares_host_memory = True
 
     def available(self) -> bool:
         return True

@@ -1,5 +1,6 @@
-"""``tensorweave run`` and ``tensorweave chat``: text from a model split over devices, in one process or one rank
-per process under ``tensorweave launch``/mpiexec."""
+"""``tensorweave run``: text from a model split over devices, in one process or one rank per process under
+``tensorweave launch``/mpiexec; and what ``run``, ``chat`` (cli/chat.py) and ``serve`` share: loading for the command
+line, sampling flags, rank 0's text on every rank."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ import numpy as np
 
 from .. import errors
 from ..core.device import DeviceSpec
-from ..runtime.session import TextStream
+from ..core.spmd import SpmdEnv
+from ..runtime.session import Generation, TextStream
 from .options import model_args, positive_int
 
 if TYPE_CHECKING:
@@ -24,93 +26,131 @@ def cmd_run(args: argparse.Namespace) -> int:
     """Generate from a prompt; one process for all devices, or one rank per process under launch/mpiexec.
 
     Every rank runs the same steps (the executor gathers the logits to each) and samples with the same seed (rank
-    0's, broadcast), so every rank picks the same token without a broadcast per step; rank 0 alone prints.
+    0's, broadcast), so every rank picks the same token without a broadcast per step; rank 0 alone prints. The
+    prompt is rank 0's (read from -p, -f or stdin), broadcast to the others.
     """
+    spmd = SpmdEnv.detect()
+    prompt = read_prompt(args) if spmd is None or spmd.rank == 0 else None  # read before the model loads
     model, printing = _load_for_cli(args)
     if model.tokenizer is None:
         raise errors.ModelFormatError(f"{args.model}: the model has no tokenizer (tokenizer.json or GGUF vocabulary)")
     _check_reasoning_tags(args, model, printing)
+    prompt = share_text(model, prompt)
+    assert prompt is not None
     stream = model.generate(
-        args.prompt, args.n_predict, stream=True, stop=args.stop, ignore_eos=args.ignore_eos, **_sampling(args)
+        prompt, args.n_predict, stream=True, stop=args.stop, ignore_eos=args.ignore_eos, **_sampling(args)
     )
     assert isinstance(stream, TextStream)
-    for piece in stream:
-        if printing:
-            print(piece, end="", flush=True)
-    if printing:
-        g = stream.result
-        print()
-        print(
-            f"prompt {g.prompt_tokens} tokens {g.prompt_tokens_per_second:.1f} tok/s, generated {len(g.tokens)} "
-            f"tokens {g.tokens_per_second:.1f} tok/s on {model.executor.world_size} device(s) ({g.finish_reason})",
-            file=sys.stderr,
-        )
+    try:
+        for piece in stream:
+            if printing and not args.json:
+                print(piece, end="", flush=True)
+    except errors.StateError as e:  # a prompt longer than the context: name the flag, not the Python argument
+        raise errors.StateError(str(e).replace("load with a larger ctx=", "a larger -c/--ctx-size")) from None
+    if not printing:
+        return 0
+    g = stream.result
+    if args.json:
+        print(json.dumps(generation_dict(g, model), indent=2))
+        return 0
+    print()
+    print(
+        f"prompt {g.prompt_tokens} tokens {g.prompt_tokens_per_second:.1f} tok/s, generated {len(g.tokens)} "
+        f"tokens {g.tokens_per_second:.1f} tok/s on {model.executor.world_size} device(s) ({g.finish_reason})",
+        file=sys.stderr,
+    )
     return 0
 
 
-def cmd_chat(args: argparse.Namespace) -> int:
-    """An interactive conversation: each answer streams as it is generated; the session keeps the conversation's
-    KV cache, so a turn evaluates only its new tokens. Commands: /save FILE, /load FILE, /reset, /exit."""
-    model, _ = _load_for_cli(args)
-    if model.tokenizer is None or model.tokenizer.chat_template is None:
-        raise errors.ModelFormatError(f"{args.model}: the model has no chat template; use `tensorweave run`")
-    _check_reasoning_tags(args, model, True)
-    sess = model.session()
-    messages: list[dict[str, str]] = [{"role": "system", "content": args.system}] if args.system else []
-    params = _sampling(args)
-    print(
-        f"{model!r}\n/exit or Ctrl-D ends, /reset forgets, /save FILE and /load FILE keep a conversation",
-        file=sys.stderr,
-    )
+def generation_dict(g: Generation, model: Model) -> dict[str, Any]:
+    """``run --json``: the text, its tokens, why it stopped, and timings."""
+    return {
+        "text": g.text,
+        "tokens": g.tokens,
+        "finish_reason": g.finish_reason,
+        "prompt_tokens": g.prompt_tokens,
+        "timings": {
+            "prompt_seconds": g.prompt_seconds,
+            "prompt_tokens_per_second": g.prompt_tokens_per_second,
+            "generation_seconds": g.gen_seconds,
+            "tokens_per_second": g.tokens_per_second,
+        },
+        "devices": model.executor.world_size,
+    }
+
+
+def read_prompt(args: argparse.Namespace) -> str:
+    """The prompt of -p TEXT, -f FILE, or stdin for ``-p -`` / ``-f -``."""
+    source = args.file if args.file is not None else args.prompt
+    if source == "-":
+        return sys.stdin.read()
+    if args.file is None:
+        return str(args.prompt)
+    try:
+        return Path(args.file).expanduser().read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        why = getattr(e, "strerror", None) or e
+        raise errors.ModelFormatError(f"{args.file}: cannot read the prompt file: {why}") from None
+
+
+END, KEEPALIVE = -1, -2  # share_text's length word for "no more input" and "still waiting for input"
+
+
+def share_text(model: Model, text: str | None, *, keepalive: bool = False) -> str | None:
+    """Rank 0's ``text`` on every rank of a multi-process group (None stays None: the end of input); in one process
+    it is ``text``. Broadcasts over the model's communicator: the UTF-8 length, then the bytes. Rank 0 waiting for
+    a person's input sends ``keepalive`` now and then, so the other ranks' broadcasts restart before they time out."""
+    comm = model.executor.comm
+    if comm.capabilities.in_process:
+        return text
+    dev = model.executor.devices[0]
+    data = b"" if text is None else text.encode()
+    n = KEEPALIVE if keepalive else END if text is None else len(data)
     while True:
-        try:
-            line = input("> ").strip()
-        except EOFError:
-            print(file=sys.stderr)
-            return 0
-        if line in ("/exit", "/quit"):
-            return 0
-        if line == "/reset":
-            messages, sess = messages[:1] if args.system else [], model.session()
-            continue
-        if line.startswith(("/save ", "/load ")):
-            path = line[6:].strip()
-            if line.startswith("/save"):
-                sess.save(path)
-                Path(path + ".json").write_text(json.dumps(messages))
-            else:
-                sess, messages = model.restore(path), json.loads(Path(path + ".json").read_text())
-            print(f"{line[1:5]}d {path} ({sess.n_past} tokens)", file=sys.stderr)
-            continue
-        if not line:
-            continue
-        messages.append({"role": "user", "content": line})
-        stream = sess.chat(messages, args.n_predict, stream=True, stop=args.stop, ignore_eos=args.ignore_eos, **params)
-        assert isinstance(stream, TextStream)
-        for piece in stream:
-            print(piece, end="", flush=True)
-        print()
-        messages.append({"role": "assistant", "content": stream.result.text})
-        params = {}  # later turns continue the sampler (its RNG and penalties' history)
+        head = dev.from_host(np.array([n], np.int32))
+        comm.broadcast([head])
+        n = int(dev.to_host(head)[0])
+        if n != KEEPALIVE or keepalive:
+            break
+    if n <= 0:
+        return None if n < 0 else ""
+    words = np.zeros((n + 3) // 4, np.int32)
+    words.view(np.uint8)[: len(data)] = np.frombuffer(data, np.uint8)
+    buf = dev.from_host(words)
+    comm.broadcast([buf])
+    return dev.to_host(buf).view(np.uint8)[:n].tobytes().decode()
 
 
 def _load_for_cli(args: argparse.Namespace) -> tuple[Model, bool]:
     """The model for run/chat: all devices in this process, or this rank's under launch/mpiexec; and whether this
     process prints (rank 0)."""
-    from ..core.spmd import SpmdEnv, spmd_from_env
+    from ..core.spmd import spmd_from_env
     from ..runtime.model import load
 
     spmd = SpmdEnv.detect()
     common = {"tensor_split": args.tensor_split, "dtype": args.dtype, "ctx": args.ctx}
     if spmd is None:
-        return load(args.model, devices=args.devices or "cpu-sim", communicator=args.communicator, **common), True
-    # started by `tensorweave launch` or mpiexec: this process is one rank with one device
-    backend = DeviceSpec.parse(args.devices or "cpu-sim").backend
-    comm = spmd_from_env(backend=backend, name=args.communicator)
-    model = load(args.model, communicator=comm, progress=False if spmd.rank else None, **common)
-    if args.seed is None and args.temp > 0:
-        args.seed = _shared_seed(model)
-    return model, spmd.rank == 0
+        model = load(args.model, devices=args.devices or "cpu-sim", communicator=args.communicator, **common)
+    else:  # started by `tensorweave launch` or mpiexec: this process is one rank with one device
+        backend = DeviceSpec.parse(args.devices or "cpu-sim").backend
+        comm = spmd_from_env(backend=backend, name=args.communicator)
+        model = load(args.model, communicator=comm, progress=False if spmd.rank else None, **common)
+        if args.seed is None and args.temp > 0:
+            args.seed = _shared_seed(model)
+    printing = spmd is None or spmd.rank == 0
+    if printing:
+        warn_beyond_trained(model.config.ctx, model.checkpoint.config.ctx)
+    return model, printing
+
+
+def warn_beyond_trained(ctx: int, trained: int) -> None:
+    """A context longer than the model was trained for runs, but the model's output degrades past it: say so."""
+    if ctx > trained:
+        print(
+            f"tensorweave: warning: context {ctx} is beyond the {trained} tokens the model was trained for; "
+            "expect degraded output past them",
+            file=sys.stderr,
+        )
 
 
 def _shared_seed(model: Model) -> int:
@@ -178,7 +218,16 @@ def generation_args(p: argparse.ArgumentParser, n_predict: int) -> None:
     p.add_argument("--presence-penalty", type=float, default=0.0, help="subtract for every token already present")
     p.add_argument("--frequency-penalty", type=float, default=0.0, help="subtract per occurrence of a token")
     p.add_argument("--seed", type=seed, help="random seed: the same seed gives the same text (default, or -1: random)")
-    p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop at this text (repeatable)")
+    p.add_argument(
+        "-r",
+        "--reverse-prompt",
+        "--stop",
+        dest="stop",
+        action="append",
+        default=[],
+        metavar="TEXT",
+        help="stop at this text (repeatable)",
+    )
     p.add_argument(
         "--reasoning-budget",
         type=int,
@@ -190,25 +239,18 @@ def generation_args(p: argparse.ArgumentParser, n_predict: int) -> None:
 
 
 def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """The ``run`` and ``chat`` subcommands."""
+    """The ``run`` subcommand."""
     p = sub.add_parser(
         "run",
         help="generate text from a prompt with a model split over devices",
         description="Load MODEL (a Hugging Face directory or a .gguf file), split it over --devices by "
-        "--tensor-split, and stream the continuation of -p (greedy unless --temp > 0). Under `tensorweave launch "
-        "-n N` or mpiexec each rank holds only its shard and rank 0 prints.",
+        "--tensor-split, and stream the continuation of the prompt (greedy unless --temp > 0). Under 'tensorweave "
+        "launch -n N' or mpiexec each rank holds only its shard and rank 0 prints.",
     )
     run_args(p)
-    p.add_argument("-p", "--prompt", required=True, help="the prompt text")
+    prompt = p.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("-p", "--prompt", help="the prompt text; - reads it from stdin")
+    prompt.add_argument("-f", "--file", help="read the prompt from this file; - reads stdin")
+    p.add_argument("--json", action="store_true", help="print one JSON object: text, tokens, finish reason, timings")
     generation_args(p, n_predict=64)
     p.set_defaults(func=cmd_run)
-    p = sub.add_parser(
-        "chat",
-        help="talk to a model interactively (its chat template, streamed answers)",
-        description="An interactive conversation with MODEL split over devices. The session keeps the KV cache "
-        "across turns; /save FILE and /load FILE keep a conversation (restorable on another device count).",
-    )
-    run_args(p)
-    p.add_argument("--system", help="a system message")
-    generation_args(p, n_predict=512)
-    p.set_defaults(func=cmd_chat)

@@ -11,6 +11,7 @@ from .. import errors
 from ..core.device import Device
 from ..core.plugins import open_devices, registry
 from ..format import format_count, memory_rows, split_text, table
+from .generate import warn_beyond_trained
 from .options import emit, model_args, positive_int
 
 
@@ -116,7 +117,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     args.devices = args.devices or "cpu-sim"
     mp = plan_model(args.model, args.devices, args.tensor_split, args.dtype, args.ctx)
-    p = mp.plan
+    warn_beyond_trained(mp.ctx, mp.trained_ctx)
+    p, host = mp.plan, mp.host
     text = "\n".join(
         [
             f"{mp.family} {mp.dtype}, {format_count(mp.params)} params, {errors.format_bytes(mp.weight_bytes)} of "
@@ -131,6 +133,15 @@ def cmd_plan(args: argparse.Namespace) -> int:
                 else []
             ),
             "",
+            *(
+                []
+                if host is None
+                else [
+                    f"host memory, which {len(host.devices)} of these devices share: "
+                    f"{errors.format_bytes(host.need_bytes)} needed of {errors.format_bytes(host.capacity)}: "
+                    f"{'fits' if host.fits else 'does NOT fit'}"
+                ]
+            ),
             f"per decode token: {p.count('allreduce')} allreduce + {p.count('allgather')} allgather, "
             f"{errors.format_bytes(p.comm_bytes)} communicated",
         ]
@@ -142,14 +153,21 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     """llama-bench-style prefill (pp) and decode (tg) speed of a model split over devices."""
     from ..runtime.bench import bench
-    from ..runtime.model import load
+    from ..runtime.model import load, open_checkpoint
 
+    ckpt = open_checkpoint(args.model)  # metadata only: the context it was trained for
+    trained = ckpt.config.ctx
+    ckpt.close()
+    # llama-bench's defaults, shortened to what the model was trained for
+    args.n_prompt = min(PP_DEFAULT, trained) if args.n_prompt is None else args.n_prompt
+    args.n_gen = min(TG_DEFAULT, trained) if args.n_gen is None else args.n_gen
     if not args.n_prompt and not args.n_gen:
         args.parser.error("nothing to measure: -p and -n are both 0")
     need = max(args.n_prompt, args.n_gen)  # each test starts from an empty context
     if args.ctx is not None and args.ctx < need:
-        args.parser.error(f"--ctx {args.ctx} is shorter than the longest test ({need} tokens)")
+        args.parser.error(f"--ctx-size {args.ctx} is shorter than the longest test ({need} tokens)")
     ctx = args.ctx or need
+    warn_beyond_trained(ctx, trained)
     args.devices = args.devices or "cpu-sim"
     model = load(args.model, args.devices, args.tensor_split, args.dtype, communicator=args.communicator, ctx=ctx)
     with model:
@@ -176,6 +194,23 @@ def cmd_bench(args: argparse.Namespace) -> int:
     )
     emit(args, res.to_dict(), text)
     return 0
+
+
+PP_DEFAULT, TG_DEFAULT = 512, 128  # llama-bench's
+
+DEVICES_HELP = """Without SPEC: the registered backends, whether each is available here, its communicator and dtypes.
+With SPEC: the devices it opens, their memory and which pairs have peer access.
+
+A device spec is BACKEND[:ARGS][,key=value...]; several backends join with + into one group:
+  cpu-sim[:COUNT][,mem=SIZE][,peer=TOPOLOGY][,threads=K]
+      COUNT simulated devices in this process (default 1); mem= caps each one (default: the host's RAM,
+      which all of them share); peer=all|none|ring|0-1,2-3 says which pairs copy directly (others stage
+      through the host); threads= BLAS threads per device (default: cores // COUNT).
+  cuda | cuda:0,1 | cuda:0,0,0[,mem=SIZE][,peer_access=auto|on|off]
+      every GPU, those ordinals, or logical devices sharing one GPU (rocm: the same for AMD GPUs).
+  cpu-sim:1+cuda:0
+      a group that mixes backends (its communicator must drive both).
+Sizes are like 256MiB, 8GiB, 1.5GB. Plugins add backends and their own spec grammar (tensorweave plugins)."""
 
 
 def count(text: str) -> int:
@@ -218,13 +253,22 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     )
     model_args(p, ctx="KV-cache length in tokens (default: max(-p, -n))")
     p.add_argument("--communicator", help="communicator name (default: the backend's)")
-    p.add_argument("-p", "--n-prompt", type=count, default=512, help="prompt tokens, 0 skips pp (default: 512)")
-    p.add_argument("-n", "--n-gen", type=count, default=128, help="generated tokens, 0 skips tg (default: 128)")
+    p.add_argument(
+        "-p", "--n-prompt", type=count, help=f"prompt tokens, 0 skips pp (default: {PP_DEFAULT}, at most the model's)"
+    )
+    p.add_argument(
+        "-n", "--n-gen", type=count, help=f"generated tokens, 0 skips tg (default: {TG_DEFAULT}, at most the model's)"
+    )
     p.add_argument("-r", "--repetitions", type=positive_int, default=3, help="repetitions per test (default: 3)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random token ids (default: 0)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_bench, parser=p)
-    p = sub.add_parser("devices", help="list backends, or the devices a spec names")
+    p = sub.add_parser(
+        "devices",
+        help="list backends, or the devices a spec names",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=DEVICES_HELP,
+    )
     p.add_argument("spec", nargs="?", help="device spec, e.g. cpu-sim:4,mem=256MiB,peer=ring")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_devices)

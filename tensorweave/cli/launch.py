@@ -7,7 +7,8 @@ environment of ``tensorweave.core.spmd`` (``TENSORWEAVE_RANK``, ``_WORLD_SIZE``,
 that open ``nccl`` instead, ``TENSORWEAVE_TIMEOUT`` when ``--timeout`` is given) and,
 unless already set, BLAS/OpenMP thread counts that share the cores instead of oversubscribing them.
 
-Output: rank 0's stdout is this command's stdout (so it pipes); rank 0's stderr passes through; the other ranks'
+Input and output: rank 0 alone reads this command's stdin (the others read an empty one); rank 0's stdout is this
+command's stdout (so it pipes); rank 0's stderr passes through; the other ranks'
 stderr lines are prefixed ``[rank K]``; their stdout is dropped. When a rank fails (nonzero exit or signal) the
 others are terminated (SIGTERM, then SIGKILL after a grace period) and the launcher exits nonzero with one line
 naming the rank; its exit code is the failed rank's (128 + signal number for a signal).
@@ -111,6 +112,7 @@ def launch(nprocs: int, args: Sequence[str], subcommands: Collection[str] = (), 
             proc = subprocess.Popen(
                 argv,
                 env=rank_env(os.environ, rank, nprocs, shm_name, timeout, store),
+                stdin=None if rank == 0 else subprocess.DEVNULL,  # rank 0 reads input (chat) and shares it
                 stdout=None if rank == 0 else subprocess.DEVNULL,
                 stderr=None if rank == 0 else subprocess.PIPE,
             )

@@ -10,7 +10,7 @@ Run it::
 (``pip install 'tensorweave[conformance]'`` brings pytest and hypothesis.) The command prints pytest's progress and
 failure details on stderr and ends with the summary table on stdout: one row per section with the counts passed /
 failed / not supported / xfailed / skipped, then one line per failed test naming it and its error. It exits 0 when
-nothing failed, 1 otherwise (2 for a usage error such as an unknown backend).
+nothing failed and every section executed tests, 1 otherwise (2 for a usage error such as an unknown backend).
 
 Sections (one test module each):
 
@@ -34,12 +34,17 @@ Sections (one test module each):
   rank holding the same bits). Lengths, values and roots are drawn by hypothesis.
 - **end to end**: models at TP = 1..N on the backend (uneven split 2:1:...:1, prompt then two decode steps) against
   cpu-sim at TP = 1, logits NMSE <= 1e-4 at every step: two synthetic random-weight transformers (dense and MoE,
-  GQA, q/k-norm) always, plus every Hugging Face model directory under ``--models`` (default ``auto``: the source
-  tree's ``tests/fixtures/models`` when the package runs from a checkout; ``none`` turns it off).
+  GQA, q/k-norm) always, plus the models of ``--models``: one Hugging Face directory or .gguf file, or every model
+  directory under a parent (default ``auto``: the source tree's ``tests/fixtures/models`` when the package runs
+  from a checkout; elsewhere the summary says where it looked; ``none`` turns it off).
 
 Test ids read like ``op[matmul,dtype=float16]``, ``allreduce[op=sum,dtype=bfloat16,world=4]``,
-``round_trip[dtype=bfloat16]``, ``model[synthetic-moe,tp=2]``. World sizes beyond the devices a spec gives, and
-communicators that need one process per rank (mpi, shm), are reported not supported.
+``round_trip[dtype=bfloat16]``, ``model[synthetic-moe,tp=2]``. World sizes beyond the devices a spec gives are
+reported not supported. A communicator that needs one process per rank (shm, mpi) is tested in real ranks: for each
+world size W the kit starts ``tensorweave launch -n W`` (``mpiexec -n W`` for mpi) running the collective cases
+(seeded examples, ``--max-examples`` per case) and the end-to-end models at TP = W (``tensorweave.conformance.ranks``),
+and the tests judge what the ranks report. A section whose tests were all not supported or skipped executed nothing:
+the run fails, and the summary says which section.
 
 Devices: ``--devices SPEC`` when given; otherwise ``BACKEND:N`` (the count grammar of cpu-sim), and when that is
 refused or gives fewer than N devices, the backend's default group ``BACKEND`` (GPU backends: every GPU). Pass
@@ -56,7 +61,8 @@ Matching tests are marked xfail (still run; a pass is reported as XPASS so the e
 reason and who declared it in the report. A pattern that matches no test is listed as stale in the summary.
 
 JSON report (``--report``): ``backend``, ``communicator``, ``devices``, ``world_size``, ``max_examples``,
-``thresholds`` (op -> NMSE bound), ``summary`` (section -> outcome -> count), ``tests`` (one object per test:
+``thresholds`` (op -> NMSE bound), ``summary`` (section -> outcome -> count), ``empty_sections`` (sections that
+executed nothing), ``models`` (the end-to-end models, or where ``auto`` looked), ``tests`` (one object per test:
 ``id``, ``section``, ``outcome`` in passed/failed/not_supported/xfailed/xpassed/skipped, ``message``, and for
 numeric tests the worst ``nmse`` seen and its ``threshold``), ``stale_declarations``, ``exit_status``,
 ``duration_s``.
@@ -87,22 +93,50 @@ DEFAULT_WORLD_SIZE = 4  # 1..4 includes 3, the non-power-of-two size generic all
 DEFAULT_MAX_EXAMPLES = 10  # the whole kit on cpu-sim, 2 cores: ~9 s quiet, ~17 s loaded
 
 
+FIXTURES = Path(__file__).resolve().parents[2] / "tests" / "fixtures" / "models"  # where a source checkout has them
+
+
 def default_models_dir() -> Path | None:
     """The source tree's fixture models (``tests/fixtures/models`` beside the package), when running from one."""
-    d = Path(__file__).resolve().parents[2] / "tests" / "fixtures" / "models"
-    return d if d.is_dir() else None
+    return FIXTURES if FIXTURES.is_dir() else None
 
 
 def models_dir(option: str) -> Path | None:
-    """The end-to-end section's model directory for ``--models``: ``auto`` (the source tree's fixtures, when there
-    are any), ``none``, or a directory, which must exist."""
+    """The end-to-end section's models for ``--models``: ``auto`` (the source tree's fixtures, when there are
+    any), ``none``, a directory of model directories, or one model (a Hugging Face directory or a .gguf file)."""
     if option == "none":
         return None
     if option == "auto":
         return default_models_dir()
-    if not Path(option).is_dir():
-        raise ModelFormatError(f"{option}: no such directory (--models takes a directory of model dirs, auto or none)")
+    if not Path(option).exists():
+        raise ModelFormatError(
+            f"{option}: no such directory or file (--models takes a model directory or .gguf file, a directory of "
+            "them, auto or none)"
+        )
+    if Path(option).is_file() and Path(option).suffix != ".gguf":
+        raise ModelFormatError(f"{option}: not a model (--models takes a model directory or .gguf file, or a parent)")
     return Path(option)
+
+
+def models_note(option: str, found: Path | None) -> str:
+    """Which models the end-to-end section runs besides the synthetic ones, and where ``auto`` looked."""
+    if found is not None:
+        return str(found)
+    if option == "auto":
+        return f"none: no fixture models at {FIXTURES} (not a source checkout); --models DIR adds models"
+    return "none (--models none)"
+
+
+def empty_sections(summary: dict[str, dict[str, int]]) -> list[str]:
+    """The sections that had tests but executed none (all not supported or skipped): a kit that tested nothing
+    there must not pass."""
+    executed = ("passed", "failed", "xfailed", "xpassed")
+    return [
+        f"{s}: none of its {sum(c.values())} tests executed ({c['not_supported']} not supported, {c['skipped']} "
+        "skipped)"
+        for s, c in summary.items()
+        if sum(c.values()) and not sum(c[o] for o in executed)
+    ]
 
 
 def check_setup(backend: str, communicator: str | None) -> tuple[Backend, type[Communicator]]:
@@ -172,6 +206,10 @@ def format_summary(report: dict[str, Any]) -> str:
         lines.append("\nnot supported:")
         lines += [f"  {n:4d} x {why}" for why, n in sorted(reasons.items(), key=lambda kv: -kv[1])]
     lines += [f"\nstale declaration: {s}" for s in report["stale_declarations"]]
+    lines.append(f"\nend-to-end models besides the synthetic ones: {report['models']}")
+    if report["empty_sections"]:
+        lines.append("\nFAILED: a section that executes no test proves nothing:")
+        lines += [f"  {s}" for s in report["empty_sections"]]
     return "\n".join(lines)
 
 
@@ -237,7 +275,7 @@ def run(
         t0 = time.perf_counter()
         with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the summary
             status = int(pytest.main(args))
-        if not out.exists():  # pytest stopped before running anything (usage error): its message is on stderr
+        if not out.exists() or status not in (0, 1):  # a usage error or an interruption: its message is on stderr
             return status
         data = json.loads(out.read_text())
     print(format_summary(data))

@@ -442,9 +442,10 @@ class ModelCase:
     path: Path | None = None
 
     def logits(
-        self, devices: Any, communicator: str | None = None, tensor_split: Sequence[float] | None = None
+        self, devices: Any, communicator: Any = None, tensor_split: Sequence[float] | None = None
     ) -> list[np.ndarray]:
-        """float32 logits of every step: the prompt, then the decode steps."""
+        """float32 logits of every step: the prompt, then the decode steps. ``communicator``: a name, or an open
+        (multi-process) communicator, whose devices are then the ones used."""
         if self.config is not None:
             return self._synthetic(devices, communicator, tensor_split)
         from ..runtime.model import load
@@ -455,9 +456,7 @@ class ModelCase:
             s = model.session()
             return [s.eval(ids) for ids in (prompt, *([t % model.vocab] for t in DECODE))]
 
-    def _synthetic(
-        self, devices: Any, communicator: str | None, tensor_split: Sequence[float] | None
-    ) -> list[np.ndarray]:
+    def _synthetic(self, devices: Any, communicator: Any, tensor_split: Sequence[float] | None) -> list[np.ndarray]:
         from ..core.executor import Executor
 
         assert self.config is not None
@@ -474,13 +473,28 @@ class ModelCase:
         return out
 
 
-def model_cases(models_dir: Path | None) -> list[ModelCase]:
-    """The synthetic models, then every Hugging Face directory (``DIR/NAME/hf`` or ``DIR/NAME``) under
-    ``models_dir``."""
+def model_cases(models: Path | None) -> list[ModelCase]:
+    """The synthetic models, then ``models``: one model (a Hugging Face directory, ``NAME/hf``, or a .gguf file),
+    or every Hugging Face directory (``DIR/NAME/hf`` or ``DIR/NAME``) under it."""
     cases = [ModelCase(name, config=cfg) for name, cfg in SYNTHETIC_MODELS.items()]
-    if models_dir is not None:
-        for d in sorted(p for p in models_dir.iterdir() if p.is_dir()):
-            hf = d / "hf" if (d / "hf" / "config.json").exists() else d
-            if (hf / "config.json").exists():
-                cases.append(ModelCase(d.name, path=hf))
+    if models is None:
+        return cases
+    one = _model_path(models)
+    if one is not None:
+        name = models.stem if models.is_file() else (models.parent if models.name == "hf" else models).name
+        return [*cases, ModelCase(name, path=one)]
+    for d in sorted(p for p in models.iterdir() if p.is_dir()):
+        hf = _model_path(d)
+        if hf is not None and hf.is_dir():
+            cases.append(ModelCase(d.name, path=hf))
     return cases
+
+
+def _model_path(p: Path) -> Path | None:
+    """``p`` as one model: a .gguf file, a Hugging Face directory, or a directory with one in ``hf``."""
+    if p.is_file():
+        return p if p.suffix == ".gguf" else None
+    for d in (p, p / "hf"):
+        if (d / "config.json").exists():
+            return d
+    return None

@@ -27,14 +27,17 @@ from . import (
     OUTCOMES,
     SECTIONS,
     check_setup,
+    empty_sections,
     format_summary,
     models_dir,
+    models_note,
     open_group,
 )
 
 if TYPE_CHECKING:  # the plugin loads in every pytest session: keep its import light
     from ..core.communicator import Communicator
     from ..core.device import Backend, Device
+    from .ranks import Group
 
 KIT = pytest.StashKey["Kit"]()
 RecordProperty = Callable[[str, object], None]  # pytest's record_property fixture
@@ -93,6 +96,7 @@ class Kit:
     nmse_overrides: dict[str, float]
     report_path: Path | None
     declared: list[tuple[str, str, str, str]] = field(default_factory=list)  # (kind, pattern, reason, declared by)
+    models_option: str = "auto"  # --tw-models as given
     _group: list[Device] | None = None
 
     @classmethod
@@ -127,6 +131,7 @@ class Kit:
             models,
             overrides,
             Path(opt("tw_report")) if opt("tw_report") else None,
+            models_option=opt("tw_models"),
         )
         kit.group()  # open the devices now: a spec that fails is a usage error, not a failure in every test
         for owner, obj in ((f"backend {backend.name}", backend), (f"communicator {comm.name}", comm)):
@@ -140,6 +145,12 @@ class Kit:
         if self._group is None:
             self._group = open_group(self.backend.name, self.world_size, self.devices_spec)
         return self._group
+
+    def ranks(self, world: int) -> Group:
+        """What ``world`` real ranks of the (one-process-per-rank) communicator reported: started on first use."""
+        from .ranks import group
+
+        return group(self.backend.name, self.communicator.name, world, self.max_examples, self.models_dir)
 
     def threshold(self, op: str) -> float:
         from .cases import DEFAULT_NMSE, NMSE
@@ -236,6 +247,8 @@ class Recorder:
         for t in tests:
             summary[t["section"]][t["outcome"]] += 1
         return {
+            "empty_sections": empty_sections(summary),
+            "models": models_note(self.kit.models_option, self.kit.models_dir),
             "backend": self.kit.backend.name,
             "communicator": self.kit.communicator.name,
             "devices": [d.name for d in self.kit.group()],  # opened in pytest_configure
@@ -254,9 +267,12 @@ class Recorder:
             terminalreporter.write_sep("=", "tensorweave conformance")
             terminalreporter.write_line(format_summary(self.report(exitstatus)))
 
-    def pytest_sessionfinish(self, exitstatus: int) -> None:
+    def pytest_sessionfinish(self, session: pytest.Session, exitstatus: int) -> None:
+        report = self.report(exitstatus)
+        if report["empty_sections"] and exitstatus == pytest.ExitCode.OK:  # a kit that tested nothing did not pass
+            session.exitstatus = report["exit_status"] = int(pytest.ExitCode.TESTS_FAILED)
         if self.kit.report_path is not None:
-            self.kit.report_path.write_text(json.dumps(self.report(exitstatus), indent=2) + "\n")
+            self.kit.report_path.write_text(json.dumps(report, indent=2) + "\n")
 
 
 def _crash_message(report: pytest.TestReport) -> str:

@@ -1,5 +1,7 @@
 """Conformance, collectives: the communicator over the first 1..N devices against a float64 numpy reference, for
-every dtype and reduce op, with lengths, sizes, roots and values drawn by hypothesis."""
+every dtype and reduce op, with lengths, sizes, roots and values drawn by hypothesis. A communicator with one
+process per rank (shm, mpi) runs the same cases in 1..N real ranks (``ranks``: seeded examples instead of
+hypothesis, which would shrink a failure on one rank alone)."""
 
 from __future__ import annotations
 
@@ -34,20 +36,25 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 _comms: dict[int, Communicator] = {}
 
 
-def setup(kit: Kit, world: int, dtype: str, op: str | None = None) -> tuple[list[Device], Communicator]:
-    """The first ``world`` devices and the communicator over them; not supported where the kit cannot test."""
+def setup(
+    kit: Kit, kind: str, world: int, dtype: str, op: str | None = None
+) -> tuple[list[Device], Communicator] | None:
+    """The first ``world`` devices and the communicator over them; not supported where the kit cannot test. A
+    communicator with one process per rank is tested in ``world`` real ranks instead (``ranks``): None when they
+    passed the case, their problem as an AssertionError otherwise."""
     cls, devs = kit.communicator, kit.group()
     caps = cls.capabilities
-    if world > len(devs):
-        kit.not_supported(f"world size {world}: only {len(devs)} device(s) to test on (--devices)")
-    if not caps.in_process:
-        kit.not_supported(f"communicator {cls.name} runs one process per rank; the kit drives all ranks from one")
     if dtype not in caps.dtypes:
         kit.not_supported(f"communicator {cls.name} does not support dtype {dtype}")
     if dtype not in kit.backend.capabilities.dtypes:
         kit.not_supported(f"backend {kit.backend.name} does not support dtype {dtype}")
     if op is not None and op not in caps.ops:
         kit.not_supported(f"communicator {cls.name} does not support reduce op {op}")
+    if not caps.in_process:
+        kit.ranks(world).check_case(kind, dtype, op)
+        return None
+    if world > len(devs):
+        kit.not_supported(f"world size {world}: only {len(devs)} device(s) to test on (--devices)")
     comm = _comms.get(world)
     if comm is None or comm.devices != devs[:world]:
         comm = _comms[world] = cls(devs[:world])
@@ -69,7 +76,9 @@ def assert_same(devs: list[Device], outs: list[Any], expected: np.ndarray) -> No
 
 
 def test_allreduce(kit: Kit, op: str, dtype: str, world: int) -> None:
-    devs, comm = setup(kit, world, dtype, op)
+    if (group := setup(kit, "allreduce", world, dtype, op)) is None:
+        return
+    devs, comm = group
 
     @kit.settings()
     @given(length=LENGTHS, seed=SEEDS)
@@ -85,7 +94,9 @@ def test_allreduce(kit: Kit, op: str, dtype: str, world: int) -> None:
 
 
 def test_reduce_scatter(kit: Kit, op: str, dtype: str, world: int) -> None:
-    devs, comm = setup(kit, world, dtype, op)
+    if (group := setup(kit, "reduce_scatter", world, dtype, op)) is None:
+        return
+    devs, comm = group
 
     @kit.settings()
     @given(sizes=st.one_of(st.none(), st.lists(st.integers(0, 500), min_size=world, max_size=world)), data=st.data())
@@ -103,7 +114,9 @@ def test_reduce_scatter(kit: Kit, op: str, dtype: str, world: int) -> None:
 
 
 def test_allgather(kit: Kit, dtype: str, world: int) -> None:
-    devs, comm = setup(kit, world, dtype)
+    if (group := setup(kit, "allgather", world, dtype)) is None:
+        return
+    devs, comm = group
 
     @kit.settings()
     @given(
@@ -125,7 +138,9 @@ def test_allgather(kit: Kit, dtype: str, world: int) -> None:
 
 
 def test_broadcast(kit: Kit, dtype: str, world: int) -> None:
-    devs, comm = setup(kit, world, dtype)
+    if (group := setup(kit, "broadcast", world, dtype)) is None:
+        return
+    devs, comm = group
 
     @kit.settings()
     @given(length=LENGTHS, seed=SEEDS, data=st.data())

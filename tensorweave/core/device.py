@@ -146,6 +146,8 @@ class Backend(ABC):
     kernels: Mapping[str, Callable[..., Any]] = MappingProxyType({})
     default_communicator: str = "local"
     description: str = ""
+    # Its devices allocate from this host's memory (cpu-sim), so together they must fit in it, whatever each says.
+    shares_host_memory: bool = False
 
     @abstractmethod
     def available(self) -> bool:

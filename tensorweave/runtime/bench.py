@@ -21,13 +21,13 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..core.device import Device
+from ..core.device import Device, total_host_memory
 from ..core.graph import Graph
 from ..core.planner import Plan, plan
 from ..core.plugins import open_devices
@@ -46,6 +46,7 @@ class DeviceMemory:
     weight_bytes: int
     kv_bytes: int
     capacity: int | None = None  # the device's memory; None where the devices could not be opened here
+    host_fits: bool | None = None  # devices sharing the host's memory: whether all of them together fit in it
 
     @property
     def total_bytes(self) -> int:
@@ -53,8 +54,9 @@ class DeviceMemory:
 
     @property
     def fits(self) -> bool | None:
-        """Whether weights + KV cache fit in the device's memory (activation buffers come on top); None: unknown."""
-        return None if self.capacity is None else self.total_bytes <= self.capacity
+        """Whether weights + KV cache fit in the device's memory (activation buffers come on top), and, for devices
+        that share the host's memory, whether all of theirs fit in it; None: unknown."""
+        return None if self.capacity is None else self.total_bytes <= self.capacity and self.host_fits is not False
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -67,11 +69,44 @@ class DeviceMemory:
         }
 
 
+@dataclass(frozen=True)
+class HostMemory:
+    """The host memory that some of the devices allocate from (cpu-sim's): what they need together, and its size."""
+
+    devices: list[str]
+    need_bytes: int
+    capacity: int
+
+    @property
+    def fits(self) -> bool:
+        return self.need_bytes <= self.capacity
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "devices": self.devices,
+            "need_bytes": self.need_bytes,
+            "memory_bytes": self.capacity,
+            "fits": self.fits,
+        }
+
+
 def device_memory(p: Plan, devices: Sequence[Device] | None = None) -> list[DeviceMemory]:
     """Per-device bytes of decode plan ``p`` (weights, the KV cache as preallocated); capacities from ``devices``."""
     names = [d.name for d in devices] if devices is not None else [f"rank {r}" for r in range(p.world_size)]
     caps = [d.memory_info().total for d in devices] if devices is not None else [None] * p.world_size
-    return [DeviceMemory(n, w, c, cap) for n, w, c, cap in zip(names, p.weight_bytes, p.cache_bytes, caps, strict=True)]
+    rows = [DeviceMemory(n, w, c, cap) for n, w, c, cap in zip(names, p.weight_bytes, p.cache_bytes, caps, strict=True)]
+    host = host_memory(rows, devices)
+    if host is None:
+        return rows
+    return [replace(r, host_fits=host.fits) if r.name in host.devices else r for r in rows]
+
+
+def host_memory(rows: Sequence[DeviceMemory], devices: Sequence[Device] | None) -> HostMemory | None:
+    """What the devices that allocate from this host's memory need of it together; None when none does."""
+    shared = [r for r, d in zip(rows, devices or (), strict=False) if d.backend.shares_host_memory]
+    if not shared:
+        return None
+    return HostMemory([r.name for r in shared], sum(r.total_bytes for r in shared), total_host_memory())
 
 
 def _params(g: Graph) -> int:
@@ -89,6 +124,8 @@ class ModelPlan:
     params: int
     devices: list[DeviceMemory]
     plan: Plan  # the planner's plan of one decode step (tokens=1)
+    trained_ctx: int = 0  # the context the model was trained for (config); ctx beyond it runs, degraded
+    host: HostMemory | None = None  # the host memory devices share (cpu-sim), when some do
 
     @property
     def tensor_split(self) -> tuple[float, ...]:
@@ -104,9 +141,11 @@ class ModelPlan:
             "family": self.family,
             "dtype": self.dtype,
             "ctx": self.ctx,
+            "trained_ctx": self.trained_ctx,
             "params": self.params,
             "weight_bytes": self.weight_bytes,
             "world_size": self.plan.world_size,
+            "host": None if self.host is None else self.host.to_dict(),
             "tensor_split": list(self.tensor_split),
             "devices": [d.to_dict() for d in self.devices],
             "per_decode_token": {
@@ -150,14 +189,17 @@ def plan_model(
             g = ckpt.family.build(config, 1)
         check_weights(ckpt, g)
         p = plan(g, world, tensor_split)
+        rows = device_memory(p, devs)
         return ModelPlan(
             str(ckpt.path),
             ckpt.family.name,
             config.dtype,
             config.ctx,
             _params(g),
-            device_memory(p, devs),
+            rows,
             p,
+            ckpt.config.ctx,
+            host_memory(rows, devs),
         )
     finally:
         ckpt.close()

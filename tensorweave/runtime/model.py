@@ -165,6 +165,9 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
 def runtime_config(checkpoint: Checkpoint, dtype: Any = None, ctx: int | None = None) -> Any:
     """The checkpoint's config with the dtype and KV-cache length a model runs with (see ``load``)."""
     dt = checkpoint.dtype if dtype is None else dtypes.to_dtype(dtype)
+    if not dtypes.is_float(dt):
+        floats = ", ".join(n for n in dtypes.DTYPES if dtypes.is_float(n))
+        raise UnsupportedError(f"dtype {dtypes.name(dt)}: a model computes in a float dtype ({floats})")
     cfg = checkpoint.config
     return replace(cfg, ctx=int(ctx or min(cfg.ctx, DEFAULT_CTX)), dtype=dtypes.name(dt))
 
