@@ -48,13 +48,15 @@ byte-for-byte the same on a rerun with the same library versions)::
 from __future__ import annotations
 
 import argparse
+import functools
 import io
 import json
 import math
+import re
 import shutil
 import tempfile
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -1234,8 +1236,11 @@ def make_gemma3_270m(out_root: Path) -> dict[str, Any]:
         model.generation_config.eos_token_id = None
         try:
             out = model.generate(
-                input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                max_new_tokens=GEMMA3_270M_NEW_TOKENS, min_new_tokens=GEMMA3_270M_NEW_TOKENS,
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                do_sample=False,
+                max_new_tokens=GEMMA3_270M_NEW_TOKENS,
+                min_new_tokens=GEMMA3_270M_NEW_TOKENS,
             )
         finally:
             model.generation_config.eos_token_id = saved_eos
@@ -1264,7 +1269,236 @@ def make_gemma3_270m(out_root: Path) -> dict[str, Any]:
     return {"summary": [c["greedy_text"] for c in cases]}
 
 
-GEMMA_MAKERS = {"gemma3_270m": make_gemma3_270m}
+# ----------------------------------------------------------------------------------------------------------------------
+# gemma (issue 16): tiny Gemma 3 / Gemma 4 models (Hugging Face directories) and their transformers outputs
+# ----------------------------------------------------------------------------------------------------------------------
+
+GEMMA_COMMON: dict[str, Any] = {
+    "vocab_size": 384,
+    "hidden_size": 64,
+    "max_position_embeddings": 256,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+    "intermediate_size": 96,
+    "rms_norm_eps": 1e-6,
+    "tie_word_embeddings": True,
+    "sliding_window": 6,  # shorter than the 16-token prefill of the incremental test and the 24 tokens
+}
+
+GEMMA_FIXTURES: list[Fixture] = [
+    Fixture(
+        name="gemma3",
+        hf_class="Gemma3ForCausalLM",
+        config_class="Gemma3TextConfig",
+        gguf_arch="gemma3",
+        tokenizer_style="llama",
+        seed=8009,
+        config={
+            **GEMMA_COMMON,
+            "num_hidden_layers": 4,
+            "layer_types": ["sliding_attention", "full_attention", "sliding_attention", "sliding_attention"],
+            "query_pre_attn_scalar": 24,
+            "final_logit_softcapping": 6.0,
+            "attn_logit_softcapping": 4.0,
+            "rope_parameters": {
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1000000.0},
+            },
+        },
+        notes="(1 + w) norms with w ~ 0.3 N(0, 1); sliding window 6 with a sliding last layer; query_pre_attn_scalar "
+        "24 != head_dim; linear rope scaling on the full layer only; a final logit softcap; attn_logit_softcapping "
+        "set, which transformers' Gemma 3 (like llama.cpp's) never applies",
+    ),
+    Fixture(
+        name="gemma4",
+        hf_class="Gemma4ForCausalLM",
+        config_class="Gemma4TextConfig",
+        gguf_arch="gemma4",
+        tokenizer_style="llama",
+        seed=9011,
+        config={
+            **GEMMA_COMMON,
+            "num_hidden_layers": 6,
+            "layer_types": ["sliding_attention", "full_attention"] + ["sliding_attention"] * 3 + ["full_attention"],
+            "global_head_dim": 32,
+            "attention_k_eq_v": True,
+            "num_global_key_value_heads": 1,
+            "num_kv_shared_layers": 2,
+            "use_double_wide_mlp": True,
+            "hidden_size_per_layer_input": 8,
+            "vocab_size_per_layer_input": 384,
+            "final_logit_softcapping": 10.0,
+            "rope_parameters": {
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1e6},
+            },
+        },
+        notes="per-layer head_dim 16 / 32 (full) and KV heads 2 / 1 (full, k_eq_v: no v_proj); layers 4 and 5 share "
+        "the caches of layers 3 (sliding) and 1 (full), with 2x wide MLPs; PLE (8 per layer); proportional rope; "
+        "final softcap 10",
+    ),
+    Fixture(
+        name="gemma4_moe",
+        hf_class="Gemma4ForCausalLM",
+        config_class="Gemma4TextConfig",
+        gguf_arch="gemma4",
+        tokenizer_style="llama",
+        seed=9017,
+        config={
+            **GEMMA_COMMON,
+            "num_hidden_layers": 3,
+            "layer_types": ["sliding_attention", "sliding_attention", "full_attention"],
+            "global_head_dim": 32,
+            "attention_k_eq_v": True,
+            "num_global_key_value_heads": 1,
+            "hidden_size_per_layer_input": 0,
+            "enable_moe_block": True,
+            "num_experts": 4,
+            "top_k_experts": 2,
+            "moe_intermediate_size": 32,
+            "rope_parameters": {
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1e6},
+            },
+        },
+        notes="an MoE block (4 experts, top-2, per_expert_scale, router scale) beside the dense MLP in every layer; "
+        "k_eq_v full layer; no PLE, no KV sharing",
+    ),
+]
+
+
+def gemma_loud_init(model: torch.nn.Module, fx: Fixture) -> None:
+    """Like ``loud_init``, with Gemma's extra tensors: every 1-D weight far from its neutral value (Gemma 3's
+    ``(1 + w)`` norms get w ~ 0.3 N(0, 1), so a runtime that multiplies by ``w`` fails loudly), router scales,
+    ``layer_scalar`` buffers, the PLE table and the fused experts."""
+    gen = torch.Generator().manual_seed(fx.seed)
+    hidden = fx.config["hidden_size"]
+    plus_one = fx.hf_class.startswith("Gemma3")
+    with torch.no_grad():
+        for name, p in [*model.named_parameters(), *model.named_buffers()]:
+            randn = torch.randn(p.shape, generator=gen, dtype=torch.float32)
+            if name.endswith(("embed_scale", "inv_freq")):  # derived buffers, recomputed by transformers
+                continue
+            if re.search(r"norm(_\d)?\.weight$", name):
+                value = 0.3 * randn if plus_one else 1.0 + 0.2 * randn
+            elif name.endswith("layer_scalar"):
+                value = 0.8 + 0.1 * randn
+            elif name.endswith(("router.scale", "router.per_expert_scale")):
+                value = 1.0 + 0.3 * randn
+            elif name.endswith("embed_tokens.weight"):
+                value = 0.5 * randn
+            elif name.endswith("embed_tokens_per_layer.weight"):
+                value = randn
+            elif name.endswith("router.proj.weight"):
+                value = randn * (2.5 / math.sqrt(hidden))
+            elif name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+                value = randn / math.sqrt(p.shape[-1])
+            elif p.ndim == 2:
+                value = randn / math.sqrt(p.shape[1])
+            else:
+                raise RuntimeError(f"no init rule for {name} {tuple(p.shape)}")
+            p.copy_(value)
+
+
+@torch.no_grad()
+def gemma_routing_margin(model: torch.nn.Module, tokens: np.ndarray, top_k: int) -> float:
+    """The smallest gap between the k-th and (k+1)-th router probability over every MoE layer and token."""
+    gaps: list[float] = []
+    hooks = [
+        m.register_forward_hook(
+            lambda _m, _i, out: gaps.append(
+                float(
+                    (
+                        out[0].sort(-1, descending=True).values[:, top_k - 1]
+                        - out[0].sort(-1, descending=True).values[:, top_k]
+                    ).min()
+                )
+            )
+        )
+        for n, m in model.named_modules()
+        if n.endswith(".router")
+    ]
+    try:
+        forward_logits(model, tokens)
+    finally:
+        for h in hooks:
+            h.remove()
+    return min(gaps)
+
+
+def make_gemma_fixture(fx: Fixture, out_root: Path) -> dict[str, Any]:
+    """``<name>/hf`` (save_pretrained, the llama-style fixture tokenizer), ``expected.npz`` (tokens, logits, greedy,
+    greedy_prompt_len, as ``make_fixture``) and ``meta.json``."""
+    out = out_root / fx.name
+    if out.exists():
+        shutil.rmtree(out)
+    hf_dir = out / "hf"
+    hf_dir.mkdir(parents=True)
+    info = make_tokenizer(fx.tokenizer_style, fx.config["vocab_size"])
+    save_tokenizer(info, hf_dir)
+    tokens = fixed_tokens(info)
+    config_cls, model_cls = getattr(transformers, fx.config_class), getattr(transformers, fx.hf_class)
+    ids = {k: info.token_id(t) for k, t in (("bos_token_id", info.bos), ("eos_token_id", info.eos))}
+    torch.manual_seed(fx.seed)
+    built = model_cls(config_cls(**fx.config, **ids, pad_token_id=0)).to(torch.float32)
+    gemma_loud_init(built, fx)
+    built.eval()
+    built.save_pretrained(hf_dir, safe_serialization=True)
+    model = load_hf(hf_dir)
+    saved_sd, built_sd = model.state_dict(), built.state_dict()
+    if sorted(saved_sd) != sorted(built_sd) or not all(torch.equal(saved_sd[k], built_sd[k]) for k in saved_sd):
+        raise RuntimeError("the saved model does not reload with the built weights")
+    logits = forward_logits(model, tokens)
+    gen, margin = greedy(model, tokens[:PROMPT_LEN])
+    if margin < 0.05:
+        raise RuntimeError(f"near-tie in greedy decoding: {margin}")
+    checks: dict[str, Any] = {
+        "greedy_min_top1_top2_margin": margin,
+        "logits_std": float(logits.std(-1).mean()),
+        "distinct_argmax_over_24_positions": len(set(np.argmax(logits, axis=-1).tolist())),
+    }
+    if fx.config.get("enable_moe_block"):
+        k = fx.config["top_k_experts"]
+        checks["routing_min_prob_gap"] = min(
+            gemma_routing_margin(model, tokens, k),
+            gemma_routing_margin(model, np.concatenate([tokens[:PROMPT_LEN], gen]), k),
+        )
+        if checks["routing_min_prob_gap"] < 1e-4:  # a float32 runtime's router probabilities are off by ~1e-7
+            raise RuntimeError(f"near-tie in top-k routing: {checks}")
+    save_npz(
+        out / "expected.npz",
+        {
+            "tokens": tokens.astype(np.int32),
+            "logits": logits.astype(np.float32),
+            "greedy": gen.astype(np.int32),
+            "greedy_prompt_len": np.asarray(PROMPT_LEN, dtype=np.int32),
+        },
+    )
+    stored = load_file(hf_dir / "model.safetensors")
+    meta = {
+        "name": fx.name,
+        "notes": fx.notes,
+        "hf_class": fx.hf_class,
+        "seed": fx.seed,
+        "config": fx.config,
+        "init": "gemma_loud_init",
+        "tensors": {k: list(v.shape) for k, v in sorted(stored.items())},
+        "checks": checks,
+        "expected": {
+            "tokens": tokens.tolist(),
+            "greedy": gen.tolist(),
+            "reference": f"transformers {transformers.__version__}, torch {torch.__version__.split('+')[0]}, eager",
+        },
+    }
+    (out / "meta.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return {"summary": f"{sum(v.size for v in stored.values())} params, greedy {gen.tolist()}, {checks}"}
+
+
+GEMMA_MAKERS: dict[str, Callable[[Path], dict[str, Any]]] = {
+    "gemma3_270m": make_gemma3_270m,
+    **{fx.name: functools.partial(make_gemma_fixture, fx) for fx in GEMMA_FIXTURES},
+}
 
 
 def iter_fixtures(only: str | None) -> Iterator[Fixture]:

@@ -131,7 +131,6 @@ class Gemma3(ModelFamily):
             raise UnsupportedError(f"gemma3: activation {c.get('hidden_activation')!r} (known: gelu_pytorch_tanh)")
         n_layer = int(c["num_hidden_layers"])
         local_theta, theta, scaling = _rope_split(c)
-        softcap = c.get("attn_logit_softcapping")
         return Gemma3Config(
             vocab=int(c["vocab_size"]),
             hidden=int(c["hidden_size"]),
@@ -141,8 +140,7 @@ class Gemma3(ModelFamily):
             head_dim=int(c["head_dim"]),
             ffn=int(c["intermediate_size"]),
             qk_norm=True,
-            window=int(c["sliding_window"]),
-            softcap=float(softcap) if softcap else None,
+            window=int(c["sliding_window"]),  # attn_logit_softcapping is Gemma 2's: transformers' Gemma 3 ignores it
             rope_theta=theta,
             rope_scaling=scaling,
             norm_eps=float(c["rms_norm_eps"]),
@@ -162,11 +160,9 @@ class Gemma3(ModelFamily):
         # checkpoint's query_pre_attn_scalar says; GGUF has no key for it)
         scalar = hidden // n_head if n_layer == 62 else kw["head_dim"]
         softcap = meta.get("gemma3.final_logit_softcapping")
-        attn_softcap = meta.get("gemma3.attn_logit_softcapping")
         return Gemma3Config(
             **{**kw, "n_rot": None},
             qk_norm=True,
-            softcap=float(attn_softcap) if attn_softcap else None,
             norm_plus_one=True,
             tied="output" not in shapes,
             sliding=_sliding(n_layer, None, int(meta.get("gemma3.attention.sliding_window_pattern", 6))),
