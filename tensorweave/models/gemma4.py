@@ -145,11 +145,14 @@ def post_normed_sum(g: Graph, cfg: Gemma4Config, layer: Layer, a: Tensor, b: Ten
 def build(cfg: Gemma4Config, tokens: int, n_logits: int | None = None) -> Graph:
     g, x, pos = blocks.embed(cfg, tokens)
     x = g.scale(x, scale=embed_scale(cfg.hidden, cfg.dtype))
-    ple = ple_inputs(g, cfg, g.inputs["tokens"], x) if cfg.ple_dim else None
     kv: dict[int, tuple[Tensor, Tensor]] = {}
+    ple: Tensor | None = None
     for il in range(cfg.n_layer):
         layer = cfg.layer(il)
-        a = attention(g, cfg, layer, blocks.norm(g, cfg, x, layer, "attn_norm"), pos, kv)
+        h = blocks.norm(g, cfg, x, layer, "attn_norm")
+        if il == 0 and cfg.ple_dim:  # traced after the first norm, which reduced x: the projection reads it whole
+            ple = ple_inputs(g, cfg, g.inputs["tokens"], x)
+        a = attention(g, cfg, layer, h, pos, kv)
         x = x + blocks.norm(g, cfg, a, layer, "post_attention_norm")
         ffn = cfg.ffn * (2 if cfg.double_wide and cfg.source(il) != il else 1)
         y = blocks.gated_ffn(g, layer, blocks.norm(g, cfg, x, layer, "ffn_norm"), ffn, glu="geglu")

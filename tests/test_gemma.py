@@ -1,0 +1,101 @@
+"""Gemma 3 and Gemma 4 against transformers: tiny random models (tools/make_fixtures.py, gemma block) whose
+logits and greedy tokens transformers computed. ``gemma3``: (1 + w) norms far from 1, a sliding last layer, a
+window (6) shorter than the prefill, linear rope on the full layer only, query_pre_attn_scalar != head_dim, final
+softcap. ``gemma4``: per-layer head_dim and KV heads, k_eq_v full layers with one KV head, KV sharing (layers 4
+and 5 read layers 3 and 1), double-wide MLPs, per-layer embeddings, proportional rope, final softcap.
+``gemma4_moe``: the MoE block beside the dense MLP in every layer.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import tensorweave as tw
+
+FIXTURES = Path(__file__).parent / "fixtures" / "models"
+NAMES = ["gemma3", "gemma4", "gemma4_moe"]
+# (devices, tensor_split): the full layers of the Gemma 4 fixtures have one KV head, so every split past TP=1 leaves
+# devices without attention there; 2 KV heads over 4 devices leave two devices without any.
+SPLITS = [
+    ("cpu-sim", None),
+    ("cpu-sim:2", [3, 1]),
+    ("cpu-sim:3", [2, 1, 1]),
+    ("cpu-sim:4", [1, 1, 1, 5]),
+]
+
+
+def expected(name: str) -> dict[str, np.ndarray]:
+    with np.load(FIXTURES / name / "expected.npz") as z:
+        return {k: z[k] for k in z.files}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_logits_match_transformers_at_every_split(name: str) -> None:
+    ref = expected(name)
+    for devices, split in SPLITS:
+        got = tw.load(FIXTURES / name / "hf", devices=devices, tensor_split=split).logits(ref["tokens"])
+        err = float(np.abs(got - ref["logits"]).max())
+        assert err < 1e-4, f"{name} {devices} {split}: max abs error {err:.2e}"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_prefill_then_single_tokens_equals_the_full_forward(name: str) -> None:
+    """A 16-token prefill (longer than the 6-token window: rings wrap inside one step), then 8 single tokens; in
+    float64, where the two agree exactly (float32 BLAS sums differ by ~1e-5 between 16- and 24-row products)."""
+    ref = expected(name)
+    model = tw.load(FIXTURES / name / "hf", devices="cpu-sim:3", tensor_split=[1, 1, 2], dtype="float64")
+    full = model.logits(ref["tokens"])
+    sess = model.session()
+    steps = [sess.eval(ref["tokens"][:16])] + [sess.eval(ref["tokens"][i : i + 1]) for i in range(16, 24)]
+    np.testing.assert_allclose(np.concatenate(steps), full, rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_greedy_continuation_equals_transformers(name: str) -> None:
+    ref = expected(name)
+    model = tw.load(FIXTURES / name / "hf", devices="cpu-sim:2", tensor_split=[1, 3])
+    gen = model.generate(ref["tokens"][: int(ref["greedy_prompt_len"])].tolist(), len(ref["greedy"]), ignore_eos=True)
+    assert gen.tokens == ref["greedy"].tolist()  # type: ignore[union-attr]
+
+
+def test_configs_map_every_gemma_switch() -> None:
+    g3 = tw.load(FIXTURES / "gemma3" / "hf").config
+    assert g3.sliding == (True, False, True, True) and g3.window == 6 and g3.norm_plus_one
+    assert (g3.attn_scale, g3.final_softcap, g3.softcap) == (24**-0.5, 6.0, None)
+    assert dict(g3.layer(1).rope.scaling) == {"factor": 4.0, "rope_type": "linear"} and not g3.layer(0).rope.scaling
+    g4 = tw.load(FIXTURES / "gemma4" / "hf").config
+    assert (g4.head_dims, g4.kv_heads) == ((16, 32, 16, 16, 16, 32), (2, 1, 2, 2, 2, 1))
+    assert [g4.source(il) for il in range(6)] == [0, 1, 2, 3, 3, 1] and g4.k_eq_v and g4.ple_dim == 8
+    factors = dict(g4.layer(1).rope.scaling)["factors"]
+    assert factors == (1.0,) * 4 + (float("inf"),) * 12  # 0.25 of 16 pairs rotate, over the full 32 dims
+    moe = tw.load(FIXTURES / "gemma4_moe" / "hf").config
+    assert moe.moe_block and (moe.n_expert, moe.top_k, moe.expert_ffn) == (4, 2, 32)
+
+
+def test_kv_shared_layers_own_no_cache_and_add_no_collective() -> None:
+    model = tw.load(FIXTURES / "gemma4" / "hf", devices="cpu-sim:3", tensor_split=[2, 1, 1])
+    layers = sorted({int(name.split(".")[1]) for name in model.caches})
+    assert layers == [0, 1, 2, 3]  # layers 4 and 5 read the caches of 3 and 1
+    assert {c.cache.kind for c in model.caches.values() if c.cache} == {"ring", "kv"}
+    # per layer one allreduce after attention and one after the FFN, one for the embedding, one for the PLE
+    # table; the vocab-split logits are gathered once: the shared layers read their caches where they lie
+    assert (model.plan.count("allreduce"), model.plan.count("allgather")) == (2 * 6 + 2, 1)
+    moe = tw.load(FIXTURES / "gemma4_moe" / "hf", devices="cpu-sim:2")
+    assert moe.plan.count("allreduce") == 2 * 3 + 1  # the dense MLP and the experts share one reduce
+
+
+def test_gemma4_state_saved_at_tp3_restores_at_tp1_and_tp2(tmp_path: Path) -> None:
+    """Rings wrapped (20 tokens, window 6) and shared layers: the restored sessions continue like one that never
+    stopped (float64, so the state is compared, not float32 summation order)."""
+    ids = expected("gemma4")["tokens"].tolist()
+    saver = tw.load(FIXTURES / "gemma4" / "hf", devices="cpu-sim:3", tensor_split=[1, 2, 1], dtype="float64")
+    sess = saver.session()
+    sess.eval(ids[:20])
+    path = sess.save(tmp_path / "gemma4.tws")
+    whole = sess.eval(ids[20:])
+    for devices, split in (("cpu-sim", None), ("cpu-sim:2", [1, 3])):
+        resumed = tw.load(FIXTURES / "gemma4" / "hf", devices=devices, tensor_split=split, dtype="float64")
+        np.testing.assert_allclose(resumed.restore(path).eval(ids[20:]), whole, rtol=0, atol=1e-9)
