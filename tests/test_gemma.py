@@ -99,3 +99,56 @@ def test_gemma4_state_saved_at_tp3_restores_at_tp1_and_tp2(tmp_path: Path) -> No
     for devices, split in (("cpu-sim", None), ("cpu-sim:2", [1, 3])):
         resumed = tw.load(FIXTURES / "gemma4" / "hf", devices=devices, tensor_split=split, dtype="float64")
         np.testing.assert_allclose(resumed.restore(path).eval(ids[20:]), whole, rtol=0, atol=1e-9)
+
+
+# --- Gemma 4 thinking: <|channel>thought ... <channel|> and the reasoning budget -----------------------------------
+
+START, END = "<|channel>thought", "<channel|>"
+
+
+def test_reasoning_budget_ends_gemma4_thinking_after_exactly_n_tokens() -> None:
+    """On the Gemma 4 fixture: thinking switched on in the system turn, the model's turn opens a thought; after 4
+    counted tokens the budget message and <channel|> are forced, token by token. (The question is one whose
+    thought starts with whole ASCII characters: after a partial UTF-8 byte token the budget waits for the rest.)"""
+    model = tw.load(FIXTURES / "gemma4" / "hf", devices="cpu-sim:3", tensor_split=[1, 1, 2])
+    tok = model.tokenizer
+    assert tok is not None and model.family.reasoning_tags == (START, END)
+    question = [{"role": "user", "content": "Why is the sky blue?"}]
+    prompt = tok.apply_chat_template(question, enable_thinking=True) + START + "\n"
+    assert prompt.startswith("<s><|turn>system\n<|think|><turn|>\n") and prompt.endswith(
+        "<|turn>model\n" + START + "\n"
+    )
+    ids = tok.encode(prompt, add_special=False)
+    forced = tok.encode(" ok." + END, add_special=False)
+    assert forced[-1] == tok.token_to_id(END)
+    gen = model.generate(ids, 4 + len(forced) + 3, reasoning_budget=4, reasoning_budget_message=" ok.", ignore_eos=True)
+    free = model.generate(ids, 4 + len(forced) + 3, ignore_eos=True)
+    assert gen.tokens[4 : 4 + len(forced)] == forced  # type: ignore[union-attr]
+    assert gen.tokens[:4] == free.tokens[:4] and forced[-1] not in gen.tokens[:4]  # type: ignore[union-attr]
+    assert free.tokens[4 : 4 + len(forced)] != forced  # type: ignore[union-attr]  # the model would not have
+
+
+@pytest.mark.parametrize("budget", [0, 1, 3])
+def test_scripted_gemma4_thought_is_cut_after_the_budget(budget: int) -> None:
+    """A scripted model that writes <|channel>thought itself and would never close it: exactly ``budget`` thought
+    tokens, then the forced message and end tag, then free sampling again."""
+    from tensorweave.runtime.sampling import Sampler, SamplingParams
+
+    tok = tw.load(FIXTURES / "gemma4" / "hf").tokenizer
+    assert tok is not None
+    start, end = tok.encode(START, add_special=False), tok.token_to_id(END)
+    words = tok.encode(" the quick brown fox jumps over the lazy dog", add_special=False)
+    script = [*start, *words]
+    params = SamplingParams(temperature=0.0, reasoning_budget=budget, reasoning_budget_message=" Done.")
+    sampler = Sampler(params, tok.vocab_size, tok, (START, END))
+    sampler.prime(tok.encode(tok.apply_chat_template([{"role": "user", "content": "hi"}], enable_thinking=True)))
+    out = []
+    for step in range(len(start) + budget + 8):
+        logits = np.zeros(tok.vocab_size, np.float32)
+        logits[end] = -np.inf
+        logits[script[step] if step < len(script) else words[0]] = 60.0
+        out.append(sampler.sample(logits))
+    forced = tok.encode(" Done." + END, add_special=False)
+    assert out[: len(start) + budget] == script[: len(start) + budget]
+    assert out[len(start) + budget : len(start) + budget + len(forced)] == forced
+    assert sampler.reasoning_state == "done"

@@ -1368,6 +1368,39 @@ GEMMA_FIXTURES: list[Fixture] = [
 ]
 
 
+#: Gemma 4's turn and thinking control tokens (its tokenizer_config.json names them sot/eot, think, soc/eoc).
+GEMMA4_SPECIALS = ["<|turn>", "<turn|>", "<|think|>", "<|channel>", "<channel|>"]
+
+#: A Gemma-4-shaped chat template written here (the shape of Google's, none of its tool handling): turns in
+#: <|turn>ROLE ... <turn|>, the assistant's role named "model", thinking switched on by <|think|> at the top of a
+#: system turn (``enable_thinking``); the model then thinks in <|channel>thought ... <channel|>.
+GEMMA4_TEMPLATE = (
+    "{{- bos_token -}}"
+    "{%- set thinking = enable_thinking is defined and enable_thinking -%}"
+    "{%- if thinking or messages[0]['role'] == 'system' -%}"
+    "{{- '<|turn>system\\n' -}}"
+    "{%- if thinking -%}{{- '<|think|>' -}}{%- endif -%}"
+    "{%- if messages[0]['role'] == 'system' -%}{{- messages[0]['content'] | trim -}}{%- endif -%}"
+    "{{- '<turn|>\\n' -}}"
+    "{%- endif -%}"
+    "{%- for message in messages if message['role'] != 'system' -%}"
+    "{%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}"
+    "{{- '<|turn>' + role + '\\n' + message['content'] | trim + '<turn|>\\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|turn>model\\n' -}}{%- endif -%}"
+)
+
+
+def gemma_tokenizer(fx: Fixture) -> TokenizerInfo:
+    """The llama-style fixture tokenizer; Gemma 4's has its control tokens (in place of padding) and template."""
+    vocab = fx.config["vocab_size"]
+    if not fx.name.startswith("gemma4"):
+        return make_tokenizer(fx.tokenizer_style, vocab)
+    tok, n_pad = train_llama_tokenizer(vocab - len(GEMMA4_SPECIALS))
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in GEMMA4_SPECIALS])
+    return TokenizerInfo(tok, "llama", GEMMA4_TEMPLATE, "<s>", "<turn|>", None, True, n_pad)
+
+
 def gemma_loud_init(model: torch.nn.Module, fx: Fixture) -> None:
     """Like ``loud_init``, with Gemma's extra tensors: every 1-D weight far from its neutral value (Gemma 3's
     ``(1 + w)`` norms get w ~ 0.3 N(0, 1), so a runtime that multiplies by ``w`` fails loudly), router scales,
@@ -1435,7 +1468,7 @@ def make_gemma_fixture(fx: Fixture, out_root: Path) -> dict[str, Any]:
         shutil.rmtree(out)
     hf_dir = out / "hf"
     hf_dir.mkdir(parents=True)
-    info = make_tokenizer(fx.tokenizer_style, fx.config["vocab_size"])
+    info = gemma_tokenizer(fx)
     save_tokenizer(info, hf_dir)
     tokens = fixed_tokens(info)
     config_cls, model_cls = getattr(transformers, fx.config_class), getattr(transformers, fx.hf_class)
