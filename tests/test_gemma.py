@@ -152,3 +152,28 @@ def test_scripted_gemma4_thought_is_cut_after_the_budget(budget: int) -> None:
     assert out[: len(start) + budget] == script[: len(start) + budget]
     assert out[len(start) + budget : len(start) + budget + len(forced)] == forced
     assert sampler.reasoning_state == "done"
+
+
+@pytest.mark.parametrize(("name", "model_type"), [("gemma3", "gemma3"), ("gemma4", "gemma4")])
+def test_the_language_model_of_a_multimodal_checkpoint_loads(name: str, model_type: str, tmp_path: Path) -> None:
+    """The fixture as a multimodal checkpoint stores it: config under ``text_config``, the language model under
+    ``model.language_model.``, a vision tower beside it (skipped)."""
+    import json
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    src = FIXTURES / name / "hf"
+    for f in src.iterdir():
+        shutil.copy(f, tmp_path / f.name)
+    text = json.loads((src / "config.json").read_text())
+    config = {"model_type": model_type, "text_config": text, "tie_word_embeddings": True, "vision_config": {}}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    tensors = {
+        k.replace("model.", "model.language_model.", 1): v for k, v in load_file(src / "model.safetensors").items()
+    }
+    tensors["model.vision_tower.encoder.layers.0.mlp.fc1.weight"] = np.ones((4, 4), np.float32)
+    save_file(tensors, tmp_path / "model.safetensors")
+    ref = expected(name)
+    got = tw.load(tmp_path, devices="cpu-sim:2").logits(ref["tokens"])
+    assert float(np.abs(got - ref["logits"]).max()) < 1e-4
