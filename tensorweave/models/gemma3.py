@@ -21,7 +21,7 @@ import numpy as np
 from tensorweave.core import dtypes
 from tensorweave.core.graph import Graph
 from tensorweave.core.hookspecs import hookimpl
-from tensorweave.core.model import LLAMA_HF_NAMES, ModelFamily, Naming
+from tensorweave.core.model import LLAMA_HF_NAMES, ModelFamily, Naming, Target
 from tensorweave.errors import UnsupportedError
 from tensorweave.models import blocks
 from tensorweave.models.blocks import Config, Layer, Rope
@@ -96,7 +96,7 @@ def _rope_split(c: dict[str, Any]) -> tuple[float, float, tuple[tuple[str, Any],
     return local_theta, theta, tuple(sorted(full.items()))
 
 
-def _sliding(n_layer: int, types: Any, pattern: int) -> tuple[bool, ...]:
+def sliding_layers(n_layer: int, types: Any, pattern: int) -> tuple[bool, ...]:
     if types is None:  # every pattern-th layer is full (transformers' and llama.cpp's rule)
         return tuple(bool((il + 1) % pattern) for il in range(n_layer))
     unknown = set(types) - {"sliding_attention", "full_attention"}
@@ -105,17 +105,21 @@ def _sliding(n_layer: int, types: Any, pattern: int) -> tuple[bool, ...]:
     return tuple(t == "sliding_attention" for t in types)
 
 
+# llama's names, but the norm after attention is a post-norm and the FFN has its own pre- and post-norms
+GEMMA_HF_NAMES: dict[str, Target] = {
+    **LLAMA_HF_NAMES,
+    "model.layers.{L}.post_attention_layernorm.weight": "blk.{L}.post_attention_norm",
+    "model.layers.{L}.pre_feedforward_layernorm.weight": "blk.{L}.ffn_norm",
+    "model.layers.{L}.post_feedforward_layernorm.weight": "blk.{L}.post_ffw_norm",
+}
+
+
 class Gemma3(ModelFamily):
     name = "gemma3"
     hf_model_types: tuple[str, ...] = ("gemma3_text", "gemma3")
     gguf_architectures: tuple[str, ...] = ("gemma3",)
     hf_naming = Naming(
-        {
-            **LLAMA_HF_NAMES,
-            "model.layers.{L}.post_attention_layernorm.weight": "blk.{L}.post_attention_norm",
-            "model.layers.{L}.pre_feedforward_layernorm.weight": "blk.{L}.ffn_norm",
-            "model.layers.{L}.post_feedforward_layernorm.weight": "blk.{L}.post_ffw_norm",
-        },
+        GEMMA_HF_NAMES,
         # transformers 5 keeps the language model under model.language_model.; published gemma3 checkpoints under
         # language_model.model. (and its head under language_model.lm_head.)
         prefixes={"model.language_model.": "model.", "language_model.model.": "model.", "language_model.": ""},
@@ -147,7 +151,7 @@ class Gemma3(ModelFamily):
             norm_plus_one=True,
             tied=bool(config.get("tie_word_embeddings", c["tie_word_embeddings"])),
             ctx=int(c["max_position_embeddings"]),
-            sliding=_sliding(n_layer, c.get("layer_types"), int(c["sliding_window_pattern"])),
+            sliding=sliding_layers(n_layer, c.get("layer_types"), int(c["sliding_window_pattern"])),
             local_theta=local_theta,
             attn_scale=float(c["query_pre_attn_scalar"]) ** -0.5,
             final_softcap=float(c["final_logit_softcapping"]) if c.get("final_logit_softcapping") else None,
@@ -165,7 +169,7 @@ class Gemma3(ModelFamily):
             qk_norm=True,
             norm_plus_one=True,
             tied="output" not in shapes,
-            sliding=_sliding(n_layer, None, int(meta.get("gemma3.attention.sliding_window_pattern", 6))),
+            sliding=sliding_layers(n_layer, None, int(meta.get("gemma3.attention.sliding_window_pattern", 6))),
             local_theta=float(meta.get("gemma3.rope.freq_base_swa", 10_000.0)),
             attn_scale=float(scalar) ** -0.5,
             final_softcap=float(softcap) if softcap else None,

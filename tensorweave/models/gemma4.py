@@ -30,12 +30,12 @@ from typing import Any
 
 from tensorweave.core.graph import Graph, Tensor
 from tensorweave.core.hookspecs import hookimpl
-from tensorweave.core.model import Derived, ModelFamily, Naming, piece
+from tensorweave.core.model import Derived, ModelFamily, Naming, Target, piece
 from tensorweave.core.sharding import Role
 from tensorweave.errors import UnsupportedError
 from tensorweave.models import blocks
 from tensorweave.models.blocks import Config, Layer, Rope
-from tensorweave.models.gemma3 import _sliding, embed_scale
+from tensorweave.models.gemma3 import GEMMA_HF_NAMES, embed_scale, sliding_layers
 
 STILL = float("inf")  # a rope pair factor that stops the pair rotating (its frequency becomes 0)
 
@@ -184,32 +184,18 @@ def _proportional(params: dict[str, Any], head_dim: int) -> tuple[tuple[str, Any
     return (("factors", factors), ("rope_type", "factors"))
 
 
-def _layer(hf: str, graph: str) -> tuple[str, str]:
-    return f"model.layers.{{L}}.{hf}", f"blk.{{L}}.{graph}"
-
-
-HF_NAMES: dict[str, Any] = {
-    "model.embed_tokens.weight": "token_embd",
-    "model.norm.weight": "output_norm",
-    "lm_head.weight": "output",
+# Gemma 3's names plus Gemma 4's own: PLE, the MoE block beside the MLP (fused gate_up experts), layer_scalar
+HF_NAMES: dict[str, Target] = {
+    **GEMMA_HF_NAMES,
     "model.embed_tokens_per_layer.weight": "per_layer_token_embd",
     "model.per_layer_model_projection.weight": "per_layer_model_proj",
     "model.per_layer_projection_norm.weight": "per_layer_proj_norm",
-    **dict(
-        _layer(hf, graph)
+    **{
+        f"model.layers.{{L}}.{hf}": f"blk.{{L}}.{graph}"
         for hf, graph in {
-            "input_layernorm.weight": "attn_norm",
-            "post_attention_layernorm.weight": "post_attention_norm",
-            "pre_feedforward_layernorm.weight": "ffn_norm",
-            "post_feedforward_layernorm.weight": "post_ffw_norm",
             "pre_feedforward_layernorm_2.weight": "pre_ffw_norm_2",
             "post_feedforward_layernorm_1.weight": "post_ffw_norm_1",
             "post_feedforward_layernorm_2.weight": "post_ffw_norm_2",
-            "self_attn.q_norm.weight": "attn_q_norm",
-            "self_attn.k_norm.weight": "attn_k_norm",
-            **{f"self_attn.{x}_proj.weight": f"attn_{x}" for x in "qkv"},
-            "self_attn.o_proj.weight": "attn_output",
-            **{f"mlp.{x}_proj.weight": f"ffn_{x}" for x in ("gate", "up", "down")},
             "router.proj.weight": "ffn_gate_inp",
             "router.scale": "ffn_gate_inp.scale",
             "router.per_expert_scale": "ffn_down_exps.scale",
@@ -219,7 +205,7 @@ HF_NAMES: dict[str, Any] = {
             "post_per_layer_input_norm.weight": "post_norm",
             "layer_scalar": "layer_output_scale",
         }.items()
-    ),
+    },
     "model.layers.{L}.experts.gate_up_proj": (
         Derived("blk.{L}.ffn_gate_exps", axis=1, rows=piece(0, 2)),
         Derived("blk.{L}.ffn_up_exps", axis=1, rows=piece(1, 2)),
@@ -250,7 +236,7 @@ class Gemma4(ModelFamily):
         types = list(c.get("layer_types") or [])
         if types:
             types[-1] = "full_attention"  # transformers forces the last layer full
-        sliding = _sliding(n_layer, types or None, 6)
+        sliding = sliding_layers(n_layer, types or None, 6)
         rope = c.get("rope_parameters") or {}
         local = dict(rope.get("sliding_attention") or {"rope_theta": 10_000.0})
         full = dict(rope.get("full_attention") or {"rope_type": "proportional", "partial_rotary_factor": 0.25})
