@@ -177,3 +177,26 @@ def test_the_language_model_of_a_multimodal_checkpoint_loads(name: str, model_ty
     ref = expected(name)
     got = tw.load(tmp_path, devices="cpu-sim:2").logits(ref["tokens"])
     assert float(np.abs(got - ref["logits"]).max()) < 1e-4
+
+
+@pytest.mark.parametrize(
+    ("name", "change", "message"),
+    [
+        ("gemma3", {"use_bidirectional_attention": True}, "bidirectional"),
+        ("gemma4", {"num_kv_shared_layers": 5}, "share caches no earlier layer"),
+        ("gemma4", {"rope_parameters": {"full_attention": {"rope_type": "yarn", "rope_theta": 1e6}}}, "yarn"),
+    ],
+)
+def test_settings_gemma_cannot_run_are_refused_naming_the_file(
+    name: str, change: dict[str, object], message: str, tmp_path: Path
+) -> None:
+    import json
+    import shutil
+
+    for f in (FIXTURES / name / "hf").iterdir():
+        shutil.copy(f, tmp_path / f.name)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, **change}))
+    with pytest.raises(tw.errors.UnsupportedError, match=message) as e:
+        tw.load(tmp_path)
+    assert str(tmp_path) in str(e.value)

@@ -255,6 +255,9 @@ class Gemma4(ModelFamily):
         global_hd = next((head_dims[il] for il in range(n_layer) if not sliding[il]), head_dim)
         moe = bool(c.get("enable_moe_block", False))
         softcap = c.get("final_logit_softcapping")
+        shared = int(c.get("num_kv_shared_layers", 0))
+        if shared and set(sliding[n_layer - shared :]) - set(sliding[: n_layer - shared]):
+            raise UnsupportedError(f"gemma4: the last {shared} layers share caches no earlier layer of their type has")
         return Gemma4Config(
             vocab=int(c.get("vocab_size", 262_144)),
             hidden=int(c["hidden_size"]),
@@ -278,7 +281,7 @@ class Gemma4(ModelFamily):
             kv_heads=kv_heads,
             global_rope=_proportional(full, global_hd),
             k_eq_v=k_eq_v,
-            n_kv_shared=int(c.get("num_kv_shared_layers", 0)),
+            n_kv_shared=shared,
             double_wide=bool(c.get("use_double_wide_mlp", False)),
             ple_dim=int(c.get("hidden_size_per_layer_input") or 0),
             ple_vocab=int(c.get("vocab_size_per_layer_input", 262_144)),
