@@ -1356,7 +1356,7 @@ GEMMA_FIXTURES: list[Fixture] = [
             "layer_types": ["sliding_attention", "sliding_attention", "full_attention"],
             "global_head_dim": 32,
             "attention_k_eq_v": True,
-            "num_global_key_value_heads": 1,
+            "num_global_key_value_heads": 2,
             "hidden_size_per_layer_input": 0,
             "enable_moe_block": True,
             "num_experts": 4,
@@ -1368,7 +1368,7 @@ GEMMA_FIXTURES: list[Fixture] = [
             },
         },
         notes="an MoE block (4 experts, top-2, per_expert_scale, router scale) beside the dense MLP in every layer; "
-        "k_eq_v full layer; no PLE, no KV sharing",
+        "k_eq_v full layer with 2 KV heads; no PLE, no KV sharing",
     ),
 ]
 
