@@ -32,13 +32,32 @@ def expected(name: str) -> dict[str, np.ndarray]:
         return {k: z[k] for k in z.files}
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_logits_match_transformers_at_every_split(name: str) -> None:
-    ref = expected(name)
+@pytest.mark.parametrize("source", ["gemma3/hf", "gemma4/hf", "gemma4/model-f32.gguf", "gemma4_moe/hf"])
+def test_logits_match_transformers_at_every_split(source: str) -> None:
+    """(The Gemma 4 GGUF is the HF fixture converted here with gguf-py's names and keys, rope_freqs for the
+    proportional rope; the real Gemma 3 GGUF is tests/test_gemma_real.py's.)"""
+    ref = expected(source.split("/")[0])
     for devices, split in SPLITS:
-        got = tw.load(FIXTURES / name / "hf", devices=devices, tensor_split=split).logits(ref["tokens"])
+        got = tw.load(FIXTURES / source, devices=devices, tensor_split=split).logits(ref["tokens"])
         err = float(np.abs(got - ref["logits"]).max())
-        assert err < 1e-4, f"{name} {devices} {split}: max abs error {err:.2e}"
+        assert err < 1e-4, f"{source} {devices} {split}: max abs error {err:.2e}"
+
+
+def test_gemma4_gguf_config_and_vocabulary_equal_the_hf_ones() -> None:
+    hf, gg = tw.load(FIXTURES / "gemma4" / "hf"), tw.load(FIXTURES / "gemma4" / "model-f32.gguf")
+    a, b = hf.config, gg.config
+    assert (a.sliding, a.head_dims, a.kv_heads, a.n_kv_shared, a.k_eq_v, a.double_wide, a.ple_dim) == (
+        b.sliding,
+        b.head_dims,
+        b.kv_heads,
+        b.n_kv_shared,
+        b.k_eq_v,
+        b.double_wide,
+        b.ple_dim,
+    )
+    text = "Why is the sky blue? <|channel>thought\nno<channel|>"
+    assert hf.tokenizer is not None and gg.tokenizer is not None
+    assert hf.tokenizer.encode(text) == gg.tokenizer.encode(text)
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -1465,6 +1465,58 @@ def gemma_routing_margin(model: torch.nn.Module, tokens: np.ndarray, top_k: int)
     return min(gaps)
 
 
+def write_gemma4_gguf(path: Path, fx: Fixture, hf_dir: Path, info: TokenizerInfo) -> None:
+    """A dense Gemma 4 GGUF (all F32) from the saved HF directory, written the way llama.cpp's converter lays it out
+    as far as gguf-py says: tensor names from ``gguf.get_tensor_name_map(GEMMA4)``, the ``gemma4.*`` keys gguf-py's
+    writer has (per-layer KV heads, ``key_length``/``key_length_swa``, a per-layer sliding pattern,
+    ``shared_kv_layers``, ``embedding_length_per_layer_input``, ``rope.freq_base_swa``), proportional rope as a
+    ``rope_freqs`` tensor of 1.0 for the rotating pairs and 1e30 for the still ones. Not a llama.cpp-written file:
+    MoE files (router scales) are not covered."""
+    from tensorweave.loaders.tokenizer import write_gguf_vocab
+
+    hp = json.loads((hf_dir / "config.json").read_text())
+    n_layer, types = hp["num_hidden_layers"], hp["layer_types"]
+    per_layer = {int(k): v for k, v in hp["per_layer_config"].items()}
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.GEMMA4, n_layer)
+    full = hp["rope_parameters"]["full_attention"]
+    head_full = next(v["head_dim"] for v in per_layer.values())
+    rotating = int(full["partial_rotary_factor"] * head_full // 2)
+    w = GGUFWriter(path, "gemma4")
+    w.add_name(f"tensorweave-fixture-{fx.name}")
+    w.add_file_type(int(gguf.LlamaFileType.ALL_F32))
+    w.add_context_length(hp["max_position_embeddings"])
+    w.add_embedding_length(hp["hidden_size"])
+    w.add_block_count(n_layer)
+    w.add_feed_forward_length(hp["intermediate_size"])
+    w.add_head_count(hp["num_attention_heads"])
+    w.add_head_count_kv(
+        [per_layer.get(il, {}).get("num_key_value_heads", hp["num_key_value_heads"]) for il in range(n_layer)]
+    )
+    w.add_key_length(head_full)
+    w.add_value_length(head_full)
+    w.add_key_length_swa(hp["head_dim"])
+    w.add_value_length_swa(hp["head_dim"])
+    w.add_layer_norm_rms_eps(hp["rms_norm_eps"])
+    w.add_sliding_window(hp["sliding_window"])
+    w.add_sliding_window_pattern([t == "sliding_attention" for t in types])
+    w.add_shared_kv_layers(hp["num_kv_shared_layers"])
+    w.add_embedding_length_per_layer_input(hp["hidden_size_per_layer_input"])
+    w.add_rope_freq_base(full["rope_theta"])
+    w.add_rope_freq_base_swa(hp["rope_parameters"]["sliding_attention"]["rope_theta"])
+    w.add_final_logit_softcapping(hp["final_logit_softcapping"])
+    write_gguf_vocab(w, vocab_metadata(info))
+    w.add_tensor("rope_freqs.weight", np.asarray([1.0] * rotating + [1e30] * (head_full // 2 - rotating), np.float32))
+    for name, arr in load_file(hf_dir / "model.safetensors").items():
+        gname = names.get_name(name, try_suffixes=(".weight", ".bias"))
+        if gname is None:
+            raise RuntimeError(f"gguf-py has no GEMMA4 name for {name}")
+        w.add_tensor(gname, np.ascontiguousarray(arr))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
 def make_gemma_fixture(fx: Fixture, out_root: Path) -> dict[str, Any]:
     """``<name>/hf`` (save_pretrained, the llama-style fixture tokenizer), ``expected.npz`` (tokens, logits, greedy,
     greedy_prompt_len, as ``make_fixture``) and ``meta.json``."""
@@ -1513,6 +1565,8 @@ def make_gemma_fixture(fx: Fixture, out_root: Path) -> dict[str, Any]:
             "greedy_prompt_len": np.asarray(PROMPT_LEN, dtype=np.int32),
         },
     )
+    if fx.name == "gemma4":
+        write_gemma4_gguf(out / "model-f32.gguf", fx, hf_dir, info)
     stored = load_file(hf_dir / "model.safetensors")
     meta = {
         "name": fx.name,

@@ -24,8 +24,8 @@ Checkpoints: HF ``gemma4_text`` and the language model of ``gemma4``. Graph name
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
 from typing import Any
 
 from tensorweave.core.graph import Graph, Tensor
@@ -36,6 +36,7 @@ from tensorweave.errors import UnsupportedError
 from tensorweave.models import blocks
 from tensorweave.models.blocks import Config, Layer, Rope
 from tensorweave.models.gemma3 import GEMMA_HF_NAMES, embed_scale, sliding_layers
+from tensorweave.models.llama import gguf_config
 
 STILL = float("inf")  # a rope pair factor that stops the pair rotating (its frequency becomes 0)
 
@@ -216,6 +217,7 @@ HF_NAMES: dict[str, Target] = {
 class Gemma4(ModelFamily):
     name = "gemma4"
     hf_model_types: tuple[str, ...] = ("gemma4_text", "gemma4")
+    gguf_architectures: tuple[str, ...] = ("gemma4",)
     hf_naming = Naming(
         HF_NAMES,
         prefixes={"model.language_model.": "model."},
@@ -286,6 +288,53 @@ class Gemma4(ModelFamily):
             ple_dim=int(c.get("hidden_size_per_layer_input") or 0),
             ple_vocab=int(c.get("vocab_size_per_layer_input", 262_144)),
             moe_block=moe,
+            final_softcap=float(softcap) if softcap else None,
+        )
+
+    def config_from_gguf(self, meta: dict[str, Any], shapes: Mapping[str, tuple[int, ...]]) -> Gemma4Config:
+        """llama.cpp's ``gemma4`` keys; per-layer head_dim, KV heads, MLP width and k_eq_v are read off the tensor
+        shapes (a KV-shared layer has no k/v tensors and takes its source layer's); proportional rope is the file's
+        ``rope_freqs`` (1 for rotating pairs, 1e30 for still ones) on the full layers."""
+        # per-layer arrays (KV heads, MLP widths) are read off the tensors below; the shared reader wants numbers
+        lists = ("attention.head_count_kv", "feed_forward_length")
+        kw = gguf_config(
+            {**meta, **{f"gemma4.{k}": 0 for k in lists if isinstance(meta.get(f"gemma4.{k}"), list)}}, "gemma4"
+        )
+        n_layer, n_head = kw["n_layer"], kw["n_head"]
+        if meta.get("gemma4.expert_count"):
+            raise UnsupportedError("gemma4 GGUF with experts is not supported yet (its router scales' layout)")
+        pattern = meta.get("gemma4.attention.sliding_window_pattern", 6)
+        sliding = (
+            tuple(bool(x) for x in pattern)
+            if isinstance(pattern, list)
+            else sliding_layers(n_layer, None, int(pattern))
+        )
+        shared = int(meta.get("gemma4.attention.shared_kv_layers", 0))
+        cfg = Gemma4Config(sliding=sliding, n_kv_shared=shared, n_layer=n_layer, n_head=n_head)
+        head_dims = tuple(shapes[f"blk.{il}.attn_q"][0] // n_head for il in range(n_layer))
+        kv_heads = tuple(shapes[f"blk.{cfg.source(il)}.attn_k"][0] // head_dims[il] for il in range(n_layer))
+        ffn = [shapes[f"blk.{il}.ffn_up"][0] for il in range(n_layer)]
+        factors = meta.get("rope_freqs")
+        softcap = meta.get("gemma4.final_logit_softcapping")
+        return replace(
+            cfg,
+            **{k: v for k, v in kw.items() if k not in ("n_kv", "head_dim", "ffn", "rope_scaling", "n_rot")},
+            n_kv=kv_heads[sliding.index(True)] if True in sliding else kv_heads[0],
+            head_dim=head_dims[sliding.index(True)] if True in sliding else head_dims[0],
+            head_dims=head_dims,
+            kv_heads=kv_heads,
+            ffn=ffn[0],
+            double_wide=shared > 0 and ffn[-1] == 2 * ffn[0],
+            qk_norm=True,
+            tied="output" not in shapes,
+            local_theta=float(meta.get("gemma4.rope.freq_base_swa", 10_000.0)),
+            global_rope=(("factors", tuple(float(f) for f in factors)), ("rope_type", "factors")) if factors else (),
+            k_eq_v=any(
+                not sliding[il] and f"blk.{il}.attn_k" in shapes and f"blk.{il}.attn_v" not in shapes
+                for il in range(n_layer)
+            ),
+            ple_dim=int(meta.get("gemma4.embedding_length_per_layer_input", 0)),
+            ple_vocab=shapes["per_layer_token_embd"][0] if "per_layer_token_embd" in shapes else 0,
             final_softcap=float(softcap) if softcap else None,
         )
 
