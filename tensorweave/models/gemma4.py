@@ -30,7 +30,7 @@ from typing import Any
 
 from tensorweave.core.graph import Graph, Tensor
 from tensorweave.core.hookspecs import hookimpl
-from tensorweave.core.model import Derived, ModelFamily, Naming, Target, piece
+from tensorweave.core.model import LLAMA_HF_NAMES, ModelFamily, Naming, Target
 from tensorweave.core.sharding import Role
 from tensorweave.errors import UnsupportedError
 from tensorweave.models import blocks
@@ -207,10 +207,7 @@ HF_NAMES: dict[str, Target] = {
             "layer_scalar": "layer_output_scale",
         }.items()
     },
-    "model.layers.{L}.experts.gate_up_proj": (
-        Derived("blk.{L}.ffn_gate_exps", axis=1, rows=piece(0, 2)),
-        Derived("blk.{L}.ffn_up_exps", axis=1, rows=piece(1, 2)),
-    ),
+    "model.layers.{L}.experts.gate_up_proj": LLAMA_HF_NAMES["model.layers.{L}.mlp.experts.gate_up_proj"],  # fused
 }
 
 
