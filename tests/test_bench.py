@@ -20,7 +20,7 @@ from tensorweave.loaders.hf import HFCheckpoint
 from tensorweave.runtime.bench import bench, plan_model
 
 FIXTURES = Path(__file__).parent / "fixtures" / "models"
-SOURCES = sorted(p for d in FIXTURES.iterdir() for p in (d / "hf", d / "model-f32.gguf"))
+SOURCES = sorted(p for d in FIXTURES.iterdir() for p in (d / "hf", d / "model-f32.gguf") if p.exists())
 CTX = 48
 
 

@@ -348,6 +348,8 @@ def test_tensorweave_plugins_env_selects_and_blocks(site: Path) -> None:
                 "qwen3",
                 "qwen3_moe",
                 "mixtral",
+                "gemma3",  # gemma families (issue 16)
+                "gemma4",
                 "hf",
                 "gguf",
                 "qwen3_next",  # Gated DeltaNet hybrids

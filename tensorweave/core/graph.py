@@ -279,6 +279,7 @@ class Graph:
         causal: bool = True,
         window: int | None = None,
         softcap: float | None = None,
+        write: bool = True,
     ) -> Tensor:
         """softmax(q k^T * scale) v over [tokens, heads, head_dim], GQA by head groups.
 
@@ -286,6 +287,8 @@ class Graph:
         over the cache. Key j is visible from the query at position p iff j <= p (causal) and p - window < j.
         With a ``window`` the cache may be a ring shorter than the context (position j in slot j % len): a
         session's consecutive positions then need only ``window`` slots however long the context grows.
+        ``write=False``: the cache is another attention's of this step, which already wrote the same ``k``/``v``
+        (a KV-shared layer reading its source layer's cache).
         """
         for c in cache or ():
             spec = c.cache
@@ -308,6 +311,7 @@ class Graph:
             softcap=softcap,
             cache=cache is not None,
             sinks=sinks is not None,
+            **({} if write else {"write": False}),
         )
 
     # --- reference evaluation -------------------------------------------------------------------------------

@@ -233,6 +233,9 @@ class _Planner:
         for i, node in enumerate(g.nodes):
             op = OPS[node.op]
             self.consumer = f"op {node.op!r} (node {i}, {node.out.name})"
+            # A value an earlier consumer already made whole is whole here too: a linear op on it then runs
+            # replicated instead of carrying partial sums to a second reduce of its (maybe wider) output.
+            vids = [self.memo.get((self.of_tensor[t.id], REPLICATED), self.of_tensor[t.id]) for t in node.inputs]
             if op.shard is None:
                 if self.world > 1:
                     raise PlanError(
@@ -242,9 +245,9 @@ class _Planner:
                 req: list[State] = [REPLICATED] * len(node.inputs)
                 out_state: State = REPLICATED
             else:
-                ins = [self.values[self.of_tensor[t.id]].state for t in node.inputs]
+                ins = [self.values[v].state for v in vids]
                 req, out_state = op.shard(ins, [t.shape for t in node.inputs], node.out.shape, node.attrs)
-            args = tuple(self.convert(self.of_tensor[t.id], s) for t, s in zip(node.inputs, req, strict=True))
+            args = tuple(self.convert(v, s) for v, s in zip(vids, req, strict=True))
             vid = self.value(node.out.name, node.out.shape, node.out.dtype, out_state, "node")
             self.values[vid].tensor = node.out
             self.steps.append(Step(node.op, args, vid, dict(node.attrs)))

@@ -36,6 +36,7 @@ class Layer:
     rope: Rope
     window: int | None  # sliding-window attention over this many keys (None: full)
     moe: bool  # a routed-experts FFN (else a dense gated FFN)
+    scale: float | None = None  # attention logit scale (None: head_dim ** -0.5; Gemma: query_pre_attn_scalar, 1.0)
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,9 @@ class Config:
     rope_theta: float = 10000.0
     rope_scaling: tuple[tuple[str, Any], ...] = ()
     norm_eps: float = 1e-5
+    # RMSNorm by (1 + w) (Gemma 3): computed in float32 as transformers does, rather than a loader adding 1 to the
+    # stored weights, which would round 1 + w to bfloat16 in a bfloat16 checkpoint
+    norm_plus_one: bool = False
     tied: bool = False  # one matrix for the embedding and the LM head
     ctx: int = 32  # KV-cache length in tokens
     dtype: str = "float32"
@@ -97,7 +101,7 @@ def embed(cfg: Config, tokens: int) -> tuple[Graph, Tensor, Tensor]:
 
 
 def norm(g: Graph, cfg: Config, x: Tensor, layer: Layer, name: str) -> Tensor:
-    return g.rms_norm(x, weight(g, layer, name, (x.shape[-1],)), eps=cfg.norm_eps)
+    return g.rms_norm(x, weight(g, layer, name, (x.shape[-1],)), eps=cfg.norm_eps, plus_one=cfg.norm_plus_one)
 
 
 def kv_cache(g: Graph, cfg: Config, layer: Layer) -> tuple[Tensor, Tensor]:
@@ -132,7 +136,7 @@ def attention(g: Graph, cfg: Config, layer: Layer, h: Tensor, pos: Tensor) -> Te
         k,
         v,
         pos,
-        scale=hd**-0.5,
+        scale=hd**-0.5 if layer.scale is None else layer.scale,
         cache=kv_cache(g, cfg, layer),
         sinks=sinks,
         window=layer.window,
@@ -144,12 +148,13 @@ def attention(g: Graph, cfg: Config, layer: Layer, h: Tensor, pos: Tensor) -> Te
     )
 
 
-def gated_ffn(g: Graph, layer: Layer, h: Tensor, ffn: int, kind: str = "") -> Tensor:
-    """down(silu(gate(h)) * up(h)), split along the FFN axis (``kind``: a name suffix such as ``_shexp``)."""
+def gated_ffn(g: Graph, layer: Layer, h: Tensor, ffn: int, kind: str = "", glu: str = "swiglu") -> Tensor:
+    """down(silu(gate(h)) * up(h)), split along the FFN axis (``kind``: a name suffix such as ``_shexp``; ``glu``:
+    the gated activation op, ``geglu`` for Gemma's tanh gelu)."""
     H = h.shape[-1]
     gate = g.linear(h, weight(g, layer, f"ffn_gate{kind}", (ffn, H), Role.COLUMN))
     up = g.linear(h, weight(g, layer, f"ffn_up{kind}", (ffn, H), Role.COLUMN))
-    return g.linear(g.swiglu(gate, up), weight(g, layer, f"ffn_down{kind}", (H, ffn), Role.ROW))
+    return g.linear(g.op(glu, gate, up), weight(g, layer, f"ffn_down{kind}", (H, ffn), Role.ROW))
 
 
 def moe(g: Graph, cfg: Config, layer: Layer, h: Tensor) -> Tensor:
@@ -174,11 +179,13 @@ def shared_expert(g: Graph, cfg: Config, layer: Layer, h: Tensor) -> Tensor:
     return g.mul(y, g.sigmoid(g.linear(h, weight(g, layer, "ffn_gate_inp_shexp", (1, h.shape[-1])))))
 
 
-def head(g: Graph, cfg: Config, x: Tensor, n_logits: int | None = None) -> Tensor:
+def head(g: Graph, cfg: Config, x: Tensor, n_logits: int | None = None, softcap: float | None = None) -> Tensor:
     """Final norm and LM head (vocab-split; the tied head is the embedding) -> output ``logits``, for the last
-    ``n_logits`` rows of ``x`` only (None: all): generation samples from a prompt's last row, not [tokens, vocab]."""
+    ``n_logits`` rows of ``x`` only (None: all): generation samples from a prompt's last row, not [tokens, vocab].
+    ``softcap``: the logits become ``softcap * tanh(logits / softcap)`` (Gemma's final logit softcap)."""
     if n_logits is not None:  # a slice is a view: the norm and the head run on those rows alone
         x = g.slice(x, axis=0, start=x.shape[0] - n_logits, stop=x.shape[0])
-    h = g.rms_norm(x, g.weight("output_norm", (cfg.hidden,)), eps=cfg.norm_eps)
+    h = g.rms_norm(x, g.weight("output_norm", (cfg.hidden,)), eps=cfg.norm_eps, plus_one=cfg.norm_plus_one)
     w = g.weight("token_embd" if cfg.tied else "output", (cfg.vocab, cfg.hidden), Role.VOCAB)
-    return g.output("logits", g.linear(h, w))
+    logits = g.linear(h, w)
+    return g.output("logits", g.tanh_softcap(logits, cap=softcap) if softcap else logits)

@@ -111,15 +111,20 @@ def _write_rows(xp: Any, cache: Any, pos: Any, rows: Any) -> None:
         cache[int(pos[i]), ...] = rows[i, ...]
 
 
-def _ring_cache(xp: Any, ck: Any, cv: Any, k: Any, v: Any, pos: Any) -> tuple[Any, Any, Any]:
+def _ring_cache(xp: Any, ck: Any, cv: Any, k: Any, v: Any, pos: Any, write: bool = True) -> tuple[Any, Any, Any]:
     """A sliding-window layer's ring: the queries see the ring as it was before this step (each slot holding the
     latest earlier position p with p % slots == slot; negative: never written) plus the step's own keys; then the
-    step's last `slots` keys overwrite their slots."""
+    step's last `slots` keys overwrite their slots. `write=False`: another attention already wrote this step's
+    keys (a KV-shared layer), so the slots holding this step's positions are hidden and nothing is written."""
     n_slots, n_tok = ck.shape[0], k.shape[0]
     start = int(pos[0]) if n_tok else 0
-    held = start - 1 - xp.remainder(start - 1 - xp.arange(n_slots, dtype=pos.dtype), n_slots)
+    slots = xp.arange(n_slots, dtype=pos.dtype)
+    held = start - 1 - xp.remainder(start - 1 - slots, n_slots)
+    if not write and n_tok:
+        now = start + n_tok - 1 - xp.remainder(start + n_tok - 1 - slots, n_slots)
+        held = xp.where(now >= start, xp.full_like(now, -1), now)
     keys, values = xp.concat([ck, k]), xp.concat([cv, v])
-    for i in range(max(0, n_tok - n_slots), n_tok):
+    for i in range(max(0, n_tok - n_slots) if write else n_tok, n_tok):
         ck[int(pos[i]) % n_slots, ...] = k[i, ...]
         cv[int(pos[i]) % n_slots, ...] = v[i, ...]
     return keys, values, xp.concat([held, pos])
@@ -135,16 +140,18 @@ def _attention(
     softcap: float | None = None,
     cache: bool = False,
     sinks: bool = False,
+    write: bool = True,
 ) -> None:
     q, k, v, pos, ck, cv, sk = attention_inputs(inputs, {"cache": cache, "sinks": sinks})
     n_tok, n_head, hd = q.shape
     n_kv = k.shape[1]
     group = n_head // n_kv if n_kv else 0  # a device may hold zero heads
     if ck is not None and window:  # a ring of slots (position p in slot p % slots), as tensorweave.core.ops
-        k, v, kpos = _ring_cache(xp, ck, cv, k, v, pos)
+        k, v, kpos = _ring_cache(xp, ck, cv, k, v, pos, write)
     elif ck is not None:  # append this step's keys/values, then attend over the cache up to the last position
-        _write_rows(xp, ck, pos, k)
-        _write_rows(xp, cv, pos, v)
+        if write:  # (write=False: another attention of this step already did)
+            _write_rows(xp, ck, pos, k)
+            _write_rows(xp, cv, pos, v)
         length = int(xp.max(pos)) + 1 if n_tok else 0
         k, v, kpos = ck[:length, ...], cv[:length, ...], xp.arange(length, dtype=pos.dtype)
     else:

@@ -49,6 +49,7 @@ def _k_attention(
     softcap: float | None = None,
     cache: bool = False,
     sinks: bool = False,
+    write: bool = True,
 ) -> None:
     q, k, v, pos, ck, cv, sk = attention_inputs(inputs, {"cache": cache, "sinks": sinks})
     n_tok, n_head, hd = q.shape
@@ -56,10 +57,11 @@ def _k_attention(
     group = n_head // n_kv if n_kv else 0  # a device may hold zero heads
     host = on_host(pos)  # see on_host: on an H200 the shortcuts cost 3 stream stalls per layer and step
     if ck is not None and window:
-        k, v, kpos = _ring_cache(xp, ck, cv, k, v, pos)
+        k, v, kpos = _ring_cache(xp, ck, cv, k, v, pos, write)
     elif ck is not None:  # append this step's keys/values, then attend over the cache up to the last position
-        ck[pos] = k
-        cv[pos] = v
+        if write:
+            ck[pos] = k
+            cv[pos] = v
         if host:
             length = int(pos.max()) + 1 if n_tok else 0
             k, v, kpos = ck[:length], cv[:length], xp.arange(length)
@@ -96,18 +98,26 @@ def _k_attention(
     out[...] = y.reshape(n_kv, group, n_tok, hd).transpose(2, 0, 1, 3).reshape(n_tok, n_head, hd)
 
 
-def _ring_cache(xp: Any, ck: Any, cv: Any, k: Any, v: Any, pos: Any) -> tuple[Any, Any, Any]:
+def _ring_cache(xp: Any, ck: Any, cv: Any, k: Any, v: Any, pos: Any, write: bool = True) -> tuple[Any, Any, Any]:
     """A sliding-window layer's cache is a ring of R slots: position p lives in slot p % R, so R = window slots
     serve any context length. The step's positions must be consecutive and follow the cached ones (a session's
     are). The queries attend over the ring as it was before this step plus the step's own keys; then the step's
     last R keys overwrite their slots. Returns (keys, values, key positions); never-written slots get negative
-    positions, which no query sees."""
+    positions, which no query sees.
+
+    ``write=False`` reads a ring another attention (the layer whose cache a KV-shared layer reuses) already
+    updated with this step's keys, which come again as ``k``/``v``: the slots holding this step's positions are
+    hidden, so each key is seen once."""
     n_slots, n_tok = ck.shape[0], k.shape[0]
     start = pos[:1].astype(xp.int64) if n_tok else 0  # an array, not int(pos[0]): no host round trip on a GPU
     slots = xp.arange(n_slots)
     held = start - 1 - (start - 1 - slots) % n_slots  # the latest position before this step in each slot
+    if not write and n_tok:
+        last = start + n_tok - 1
+        now = last - (last - slots) % n_slots  # the latest position up to the step's last in each slot
+        held = xp.where(now >= start, -1, now)  # slots this step wrote: their keys come as k/v
     keys, values = xp.concatenate([ck, k]), xp.concatenate([cv, v])
-    keep = min(n_tok, n_slots)
+    keep = min(n_tok, n_slots) if write else 0
     if keep:
         ck[pos[n_tok - keep :] % n_slots] = k[n_tok - keep :]
         cv[pos[n_tok - keep :] % n_slots] = v[n_tok - keep :]
@@ -139,6 +149,14 @@ register(
         _rule_attention,
         arity=(4, 7),
         doc="softmax(qk^T) v, GQA",
-        attrs={"scale": REQUIRED, "causal": True, "window": None, "softcap": None, "cache": False, "sinks": False},
+        attrs={
+            "scale": REQUIRED,
+            "causal": True,
+            "window": None,
+            "softcap": None,
+            "cache": False,
+            "sinks": False,
+            "write": True,  # False: read a cache another attention of the step wrote (KV sharing, Gemma 4)
+        },
     )
 )
