@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from .. import errors
 from .._version import __version__
 from . import conformance, demo, generate, inspect, launch
+from . import serve as serve_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,6 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_parsers(sub)
     launch.add_parsers(sub)
     conformance.add_parsers(sub)
+    serve_cli.add_parser(sub)
     return parser
 
 
