@@ -153,6 +153,28 @@ def test_chat_is_the_python_apis_greedy_answer_streamed_or_not(server: Server, m
     assert deltas[0].role == "assistant" and "".join(d.content or "" for d in deltas) == want
 
 
+def test_stop_and_seed(server: Server, run_text: str) -> None:
+    stop = run_text[3:8]
+    cut = server.client.completions.create(model="hf", prompt=PROMPT, max_tokens=N, stop=[stop])
+    assert cut.choices[0].text == run_text[: run_text.index(stop)] and cut.choices[0].finish_reason == "stop"
+
+    def sample(seed: int) -> str:
+        kwargs: dict[str, Any] = {"temperature": 1.5, "top_p": 0.95, "seed": seed, "extra_body": {"top_k": 50}}
+        return server.client.completions.create(model="hf", prompt="a b c", max_tokens=N, **kwargs).choices[0].text
+
+    assert sample(1) == sample(1) != sample(2)
+
+
+def test_the_readmes_openai_snippet_runs_against_the_server(server: Server, capsys: pytest.CaptureFixture[str]) -> None:
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    url = "http://127.0.0.1:8080"
+    blocks = [b for b in re.findall(r"```python\n(.*?)```", readme, re.S) if url in b]
+    assert blocks
+    for block in blocks:
+        exec(compile(block.replace(url, server.url), "README.md", "exec"), {})
+    assert "CompletionUsage(completion_tokens=" in capsys.readouterr().out
+
+
 def test_four_concurrent_greedy_requests_each_get_their_own_text(server: Server, model: tw.Model) -> None:
     prompts = ["One two three", "The café pays 42 €", "a b c", PROMPT]
     want = [model.generate(p, N).text for p in prompts]  # type: ignore[union-attr]

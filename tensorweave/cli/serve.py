@@ -84,12 +84,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     print(f"tensorweave serve: loading {args.model}, listening on http://{args.host}:{args.port}", file=sys.stderr)
     threading.Thread(target=load, name="tensorweave-load", daemon=True).start()
     try:
-        server.run()
+        server.run()  # the app's lifespan closes the engine when it stops
     except SystemExit:  # uvicorn could not bind (it logged why)
         raise errors.ServeError(f"cannot listen on {args.host}:{args.port} (see the line above)") from None
-    finally:
-        if state.engine is not None:
-            state.engine.close()
     if failed:
         raise failed[0]
     if state.failure is not None:

@@ -371,7 +371,14 @@ def create_app(state: ServerState) -> Starlette:
         what = "route" if exc.status_code == 404 else "method"
         return ApiError(exc.status_code, f"no such {what}: {request.method} {request.url.path}").response()
 
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        yield
+        if state.engine is not None:  # shutting down (uvicorn re-raises SIGTERM after this): stop the other ranks too
+            await asyncio.to_thread(state.engine.close)
+
     return Starlette(
+        lifespan=lifespan,
         routes=[
             Route("/", page),
             Route("/health", health),

@@ -237,11 +237,12 @@ class Engine:
             }
 
     def close(self) -> None:
-        """Finish the step under way, stop the worker and the other ranks."""
+        """Finish the step under way, stop the worker and the other ranks (again: a no-op)."""
         with self._cond:
             self._closing = True
             self._cond.notify()
-        self._thread.join()
+        if self._thread is not threading.current_thread():
+            self._thread.join()
 
     def _assign(self) -> list[Slot]:
         """Give waiting jobs free slots (the longest shared prefix, then the least recently used); the busy slots."""
