@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import re
@@ -25,6 +26,7 @@ import pytest
 
 import tensorweave as tw
 from tensorweave.cli.launch import free_port, rank_env
+from tensorweave.serve.app import ReasoningSplit
 
 FIXTURE = Path(__file__).parent / "fixtures" / "models" / "qwen3" / "hf"  # a chat template and thinking tags
 PROMPT = "Once upon a time"  # the fixture answers it a token per piece of text
@@ -230,6 +232,18 @@ def test_a_client_closing_a_stream_after_two_chunks_frees_its_slot(server: Serve
     assert sum(s["cancelled"] for s in slots) == before + 1
     assert all(s["n_past"] < CTX - 1 for s in slots)  # it stopped well before the context was full
     assert server.client.completions.create(model="hf", prompt=PROMPT, max_tokens=N).choices[0].text == run_text
+
+
+@pytest.mark.parametrize("cuts", [(), (1,), (3, 9), (8, 9, 10), (20,), (24, 26)])
+def test_reasoning_split_is_the_same_however_the_text_is_cut(cuts: tuple[int, ...]) -> None:
+    """A tag cut across pieces is held back until whole; the whitespace after a tag is dropped."""
+    text = "<think>\nmull it</think>\n\nThe answer"
+    split = ReasoningSplit(("<think>", "</think>"), thinking=False)
+    bounds = [0, *cuts, len(text)]
+    parts = [split.feed(text[a:b], final=b == len(text)) for a, b in itertools.pairwise(bounds)]
+    assert ("".join(r for r, _ in parts), "".join(c for _, c in parts)) == ("mull it", "The answer")
+    opened = ReasoningSplit(("<think>", "</think>"), thinking=True)  # the prompt opened the thinking
+    assert opened.feed("\n a</thi") == ("a", "") and opened.feed("nk> b", final=True) == ("", "b")
 
 
 # --- one more server: a thinking template, an API key, no queue ----------------------------------------------

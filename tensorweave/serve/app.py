@@ -215,9 +215,8 @@ def make_job(state: ServerState, body: Mapping[str, Any], ids: list[int], emit: 
         params["seed"] = secrets.randbelow(2**31)
     try:
         sampling = SamplingParams(**params)
-    except SamplingError as e:
-        field_name = str(e).split()[2].split("=")[0] if str(e).startswith("sampling parameter") else None
-        raise bad(str(e), next((k for k, v in PARAMS.items() if v == field_name), None)) from e
+    except SamplingError as e:  # its message names the field: "sampling parameter top_k=-1: ..."
+        raise bad(str(e), next((k for k, v in PARAMS.items() if f"parameter {v}=" in str(e)), None)) from e
     a, b = _int(body, "max_completion_tokens", 0), _int(body, "max_tokens", 0)
     max_tokens = a if a is not None else b if b is not None else state.n_predict
     ctx = state.model.config.ctx

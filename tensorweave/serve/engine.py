@@ -25,7 +25,7 @@ import json
 import threading
 from collections import deque
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -69,7 +69,6 @@ class Job:
     ignore_eos: bool
     emit: Callable[[str, Any], None]
     cancelled: bool = False
-    slot: int | None = field(default=None, repr=False)
 
     def spec(self) -> bytes:
         """What a rank needs to start this request on a slot (START's payload)."""
@@ -252,7 +251,7 @@ class Engine:
                 continue
             free = [s for s in self.slots if s.job is None]
             slot = max(free, key=lambda s: (_shared(s.session.context, job.ids), -s.last_used))
-            slot.job, slot.last_used, job.slot = job, self._round, slot.index
+            slot.job, slot.last_used = job, self._round
         return [s for s in self.slots if s.job is not None]
 
     def _run(self) -> None:
