@@ -15,6 +15,8 @@ Medians of --runs.
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -74,7 +76,7 @@ def main() -> None:
     serve = ["serve", str(args.dir), "--port", str(port), "--parallel", str(max(args.streams)), "--ctx", "512"]
     serve += ["--devices", args.devices, "--ignore-eos"]
     argv = ["launch", "-n", str(args.ranks), "--", *serve] if args.ranks > 1 else serve
-    server = subprocess.Popen([sys.executable, "-m", "tensorweave.cli", *argv])
+    server = subprocess.Popen([sys.executable, "-m", "tensorweave.cli", *argv], start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
         while True:
@@ -118,7 +120,7 @@ def main() -> None:
         )
         print(table(["streams", "TTFT median ms", "TTFT max ms", "aggregate tok/s", "vs 1 stream"], rows))
     finally:
-        server.terminate()
+        os.killpg(server.pid, signal.SIGTERM)  # the launcher and its ranks
         server.wait()
 
 

@@ -66,7 +66,7 @@ def wait_ready(url: str, proc: subprocess.Popen[bytes], log: Path, timeout: floa
             seen.append(httpx.get(f"{url}/health", timeout=5).status_code)
         if seen and seen[-1] == 200:
             return seen
-        time.sleep(0.005)
+        time.sleep(0.002)
     raise AssertionError(f"not ready in {timeout} s: {log.read_text()}")
 
 
