@@ -315,6 +315,18 @@ def test_a_full_queue_gets_503_and_the_server_keeps_serving(thinking: Server) ->
             time.sleep(0.05)
 
 
+def test_the_chat_pages_script_parses(tmp_path: Path) -> None:
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("no node installed")
+    from tensorweave.serve.page import PAGE
+
+    (script,) = re.findall(r"<script>(.*?)</script>", PAGE, re.S)
+    (tmp_path / "page.js").write_text(script)
+    check = subprocess.run([node, "--check", str(tmp_path / "page.js")], capture_output=True, text=True, timeout=60)
+    assert check.returncode == 0, check.stderr
+
+
 def test_the_chat_page_streams_an_answer_in_headless_chromium(thinking: Server) -> None:
     browser = next((b for b in ("chromium", "chromium-browser", "google-chrome") if shutil.which(b)), None)
     if browser is None:
