@@ -217,20 +217,26 @@ def test_unknown_route_gets_404_in_openais_shape(server: Server) -> None:
 
 
 def test_a_client_closing_a_stream_after_two_chunks_frees_its_slot(server: Server, run_text: str) -> None:
-    before = sum(s["cancelled"] for s in server.slots())
-    long = {"ignore_eos": True}
-    with server.client.completions.create(
-        model="hf", prompt=PROMPT, max_tokens=CTX, stream=True, extra_body=long
-    ) as stream:
-        for _, _chunk in zip(range(2), stream, strict=False):
-            pass
-    deadline = time.monotonic() + 30
-    while any(s["is_processing"] for s in server.slots()) and time.monotonic() < deadline:
-        time.sleep(0.02)
-    slots = server.slots()
-    assert not any(s["is_processing"] for s in slots)
-    assert sum(s["cancelled"] for s in slots) == before + 1
-    assert all(s["n_past"] < CTX - 1 for s in slots)  # it stopped well before the context was full
+    """The server drops the request at its next step and frees the slot. An attempt in which the two chunks
+    reached the client only once the whole generation was over cannot tell and is repeated (seen on a 2-core
+    machine under heavy load, with both ranks busy: the client process got no CPU until they idled)."""
+    for _attempt in range(3):
+        before = [s["cancelled"] for s in server.slots()]
+        with server.client.completions.create(
+            model="hf", prompt=PROMPT, max_tokens=CTX, stream=True, extra_body={"ignore_eos": True}
+        ) as stream:
+            for _, _chunk in zip(range(2), stream, strict=False):
+                pass
+        deadline = time.monotonic() + 60
+        while any(s["is_processing"] for s in server.slots()):
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        slots = server.slots()
+        dropped = [s for s, n in zip(slots, before, strict=True) if s["cancelled"] == n + 1]
+        if dropped:
+            break
+        assert any(s["n_past"] == CTX for s in slots)  # not dropped: it ran to the end of the context
+    assert len(dropped) == 1 and dropped[0]["n_past"] < CTX - 1  # it stopped well before the context was full
     assert server.client.completions.create(model="hf", prompt=PROMPT, max_tokens=N).choices[0].text == run_text
 
 

@@ -39,11 +39,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         model, _ = _load_for_cli(args)
         follow(model, args.parallel, Link(model))
         return 0
-    defaults = _sampling(args)
     state = ServerState(
         name=args.alias or Path(args.model).name,
         api_key=args.api_key,
-        defaults={**defaults, "seed": args.seed},
+        defaults=_sampling(args),
         n_predict=args.n_predict,
         stop=list(args.stop),
         ignore_eos=args.ignore_eos,

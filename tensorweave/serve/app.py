@@ -154,8 +154,9 @@ def _text(content: Any, where: str) -> str:
     raise bad(f"{where} has no content (a string or a list of text parts)", where)
 
 
-def prompt_ids(state: ServerState, body: Mapping[str, Any], chat: bool) -> tuple[list[int], bool]:
-    """The prompt's token ids, and whether it leaves the model thinking (it opened a thinking tag)."""
+def prompt_ids(state: ServerState, body: Mapping[str, Any], chat: bool) -> tuple[list[int], ReasoningSplit | None]:
+    """The prompt's token ids, and for a chat with a thinking model, the splitter of its answer (thinking from the
+    start when the prompt opened a thinking tag and did not close it)."""
     model, tok = state.model, state.model.tokenizer
     if tok is None:
         raise bad(f"{state.name} has no tokenizer: it cannot take text")
@@ -195,9 +196,11 @@ def prompt_ids(state: ServerState, body: Mapping[str, Any], chat: bool) -> tuple
             "messages" if chat else "prompt",
             "context_length_exceeded",
         )
-    tags = reasoning_tags(model.family, tok)
-    text = tok.decode(ids) if tags and chat else ""
-    return ids, bool(tags) and text.rfind(tags[0]) > text.rfind(tags[1])  # type: ignore[index]
+    tags = reasoning_tags(model.family, tok) if chat else None
+    if tags is None:
+        return ids, None
+    text = tok.decode(ids)
+    return ids, ReasoningSplit(tags, thinking=text.rfind(tags[0]) > text.rfind(tags[1]))
 
 
 def make_job(state: ServerState, body: Mapping[str, Any], ids: list[int], emit: Any) -> Job:
@@ -337,7 +340,7 @@ def create_app(state: ServerState) -> Starlette:
         options = body.get("stream_options") or {}
         if not isinstance(stream, bool) or not isinstance(options, dict):
             raise bad("stream must be true or false and stream_options an object", "stream")
-        ids, thinking = prompt_ids(state, body, chat)
+        ids, split = prompt_ids(state, body, chat)
         loop, events = asyncio.get_running_loop(), asyncio.Queue[tuple[str, Any]]()
 
         def emit(kind: str, value: Any) -> None:  # called by the engine's thread
@@ -345,8 +348,7 @@ def create_app(state: ServerState) -> Starlette:
                 loop.call_soon_threadsafe(events.put_nowait, (kind, value))
 
         job = make_job(state, body, ids, emit)
-        tags = reasoning_tags(eng.model.family, eng.model.tokenizer) if chat else None
-        answer = Completion(state, chat, ReasoningSplit(tags, thinking) if tags else None)
+        answer = Completion(state, chat, split)
         try:
             eng.submit(job)
         except Unavailable as e:
@@ -399,6 +401,7 @@ async def _stream(
             yield answer.chunk({"role": "assistant", "content": ""})
         while True:
             kind, value = await events.get()
+            job.taken += 1
             if kind == "piece":
                 fields = answer.pieces(value)
                 if fields:
@@ -430,6 +433,7 @@ async def _whole(request: Request, answer: Completion, job: Job, events: asyncio
                 if await request.is_disconnected():
                     return Response(status_code=499)
                 continue
+            job.taken += 1
             if kind == "error":
                 return job_error(value).response()
             if kind == "done":

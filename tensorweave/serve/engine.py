@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -38,6 +39,7 @@ if TYPE_CHECKING:
     from ..runtime.model import Model
 
 HEARTBEAT_S = 1.0
+AHEAD = 8  # pieces a request may run ahead of its client: a slow or gone client pauses its slot, not the server
 NOOP, START, STEP, DROP, STOP = range(5)  # what rank 0 tells the others
 FATAL = (CollectiveError, CollectiveTimeoutError, CommunicationLibraryError)  # the ranks are out of step: give up
 FINISH = {"eos": "stop", "stop": "stop", "length": "length", "context": "length"}  # Generation's -> OpenAI's
@@ -69,6 +71,12 @@ class Job:
     ignore_eos: bool
     emit: Callable[[str, Any], None]
     cancelled: bool = False
+    sent: int = 0  # events emitted (the engine's count) ...
+    taken: int = 0  # ... and taken by the client's side (its own count): no lock needed
+
+    @property
+    def ahead(self) -> int:
+        return self.sent - self.taken
 
     def spec(self) -> bytes:
         """What a rank needs to start this request on a slot (START's payload)."""
@@ -207,6 +215,7 @@ class Engine:
         self.failed: str | None = None
         self._closing = False
         self._round = 0
+        self._told = time.monotonic()  # when the other ranks last heard from this one
         self._cond = threading.Condition()
         self._thread = threading.Thread(target=self._run, name="tensorweave-engine", daemon=True)
         self._thread.start()
@@ -259,15 +268,19 @@ class Engine:
             while True:
                 with self._cond:
                     busy = [] if self._closing else self._assign()
-                    if not busy and not self._closing and not self._cond.wait(HEARTBEAT_S) and self.link:
-                        self.link.send(NOOP)
+                    if not busy and not self._closing and not self._cond.wait(HEARTBEAT_S):
+                        self._tell(NOOP)
                     if self._closing:
                         break
                 self._round += 1
-                for slot in busy:
+                ready = [s for s in busy if s.job is not None and (s.job.ahead < AHEAD or s.job.cancelled)]
+                for slot in ready:
                     self._advance(slot)
-            if self.link:
-                self.link.send(STOP)
+                if busy and not ready:  # every client is behind: let the event loop catch up (and see who left)
+                    time.sleep(0.001)
+                    if time.monotonic() - self._told > HEARTBEAT_S:
+                        self._tell(NOOP)
+            self._tell(STOP)
         except FATAL as e:
             self._fail(str(e))
         except BaseException as e:  # a bug in the scheduler: fail loudly rather than hang every client
@@ -286,12 +299,18 @@ class Engine:
         assert event is not None
         if event[0] != "piece":
             slot.job = None
+        job.sent += 1
         job.emit(*event)
 
     def _act(self, slot: Slot, op: int, payload: bytes = b"") -> tuple[str, Any] | None:
-        if self.link:
-            self.link.send(op, slot.index, payload)
+        self._tell(op, slot.index, payload)
         return slot.act(op, payload)
+
+    def _tell(self, op: int, slot: int = 0, payload: bytes = b"") -> None:
+        """Broadcast a decision to the other ranks (if any)."""
+        if self.link:
+            self.link.send(op, slot, payload)
+            self._told = time.monotonic()
 
     def _fail(self, message: str) -> None:
         with self._cond:
