@@ -93,6 +93,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def queue_size(text: str) -> int:
+    """--queue: how many requests may wait, 0 or more."""
+    value = int(text) if text.strip().lstrip("-").isdigit() else -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """The ``serve`` subcommand."""
     p = sub.add_parser(
@@ -113,7 +121,9 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         default=1,
         help="requests run at once, each in a KV-cache slot of its own of --ctx tokens (default: %(default)s)",
     )
-    p.add_argument("--queue", type=int, default=16, help="requests waiting beyond them; more get 503 (default: 16)")
+    p.add_argument(
+        "--queue", type=queue_size, default=16, help="requests waiting beyond them; more get 503 (default: 16)"
+    )
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on the API")
     p.add_argument("--alias", help="the model's name in the API (default: the model's file or directory name)")
     generation_args(p, n_predict=-1)
