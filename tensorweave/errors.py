@@ -95,3 +95,8 @@ def format_bytes(n: float) -> str:
 
 class SamplingError(TensorweaveError, ValueError):
     """A sampling parameter is out of range (the message names it), or logits or stop strings cannot be used."""
+
+
+class ServeError(TensorweaveError, RuntimeError):
+    """``tensorweave serve`` cannot serve: its address is taken, or its ranks lost one another (the message names
+    the rank)."""

@@ -168,6 +168,7 @@ RANKS = {
     "tensorweave": 9,  # __init__: the public API
     "cli": 8,
     "conformance": 7,
+    "serve": 7,  # the OpenAI-compatible server: cli/serve -> serve -> runtime
     "runtime": 6,
     "models": 5,
     "loaders": 5,

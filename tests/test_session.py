@@ -216,3 +216,21 @@ def test_a_full_context_ends_the_generation_and_keeps_the_text() -> None:
     assert isinstance(gen, Generation) and gen.finish_reason == "context" and len(gen.tokens) == 12 - 5
     with pytest.raises(StateError, match="context full"):  # a prompt that cannot fit is refused up front
         model.generate(list(range(13)), 2)
+
+
+@pytest.mark.parametrize("family", ["qwen3", "mistral"])
+def test_replicas_share_the_weights_and_keep_contexts_of_their_own(family: str) -> None:
+    """Two sessions on a model and its replica (a server's slots) interleave steps, each with its own caches (KV,
+    and mistral's sliding-window rings), and reuse their cached prefix where the caches can go back to it (a ring
+    that wrapped, without a snapshot, starts over): the logits are a fresh context's."""
+    model = load(family, "cpu-sim:2", [2, 1], dtype="float64")
+    twin = model.replica()
+    assert twin.executor.weights is model.executor.weights and twin.executor.caches is not model.executor.caches
+    a, b = prompt_ids(model, 24), prompt_ids(model, 30)[::-1]
+    first, second = model.session(), twin.session()
+    first.eval(a[:12])
+    second.eval(b)
+    first.eval(a[12:])
+    for sess, ids, kept in ((first, [*a[:20], 5, 6], 20), (second, b[:7], 6)):
+        assert sess.reuse(ids) == (kept if family == "qwen3" else 0)
+        np.testing.assert_allclose(sess.eval(ids[sess.n_past :])[-1], model.logits(ids)[-1], atol=1e-9)

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from .. import errors
 from .._version import __version__
 from . import chat, conformance, demo, generate, inspect, launch
+from . import serve as serve_cli
 from .options import resolve_model_args
 
 DESCRIPTION = (
@@ -32,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_parsers(sub)
     launch.add_parsers(sub)
     conformance.add_parsers(sub)
+    serve_cli.add_parser(sub)
     for p in set(sub.choices.values()):  # every subcommand, whoever registered it
         p.allow_abbrev = False
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks for errors")

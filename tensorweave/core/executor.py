@@ -333,6 +333,16 @@ class Executor:
 
     # --- weights and caches ---------------------------------------------------------------------------------
 
+    def replica(self) -> Executor:
+        """Another executor over the same devices, communicator and weights (not copied) with caches of its own:
+        one per sequence a server runs at once. The replicas share one lock, so their steps never overlap on the
+        devices or interleave their collectives."""
+        twin = Executor(self.devices, self.comm, self.ratios, self.max_graphs)
+        twin.weights = self.weights
+        twin._specs = {n: t for n, t in self._specs.items() if n in self.weights}
+        twin._lock = self._lock
+        return twin
+
     def load_weights(
         self, graph: Graph, source: WeightSource, progress: Callable[[str, int], None] | None = None
     ) -> None:

@@ -81,6 +81,15 @@ class Model:
     def session(self) -> Session:
         return Session(self)
 
+    def replica(self) -> Model:
+        """This model again over the same devices and weights (shared, not copied) with KV caches of its own, so
+        that several sessions can each keep their context at once (a server's parallel slots). Replicas take
+        turns on the devices: their steps run one at a time."""
+        twin = object.__new__(Model)
+        twin.__dict__.update(self.__dict__)
+        twin.executor, twin.active = self.executor.replica(), None
+        return twin
+
     def generate(self, prompt: str | Sequence[int], max_tokens: int = 256, **kwargs: Any) -> Generation | TextStream:
         """Text (or token ids) in, a continuation out, in a fresh session; keywords as ``Session.generate``
         (sampling parameters, ``stop``, ``stream=True``...)."""

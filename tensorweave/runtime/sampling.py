@@ -54,7 +54,7 @@ if TYPE_CHECKING:
     from ..core.model import ModelFamily
     from ..loaders.tokenizer import Tokenizer
 
-__all__ = ["Sampler", "SamplingParams", "StopStrings", "reasoning_tags"]
+__all__ = ["Sampler", "SamplingParams", "StopStrings", "prefix_overlap", "reasoning_tags"]
 
 # Reasoning states (strings: they go into state_dict as they are).
 IDLE, COUNTING, WAITING_UTF8, FORCING, DONE = "idle", "counting", "waiting_utf8", "forcing", "done"
@@ -455,7 +455,7 @@ class StopStrings:
         if hits:
             self._held, self.stopped = "", True
             return text[: min(hits)], True
-        hold = max((_prefix_overlap(text, s) for s in self.stops), default=0)
+        hold = max((prefix_overlap(text, s) for s in self.stops), default=0)
         self._held = text[len(text) - hold :]
         return text[: len(text) - hold], False
 
@@ -464,7 +464,7 @@ class StopStrings:
         return held
 
 
-def _prefix_overlap(text: str, stop: str) -> int:
+def prefix_overlap(text: str, stop: str) -> int:
     """The length of the longest suffix of ``text`` that is a proper prefix of ``stop``."""
     for n in range(min(len(stop) - 1, len(text)), 0, -1):
         if text.endswith(stop[:n]):

@@ -311,6 +311,12 @@ class Session:
         the model's chat template. Tokens the conversation shares with this session's context are not evaluated
         again, so calling ``chat`` with a growing conversation costs only the new turns. Other keywords as for
         ``generate``; ``enable_thinking`` reaches templates that have the switch (Qwen3)."""
+        ids = self.chat_prompt(messages, enable_thinking)
+        common = self.reuse(ids)
+        return self.generate(ids[common:], max_tokens, snapshot=True, **kwargs)
+
+    def chat_prompt(self, messages: Sequence[Mapping[str, Any]], enable_thinking: bool | None = None) -> list[int]:
+        """The token ids of a conversation rendered with the model's chat template, ready for the answer."""
         tok = self.model.tokenizer
         if tok is None:
             raise StateError(f"{self.model.checkpoint.path}: the model has no tokenizer for chat")
@@ -318,16 +324,22 @@ class Session:
         ids = tok.encode(tok.apply_chat_template(messages, add_generation_prompt=True, **extra), add_special=False)
         if not ids:
             raise ShapeError("the conversation renders to no tokens")
+        return list(ids)
+
+    def reuse(self, ids: Sequence[int]) -> int:
+        """Rewind to the longest prefix that ``ids`` shares with the context, so that only the rest of ``ids``
+        is evaluated; returns its length. The last token of ``ids`` is always left over: its logits start the
+        answer. A ring or recurrent state with no snapshot to come back from starts over (returns 0)."""
         ctx = self.context
         common = 0
         while common < min(len(ctx), len(ids) - 1) and ctx[common] == ids[common]:
-            common += 1  # at least the last token is fed again: its logits start the answer
+            common += 1
         try:
             self.rewind(common)
-        except StateError:  # a ring or recurrent state with no snapshot to come back from: start over
+        except StateError:
             self.take_over()
             common = 0
-        return self.generate(ids[common:], max_tokens, snapshot=True, **kwargs)
+        return common
 
     # --- state ------------------------------------------------------------------------------------------------
 
