@@ -22,6 +22,7 @@ import numpy as np
 from ..core import dtypes
 from ..core.model import LLAMA_HF, Naming
 from ..errors import ModelFormatError
+from . import validate
 
 ST_DTYPES: dict[str, np.dtype[Any]] = {
     "F64": dtypes.float64,
@@ -65,6 +66,8 @@ class SafetensorsFile:
         self.entries: dict[str, tuple[np.dtype[Any], tuple[int, ...], int]] = {}
         for name, info in header.items():
             self.entries[name] = self._check(name, info, size - self.start)
+        spans = ((name, at, at + math.prod(shape) * dt.itemsize) for name, (dt, shape, at) in self.entries.items())
+        validate.safetensors_layout(path, spans, size - self.start)
         self._map = np.memmap(path, dtype=np.uint8, mode="r") if size > self.start else None
 
     def _check(self, name: str, info: Any, data_size: int) -> tuple[np.dtype[Any], tuple[int, ...], int]:
