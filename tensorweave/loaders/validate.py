@@ -8,8 +8,9 @@ graph of four billion layers. What is checked, and where the rule comes from:
 - GGUF (``gguf_file``): the header is walked with every string, array and tensor-info count bounded by the bytes
   left; nested arrays, duplicate keys or tensors, more than 4 dims are refused (llama.cpp's gguf.cpp refuses them
   too); tensor data must start at the running, alignment-padded offset of the tensors before it (llama.cpp's rule:
-  so no range overlaps another, escapes the file or is misaligned); tensor types must be ones we can read
-  (``UnsupportedError`` otherwise), and norms, biases and other 1-D tensors must be F32/F16/BF16, as llama.cpp
+  no range overlaps another, escapes the file or is misaligned), and the last must end the file, as both GGUF
+  writers leave it (so a type edit that shrinks even the last tensor is caught); tensor types must be ones we can
+  read (``UnsupportedError`` otherwise), and norms, biases and other 1-D tensors must be F32/F16/BF16, as llama.cpp
   stores them (a norm that "became" Q5_0 would read as NaNs).
 - safetensors (``safetensors_layout``): the tensors tile the data section exactly, in offset order, with no gap,
   overlap or tail (the official library's "invalid offset" / "file not fully covered"), so an off-by-one header
@@ -34,6 +35,7 @@ from ..errors import ModelFormatError, UnsupportedError
 
 MAX_DIMS = 4  # GGML_MAX_DIMS
 MAX_POSITION = 2**31 - 1  # positions are int32 on every backend
+TENSOR_NAME = re.compile(r"[\w.\-]{1,64}", re.ASCII)  # llama.cpp's names: at most GGML_MAX_NAME (64) bytes
 LAYER_INDEX = re.compile(r"(?:^|\.)(?:blk|layers|h|blocks)\.(\d+)\.")
 
 # GGUF value types: 0 u8, 1 i8, 2 u16, 3 i16, 4 u32, 5 i32, 6 f32, 7 bool, 8 string, 9 array, 10 u64, 11 i64, 12 f64
@@ -147,6 +149,8 @@ def gguf_file(path: Path) -> None:
         for _ in range(n_tensors):
             name = head.string("a tensor name").decode("utf-8", "replace")
             where = f"{path}: tensor {name!r}"
+            if not TENSOR_NAME.fullmatch(name):
+                raise ModelFormatError(f"{where}: a tensor name is 1..64 letters, digits, '_', '.' or '-'")
             if name in names:
                 raise ModelFormatError(f"{where} appears twice")
             names.add(name)
@@ -187,6 +191,11 @@ def gguf_file(path: Path) -> None:
                     f"the file has {head.size}: truncated or corrupt"
                 )
             expected += nbytes + (-nbytes % alignment)
+        if infos and not expected - alignment < head.size - start <= expected:  # only the last padding may be cut
+            raise ModelFormatError(
+                f"{path}: the tensors cover {expected} data bytes but the file holds {head.size - start}: the file "
+                "is not fully covered (a tensor type or size was changed, or data appended)"
+            )
 
 
 def _float_only(name: str) -> bool:
@@ -292,6 +301,8 @@ def config(path: Path, cfg: Any, shapes: Mapping[str, tuple[int, ...]]) -> None:
         values = v if isinstance(v, tuple) else (v,)
         if any(isinstance(x, (int, float)) and not _is_finite(x) for x in values):
             raise bad("rope_scaling", f"has a non-finite {key}")
+        if key in ("factor", "factors") and not all(_is_finite(x) and x > 0 for x in values):
+            raise bad("rope_scaling", f"has a {key} that is not positive")
     n_rot, head_dim = get("n_rot"), get("head_dim")
     if n_rot is not None and (not _is_int(n_rot) or not 0 < n_rot <= (head_dim or 0) or n_rot % 2):
         raise bad("n_rot", f"is not an even count of rotated dims in 1..head_dim ({head_dim})")

@@ -1,0 +1,195 @@
+"""Hostile files and faults (issue 20): mutated model files, edited state files, sessions raced from threads, a
+stopped MPI rank, killed launchers, runaway chat templates. Each fault ends in one error of the tensorweave family
+(or in a correct result), never in a hang, a crash or a silently wrong answer.
+"""
+
+from __future__ import annotations
+
+import json
+import selectors
+import shutil
+import struct
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import gguf
+import pytest
+
+import tensorweave as tw
+from tensorweave.errors import ModelFormatError, TensorweaveError, UnsupportedError
+
+FIXTURES = Path(__file__).parent / "fixtures" / "models"
+LLAMA_GGUF = FIXTURES / "llama" / "model-q8_0.gguf"
+
+
+def expect(kind: type[TensorweaveError], path: Path, *words: str) -> str:
+    """``tw.load(path)`` raises exactly ``kind`` naming the file and ``words``."""
+    with pytest.raises(TensorweaveError) as info:
+        tw.load(path, "cpu-sim:2")
+    assert type(info.value) is kind, f"{type(info.value).__name__}: {info.value}"
+    msg = str(info.value)
+    for w in (str(path), *words):
+        assert w in msg, f"{w!r} not in {msg!r}"
+    return msg
+
+
+# === 1. model files ================================================================================================
+
+
+def edit_gguf(tmp_path: Path, src: Path, key: str, part: int, value: bytes) -> Path:
+    """A copy of ``src`` with part ``part`` of metadata field (or tensor info) ``key`` overwritten by ``value``."""
+    reader = gguf.GGUFReader(src)
+    field = reader.fields.get(key) or next(t.field for t in reader.tensors if t.name == key)
+    at = field.offset + sum(p.nbytes for p in field.parts[:part])
+    assert field.parts[part].nbytes == len(value)
+    data = bytearray(src.read_bytes())
+    data[at : at + len(value)] = value
+    out = tmp_path / src.name
+    out.write_bytes(bytes(data))
+    return out
+
+
+def test_gguf_block_count_of_four_billion_fails_at_once_naming_the_key(tmp_path: Path) -> None:
+    path = edit_gguf(tmp_path, LLAMA_GGUF, "llama.block_count", 3, b"\xff\xff\xff\xff")
+    t0 = time.process_time()  # CPU time: a busy CI machine does not make it flaky
+    expect(ModelFormatError, path, "llama.block_count", "4294967295", "3 layers")
+    assert time.process_time() - t0 < 1.0  # the graph of 4e9 layers is never built (it took minutes, then OOM)
+
+
+def test_gguf_metadata_array_whose_element_type_became_array_fails_at_once(tmp_path: Path) -> None:
+    path = edit_gguf(tmp_path, LLAMA_GGUF, "tokenizer.ggml.scores", 3, struct.pack("<I", 9))  # element type ARRAY
+    t0 = time.process_time()  # CPU time: a busy CI machine does not make it flaky
+    expect(ModelFormatError, path, "'tokenizer.ggml.scores'", "array of arrays")
+    assert time.process_time() - t0 < 1.0
+
+
+def test_gguf_norm_stored_as_q5_0_is_refused_by_its_name(tmp_path: Path) -> None:
+    src = FIXTURES / "llama" / "model-f32.gguf"
+    path = edit_gguf(tmp_path, src, "blk.0.attn_norm.weight", 4, struct.pack("<I", int(gguf.GGMLQuantizationType.Q5_0)))
+    expect(ModelFormatError, path, "'blk.0.attn_norm.weight'", "Q5_0", "F32")
+
+
+def test_gguf_matrix_whose_type_changed_is_caught_by_its_data_range(tmp_path: Path) -> None:
+    reader = gguf.GGUFReader(LLAMA_GGUF)
+    first, last = reader.tensors[1].name, reader.tensors[-1].name  # [0] is rope_freqs (F32, 1-D)
+    q4_1 = struct.pack("<I", int(gguf.GGMLQuantizationType.Q4_1))
+    expect(ModelFormatError, edit_gguf(tmp_path, LLAMA_GGUF, first, 4, q4_1), "offset")
+    expect(ModelFormatError, edit_gguf(tmp_path, LLAMA_GGUF, last, 4, q4_1), "not fully covered")
+
+
+@pytest.mark.parametrize("qtype", ["F64", "Q8_1", "Q8_K"])
+def test_gguf_tensor_types_we_cannot_read_are_unsupported(tmp_path: Path, qtype: str) -> None:
+    name = gguf.GGUFReader(LLAMA_GGUF).tensors[1].name
+    path = edit_gguf(tmp_path, LLAMA_GGUF, name, 4, struct.pack("<I", int(gguf.GGMLQuantizationType[qtype])))
+    expect(UnsupportedError, path, repr(name), qtype)
+
+
+def safetensors_header(path: Path) -> tuple[dict[str, Any], bytes]:
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    return json.loads(raw[8 : 8 + n]), raw[8 + n :]
+
+
+def write_header(path: Path, header: dict[str, Any], data: bytes, length_delta: int = 0) -> None:
+    head = json.dumps(header).encode()
+    head += b" " * (-len(head) % 8)
+    path.write_bytes((len(head) + length_delta).to_bytes(8, "little") + head + data)
+
+
+def hf_copy(tmp_path: Path, family: str = "llama", **config: Any) -> Path:
+    out = tmp_path / family
+    shutil.copytree(FIXTURES / family / "hf", out)
+    if config:
+        cfg = json.loads((out / "config.json").read_text())
+        (out / "config.json").write_text(json.dumps({**cfg, **config}))
+    return out
+
+
+def test_safetensors_aliased_overlapping_and_uncovered_ranges_are_refused(tmp_path: Path) -> None:
+    st = hf_copy(tmp_path) / "model.safetensors"
+    header, data = safetensors_header(st)
+    names = sorted((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"])
+    a, b = next((a, b) for a in names for b in names if a < b and header[a]["shape"] == header[b]["shape"])
+    aliased = {b: {**header[b], "data_offsets": header[a]["data_offsets"]}}  # b reads a's bytes
+    write_header(st, {**header, **aliased}, data)
+    expect(ModelFormatError, st.parent, "overlaps", "invalid offset")
+    shifted = {a: {**header[a], "data_offsets": [o + 4 for o in header[a]["data_offsets"]]}}
+    write_header(st, {**header, **shifted}, data)
+    expect(ModelFormatError, st.parent, "invalid offset")
+    for delta in (-1, 1, 8):
+        write_header(st, header, data, length_delta=delta)
+        with pytest.raises(ModelFormatError):
+            tw.load(st.parent, "cpu-sim:2")
+    write_header(st, header, data + b"\0" * 8)
+    expect(ModelFormatError, st.parent, "not fully covered")
+
+
+@pytest.mark.parametrize(
+    ("family", "edit", "words"),
+    [
+        ("llama", {"rms_norm_eps": -1}, ["norm_eps", "(0, 1)"]),
+        ("llama", {"rms_norm_eps": float("nan")}, ["rms_norm_eps", "finite"]),
+        ("llama", {"rope_parameters": {"rope_theta": -1.0}}, ["rope_theta", "positive"]),
+        ("qwen3_moe", {"num_experts_per_tok": 1.5}, ["num_experts_per_tok", "1.5", "integer"]),
+        ("llama", {"head_dim": 2**63}, ["head_dim", "tensor dimension"]),
+        ("mistral", {"sliding_window": 2**31}, ["window", "int32"]),
+        ("qwen3_moe", {"num_hidden_layers": 2**32}, ["num_hidden_layers", "3 layers"]),
+    ],
+)
+def test_config_values_out_of_range_are_one_model_format_error(
+    tmp_path: Path, family: str, edit: dict[str, Any], words: list[str]
+) -> None:
+    expect(ModelFormatError, hf_copy(tmp_path, family, **edit), *words)
+
+
+def test_gguf_freq_base_of_minus_one_is_refused(tmp_path: Path) -> None:
+    path = edit_gguf(tmp_path, LLAMA_GGUF, "llama.rope.freq_base", 3, struct.pack("<f", -1.0))
+    expect(ModelFormatError, path, "rope_theta", "positive")
+
+
+def run_fuzz(seed: int, total: int, scratch: Path, case_timeout: float = 10.0) -> dict[int, tuple[str, str]]:
+    """Cases 0..total-1 of tests/fuzz_loader_worker.py in a child (memory-capped); a case that prints nothing for
+    ``case_timeout`` s is a hang: the child is killed and restarted after it. Returns case -> (outcome, detail)."""
+    worker = Path(__file__).with_name("fuzz_loader_worker.py")
+    results: dict[int, tuple[str, str]] = {}
+    first = 0
+    while first < total:
+        cmd = [sys.executable, str(worker), str(seed), str(first), str(total - first), str(scratch)]
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        assert proc.stdout is not None
+        sel = selectors.DefaultSelector()
+        sel.register(proc.stdout, selectors.EVENT_READ)
+        current = first
+        while True:
+            if not sel.select(timeout=case_timeout):
+                proc.kill()
+                results[current] = ("hang", "")
+                break
+            line = proc.stdout.readline()
+            if not line:
+                if current not in results:
+                    results[current] = ("crash", f"exit {proc.wait()}")
+                break
+            record = json.loads(line)
+            current = record["case"]
+            if not record.get("start"):
+                results[current] = (record["outcome"], f"{record['what']}: {record['error']}")
+        proc.wait()
+        sel.close()
+        first = max(results, default=first - 1) + 1
+    return results
+
+
+def test_fuzzed_model_files_end_in_a_family_error_or_a_finite_model(tmp_path: Path) -> None:
+    """300 seeded mutations of the fixture models (GGUF metadata/tensor-index fields, header bytes, truncation,
+    safetensors header entries and length, config.json values): no hang, no crash, no exception outside the family
+    and no NaN logits from a file that loaded."""
+    results = run_fuzz(seed=20, total=300, scratch=tmp_path)
+    outcomes = Counter(o for o, _ in results.values())
+    bad = {i: r for i, r in results.items() if r[0] not in ("family", "ok")}
+    assert not bad, f"{outcomes}: {dict(list(bad.items())[:10])}"
+    assert len(results) == 300 and outcomes["family"] > 150  # the mutations do break files
