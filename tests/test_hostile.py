@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import gguf
+import numpy as np
 import pytest
 
 import tensorweave as tw
@@ -193,3 +194,138 @@ def test_fuzzed_model_files_end_in_a_family_error_or_a_finite_model(tmp_path: Pa
     bad = {i: r for i, r in results.items() if r[0] not in ("family", "ok")}
     assert not bad, f"{outcomes}: {dict(list(bad.items())[:10])}"
     assert len(results) == 300 and outcomes["family"] > 150  # the mutations do break files
+
+
+# === 2. state files ================================================================================================
+
+TINY = FIXTURES / "llama" / "hf"
+PROMPT = [5, 9, 13, 17]
+
+
+@pytest.fixture(scope="module")
+def tiny() -> tw.Model:
+    return tw.load(TINY, "cpu-sim:2")
+
+
+def saved_state(model: tw.Model, path: Path, prompt: list[int] = PROMPT) -> Path:
+    sess = model.session()
+    sess.generate(prompt, 3, temperature=1.0, seed=3)
+    return sess.save(path)
+
+
+def edit_state(path: Path, edit: Any) -> Path:
+    """Apply ``edit(meta)`` to the state file's JSON metadata (its data stays as it was)."""
+    header, data = safetensors_header(path)
+    meta = json.loads(header["__metadata__"]["tensorweave"])
+    edit(meta)
+    header["__metadata__"]["tensorweave"] = json.dumps(meta)
+    out = path.with_name("edited.tws")
+    write_header(out, header, data)
+    return out
+
+
+def setter(*keys: str, value: Any = None, delete: bool = False) -> Any:
+    def edit(meta: dict[str, Any]) -> None:
+        for k in keys[:-1]:
+            meta = meta[k]
+        if delete:
+            del meta[keys[-1]]
+        else:
+            meta[keys[-1]] = value
+
+    return edit
+
+
+STATE_EDITS = {
+    "no tokens": setter("tokens", delete=True),
+    "no caches": setter("caches", delete=True),
+    "no model": setter("model", delete=True),
+    "tokens not a list": setter("tokens", value="5 9 13"),
+    "token -1": lambda m: m["tokens"].__setitem__(2, -1),
+    "token 1e9": lambda m: m["tokens"].__setitem__(2, 10**9),
+    "token 2**70": lambda m: m["tokens"].__setitem__(2, 2**70),
+    "token 1.5": lambda m: m["tokens"].__setitem__(2, 1.5),
+    "token true": lambda m: m["tokens"].__setitem__(2, True),
+    "token = vocab": lambda m: m["tokens"].__setitem__(2, 384),
+    "cache kind": lambda m: m["caches"][next(iter(m["caches"]))].update(kind="tape"),
+    "cache first -3": lambda m: m["caches"][next(iter(m["caches"]))].update(first=-3),
+    "cache first str": lambda m: m["caches"][next(iter(m["caches"]))].update(first="0"),
+    "cache entry not a dict": lambda m: m["caches"].update({next(iter(m["caches"])): 7}),
+    "cache without tensor": lambda m: m["caches"].update({"blk.9.k": {"kind": "kv", "first": 0}}),
+    "tensor without cache": lambda m: m["caches"].pop(next(iter(m["caches"]))),
+    "sampler not a dict": setter("sampler", value=[1, 2]),
+    "sampler without params": setter("sampler", "params", delete=True),
+    "sampler without state": setter("sampler", "state", delete=True),
+    "sampler unknown param": setter("sampler", "params", "warmth", value=1),
+    "sampler temperature str": setter("sampler", "params", "temperature", value="hot"),
+    "sampler top_p 7": setter("sampler", "params", "top_p", value=7),
+    "sampler rng": setter("sampler", "state", "rng", value={"bit_generator": "MT19937"}),
+    "sampler history -1": setter("sampler", "state", "history", value=[-1]),
+    "sampler vocab": setter("sampler", "state", "vocab", value=7),
+    "sampler no reasoning": setter("sampler", "state", "reasoning", delete=True),
+    "fingerprint int": setter("model", "fingerprint", value=7),
+    "version true": setter("version", value=True),
+    "version 99": setter("version", value=99),
+}
+
+
+@pytest.mark.parametrize("edit", STATE_EDITS)
+def test_state_file_field_edits_are_one_state_error_and_leave_the_live_session(
+    tiny: tw.Model, tmp_path: Path, edit: str
+) -> None:
+    path = edit_state(saved_state(tiny, tmp_path / "s.tws"), STATE_EDITS[edit])
+    live = tiny.session()
+    live.eval(PROMPT)
+    with pytest.raises(TensorweaveError) as info:
+        tiny.restore(path)
+    assert type(info.value) is tw.errors.StateError, f"{type(info.value).__name__}: {info.value}"
+    assert str(path) in str(info.value) and "\n" not in str(info.value)
+    assert tiny.active is live  # the failed restore took nothing over: the live session goes on
+    np.testing.assert_allclose(live.eval([21])[-1], tiny.logits([*PROMPT, 21])[-1], rtol=1e-5, atol=1e-5)
+
+
+def test_state_checksum_detects_a_flipped_bit_in_the_cache_data(tiny: tw.Model, tmp_path: Path) -> None:
+    path = saved_state(tiny, tmp_path / "s.tws")
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0x10  # inside the last tensor's data
+    path.write_bytes(bytes(data))
+    with pytest.raises(tw.errors.StateError, match="checksum"):
+        tiny.restore(path)
+
+
+@pytest.mark.parametrize("where", ["missing-dir/s.tws", "a-file/s.tws", "a-dir"])
+def test_saving_or_restoring_at_a_bad_path_is_a_state_error(tiny: tw.Model, tmp_path: Path, where: str) -> None:
+    (tmp_path / "a-file").write_text("not a directory")
+    (tmp_path / "a-dir").mkdir()
+    sess = tiny.session()
+    sess.eval(PROMPT)
+    with pytest.raises(tw.errors.StateError, match="cannot write the state file"):
+        sess.save(tmp_path / where)
+    with pytest.raises(tw.errors.StateError, match=str(tmp_path / where)):
+        tiny.restore(tmp_path / where)
+    assert tiny.active is sess
+
+
+def test_concurrent_saves_to_one_path_leave_the_last_one_whole(tmp_path: Path) -> None:
+    import threading
+
+    from tensorweave.runtime import state
+
+    models = [tw.load(TINY, "cpu-sim:1") for _ in range(2)]
+    states = []
+    for model, prompt in zip(models, ([5, 9, 13], [7, 11, 2, 3, 4]), strict=True):
+        sess = model.session()
+        sess.eval(prompt)
+        states.append(sess.state())
+    path = tmp_path / "both.tws"
+    for _ in range(20):
+        threads = [threading.Thread(target=state.write, args=(s, path)) for s in states]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert state.read(path).tokens in ([5, 9, 13], [7, 11, 2, 3, 4])  # one whole save (checksum verified)
+    state.write(states[1], path)
+    state.write(states[0], path)
+    assert state.read(path).tokens == [5, 9, 13]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["both.tws"]  # no temporary file left behind
