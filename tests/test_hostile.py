@@ -329,3 +329,59 @@ def test_concurrent_saves_to_one_path_leave_the_last_one_whole(tmp_path: Path) -
     state.write(states[0], path)
     assert state.read(path).tokens == [5, 9, 13]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["both.tws"]  # no temporary file left behind
+
+
+# === 3. threads ====================================================================================================
+
+
+def race(*jobs: Any) -> list[Any]:
+    """Run ``jobs`` in threads started together; each one's result, or the exception it raised."""
+    import threading
+
+    results: list[Any] = [None] * len(jobs)
+    start = threading.Barrier(len(jobs))
+
+    def run(i: int) -> None:
+        start.wait()
+        try:
+            results[i] = jobs[i]()
+        except Exception as e:  # collected: the test judges them
+            results[i] = e
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(jobs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results
+
+
+def test_two_sessions_in_two_threads_get_their_own_tokens_or_a_state_error(tiny: tw.Model) -> None:
+    prompts = ([5, 9, 13, 17], [40, 2, 77])
+    want = [tiny.session().generate(p, 3).tokens for p in prompts]
+    seen: Counter[str] = Counter()
+    for _ in range(300):
+        sessions = [tiny.session() for _ in prompts]
+        jobs = [lambda s=s, p=p: s.generate(p, 3).tokens for s, p in zip(sessions, prompts, strict=True)]
+        for got, expected in zip(race(*jobs), want, strict=True):
+            if isinstance(got, Exception):
+                assert type(got) is tw.errors.StateError, repr(got)
+                seen["StateError"] += 1
+            else:
+                assert got == expected  # never another session's cache: no silent wrong token
+                seen["right"] += 1
+    assert seen["right"] >= 300  # at least one of each pair finishes
+
+
+def test_a_stream_raced_by_logits_yields_only_right_text_before_its_state_error(tiny: tw.Model) -> None:
+    prompt = [5, 9, 13, 17]
+    want = tiny.session().generate(prompt, 4).text
+    for _ in range(100):
+        stream = tiny.session().generate(prompt, 4, stream=True)
+        pieces: list[str] = []
+        outcome = race(lambda stream=stream: pieces.extend(stream), lambda: tiny.logits([1, 2, 3]))[0]
+        if isinstance(outcome, Exception):
+            assert type(outcome) is tw.errors.StateError, repr(outcome)
+            assert want.startswith("".join(pieces))  # what it printed before the error was right
+        else:
+            assert "".join(pieces) == want
