@@ -379,7 +379,7 @@ def test_a_stream_raced_by_logits_yields_only_right_text_before_its_state_error(
     for _ in range(100):
         stream = tiny.session().generate(prompt, 4, stream=True)
         pieces: list[str] = []
-        outcome = race(lambda stream=stream: pieces.extend(stream), lambda: tiny.logits([1, 2, 3]))[0]
+        outcome = race(lambda s=stream, out=pieces: out.extend(s), lambda: tiny.logits([1, 2, 3]))[0]
         if isinstance(outcome, Exception):
             assert type(outcome) is tw.errors.StateError, repr(outcome)
             assert want.startswith("".join(pieces))  # what it printed before the error was right
