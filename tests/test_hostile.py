@@ -6,6 +6,7 @@ stopped MPI rank, killed launchers, runaway chat templates. Each fault ends in o
 from __future__ import annotations
 
 import json
+import re
 import selectors
 import shutil
 import struct
@@ -385,3 +386,80 @@ def test_a_stream_raced_by_logits_yields_only_right_text_before_its_state_error(
             assert want.startswith("".join(pieces))  # what it printed before the error was right
         else:
             assert "".join(pieces) == want
+
+
+# === 4. processes ==================================================================================================
+
+RANK_LOOP = """
+import os, pathlib, sys
+import numpy as np
+import tensorweave as tw
+from tensorweave.core.spmd import SpmdEnv
+dev = tw.devices("cpu-sim:1")[0]
+comm = SpmdEnv.detect().connect([dev], sys.argv[1], timeout=1)
+buf = dev.from_host(np.zeros(1000, np.float32))
+comm.allreduce([buf])
+pathlib.Path(sys.argv[2], f"rank{comm.local_ranks[0]}").write_text(str(os.getpid()))
+while True:
+    comm.allreduce([buf])
+"""
+
+
+def wait_for_pids(outdir: Path, n: int, proc: subprocess.Popen[str]) -> dict[int, int]:
+    deadline = time.monotonic() + 60
+    while len(list(outdir.glob("rank*"))) < n or any(not p.read_text() for p in outdir.glob("rank*")):
+        assert proc.poll() is None and time.monotonic() < deadline, "the ranks did not start"
+        time.sleep(0.05)
+    return {int(p.name[4:]): int(p.read_text()) for p in outdir.glob("rank*")}
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
+
+
+def reap(pids: Any) -> None:
+    import os
+    import signal
+
+    for pid in pids:
+        if alive(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
+HAVE_MPI = (
+    shutil.which("mpiexec") is not None
+    and subprocess.run([sys.executable, "-c", "import mpi4py.MPI"], capture_output=True).returncode == 0
+)
+
+
+@pytest.mark.skipif(not HAVE_MPI, reason="mpi4py and mpiexec are not installed (pip install 'tensorweave[mpi]')")
+def test_mpiexec_with_a_stopped_rank_ends_every_process_with_the_error_line(tmp_path: Path) -> None:
+    import os
+    import signal
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TENSORWEAVE_")}
+    cmd = ["mpiexec", "-n", "3", sys.executable, "-c", RANK_LOOP, "mpi", str(tmp_path)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    pids: dict[int, int] = {}
+    try:
+        pids = wait_for_pids(tmp_path, 3, proc)
+        os.kill(pids[1], signal.SIGSTOP)
+        stopped_at = time.monotonic()
+        _, err = proc.communicate(timeout=15)
+        elapsed = time.monotonic() - stopped_at
+        deadline = time.monotonic() + 5
+        while any(alive(p) for p in pids.values()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        left = [r for r, p in pids.items() if alive(p)]
+    finally:
+        proc.kill()
+        reap(pids.values())
+    assert elapsed < 1 + 0.5 + 5, elapsed  # the 1 s timeout, the 0.5 s diagnosis, and process noise
+    assert proc.returncode != 0
+    assert re.search(r"mpi allreduce #\d+ \(rank [02] of 3\): timed out after 1 s: rank 1 did not arrive", err), err
+    assert "aborting the MPI job" in err
+    assert not left, f"ranks {left} still running"
