@@ -6,12 +6,15 @@ stopped MPI rank, killed launchers, runaway chat templates. Each fault ends in o
 from __future__ import annotations
 
 import json
+import os
 import re
 import selectors
 import shutil
+import signal
 import struct
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -308,7 +311,6 @@ def test_saving_or_restoring_at_a_bad_path_is_a_state_error(tiny: tw.Model, tmp_
 
 
 def test_concurrent_saves_to_one_path_leave_the_last_one_whole(tmp_path: Path) -> None:
-    import threading
 
     from tensorweave.runtime import state
 
@@ -337,7 +339,6 @@ def test_concurrent_saves_to_one_path_leave_the_last_one_whole(tmp_path: Path) -
 
 def race(*jobs: Any) -> list[Any]:
     """Run ``jobs`` in threads started together; each one's result, or the exception it raised."""
-    import threading
 
     results: list[Any] = [None] * len(jobs)
     start = threading.Barrier(len(jobs))
@@ -422,8 +423,6 @@ def alive(pid: int) -> bool:
 
 
 def reap(pids: Any) -> None:
-    import os
-    import signal
 
     for pid in pids:
         if alive(pid):
@@ -438,8 +437,6 @@ HAVE_MPI = (
 
 @pytest.mark.skipif(not HAVE_MPI, reason="mpi4py and mpiexec are not installed (pip install 'tensorweave[mpi]')")
 def test_mpiexec_with_a_stopped_rank_ends_every_process_with_the_error_line(tmp_path: Path) -> None:
-    import os
-    import signal
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("TENSORWEAVE_")}
     cmd = ["mpiexec", "-n", "3", sys.executable, "-c", RANK_LOOP, "mpi", str(tmp_path)]
@@ -463,3 +460,25 @@ def test_mpiexec_with_a_stopped_rank_ends_every_process_with_the_error_line(tmp_
     assert re.search(r"mpi allreduce #\d+ \(rank [02] of 3\): timed out after 1 s: rank 1 did not arrive", err), err
     assert "aborting the MPI job" in err
     assert not left, f"ranks {left} still running"
+
+
+@pytest.mark.parametrize("signame", ["SIGTERM", "SIGINT"])
+def test_a_signal_to_launch_is_forwarded_and_every_rank_reaped(tmp_path: Path, signame: str) -> None:
+
+    code = "import os,pathlib,sys,time; pathlib.Path(sys.argv[1], 'rank' + os.environ['TENSORWEAVE_RANK'])" + (
+        ".write_text(str(os.getpid())); time.sleep(120)"
+    )
+    cmd = [sys.executable, "-m", "tensorweave.cli", "launch", "-n", "3", "--", "python", "-c", code, str(tmp_path)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    pids: dict[int, int] = {}
+    try:
+        pids = wait_for_pids(tmp_path, 3, proc)
+        proc.send_signal(getattr(signal, signame))
+        _, err = proc.communicate(timeout=20)
+        left = [r for r, p in pids.items() if alive(p)]
+    finally:
+        proc.kill()
+        reap(pids.values())
+    assert proc.returncode == 128 + getattr(signal, signame), err
+    assert f"tensorweave launch: got {signame}; stopped ranks 0, 1, 2" in err
+    assert not left, f"ranks {left} were left running"
