@@ -482,3 +482,49 @@ def test_a_signal_to_launch_is_forwarded_and_every_rank_reaped(tmp_path: Path, s
     assert proc.returncode == 128 + getattr(signal, signame), err
     assert f"tensorweave launch: got {signame}; stopped ranks 0, 1, 2" in err
     assert not left, f"ranks {left} were left running"
+
+
+# === 5. chat templates =============================================================================================
+
+RUNAWAY_TEMPLATES = {
+    "nested ranges": "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+    "range too long": "{% for i in range(10**7) %}{% endfor %}",
+    "huge power": "{{ 7 ** 999999999 }}",
+    "repeated string": "{{ 'x' * 10**10 }}",
+    "centered": "{{ 'x' | center(10**10) }}",
+    "method width": "{{ 'x'.ljust(10**10) }}",
+    "format width": "{{ '%99999999d' % 1 }}",
+    "macro fan-out": "{% macro f(n) %}{% if n %}{{ f(n - 1) }}{{ f(n - 1) }}{% endif %}{% endmacro %}{{ f(60) }}",
+    "doubling": "{% set ns = namespace(s='x') %}{% for i in range(60) %}{% set ns.s = ns.s + ns.s %}{% endfor %}",
+    "deep recursion": "{% macro f() %}{{ f() }}{% endmacro %}{{ f() }}",
+    "escape attempt": "{{ ''.__class__.__mro__[1].__subclasses__() }}",
+    "undefined": "{{ messages[0].nope.deeper }}",
+    "syntax": "{% for m in messages %}",
+}
+
+
+@pytest.mark.parametrize("name", RUNAWAY_TEMPLATES)
+def test_runaway_or_broken_chat_templates_are_one_template_error_line(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tensorweave.loaders import chat_limits
+    from tensorweave.loaders.tokenizer import Tokenizer
+
+    monkeypatch.setattr(chat_limits, "TIME_LIMIT_S", 0.5)  # the default (5 s) is no faster to hit
+    base = tw.load(TINY, "cpu-sim:1").tokenizer
+    tok = Tokenizer(base.backend, chat_template=RUNAWAY_TEMPLATES[name], source="hostile-template")
+    t0 = time.monotonic()
+    with pytest.raises(TensorweaveError) as info:
+        tok.apply_chat_template([{"role": "user", "content": "hi"}])
+    assert type(info.value) is tw.errors.TemplateError, f"{type(info.value).__name__}: {info.value}"
+    msg = str(info.value)
+    assert msg.startswith("hostile-template: ") and "\n" not in msg, msg
+    assert time.monotonic() - t0 < 10  # bounded by the time limit, not by the template (it ran >30 s before)
+
+
+def test_real_chat_templates_render_under_the_limits(tiny: tw.Model) -> None:
+    tok = tiny.tokenizer
+    assert tok is not None and tok.chat_template
+    messages = [{"role": "user", "content": "x" * 100_000}, {"role": "assistant", "content": "ok"}]
+    text = tok.apply_chat_template(messages)
+    assert "x" * 100_000 in text and text.count("ok") >= 1
