@@ -528,3 +528,20 @@ def test_real_chat_templates_render_under_the_limits(tiny: tw.Model) -> None:
     messages = [{"role": "user", "content": "x" * 100_000}, {"role": "assistant", "content": "ok"}]
     text = tok.apply_chat_template(messages)
     assert "x" * 100_000 in text and text.count("ok") >= 1
+
+
+def test_a_runaway_template_in_the_cli_is_one_error_line(tmp_path: Path) -> None:
+    model = hf_copy(tmp_path)
+    cfg = json.loads((model / "tokenizer_config.json").read_text())
+    (model / "tokenizer_config.json").write_text(json.dumps({**cfg, "chat_template": "{{ 'x' * 10**10 }}"}))
+    (model / "chat_template.jinja").unlink(missing_ok=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "tensorweave.cli", "chat", str(model), "-n", "4"],
+        input="hi\n",
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert "Traceback" not in proc.stderr, proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if "chat template" in ln]
+    assert len(lines) == 1 and "exceeds the output limit" in lines[0], proc.stderr
