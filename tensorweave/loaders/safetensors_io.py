@@ -121,7 +121,7 @@ def write_safetensors(path: Path, tensors: Mapping[str, np.ndarray], metadata: M
         with open(tmp, "xb") as f:
             f.write(len(head).to_bytes(8, "little") + head)
             for a in tensors.values():
-                f.write(np.ascontiguousarray(a).reshape(-1).view(np.uint8))
+                f.write(np.ascontiguousarray(a).reshape(-1).view(np.uint8).data)
         tmp.replace(path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -269,7 +269,9 @@ def config(path: Path, cfg: Any, shapes: Mapping[str, tuple[int, ...]]) -> None:
     the largest tensor dimension, the layer count no larger than the layers present, eps, theta, scales finite and
     in range, window and context inside int32 positions. Fields a family's config lacks are skipped."""
     largest = max((d for s in shapes.values() for d in s), default=0)
-    get = lambda name, default=None: getattr(cfg, name, default)  # noqa: E731 - a local shorthand
+
+    def get(name: str, default: Any = None) -> Any:
+        return getattr(cfg, name, default)
 
     def bad(field: str, why: str) -> ModelFormatError:
         return ModelFormatError(f"{path}: config {field} = {get(field)!r} {why}")

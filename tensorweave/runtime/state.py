@@ -89,7 +89,7 @@ def _digest(tensors: Mapping[str, np.ndarray]) -> str:
     h = hashlib.sha256()
     for name in sorted(tensors):
         h.update(name.encode() + b"\0")
-        h.update(np.ascontiguousarray(tensors[name]).reshape(-1).view(np.uint8))
+        h.update(np.ascontiguousarray(tensors[name]).reshape(-1).view(np.uint8).data)
     return h.hexdigest()
 
 
