@@ -294,6 +294,53 @@ def test_state_file_field_edits_are_one_state_error_and_leave_the_live_session(
     np.testing.assert_allclose(live.eval([21])[-1], tiny.logits([*PROMPT, 21])[-1], rtol=1e-5, atol=1e-5)
 
 
+def mutate_json(rng: Any, meta: dict[str, Any]) -> str:
+    """Replace or delete one value somewhere in ``meta`` (seeded), like a hand edit of the file."""
+    node: Any = meta
+    path: list[Any] = []
+    while isinstance(node, (dict, list)) and node and (not path or rng.random() < 0.7):
+        key = rng.choice(sorted(node) if isinstance(node, dict) else range(len(node)))
+        if not isinstance(node[key], (dict, list)) or not node[key] or rng.random() < 0.3:
+            break
+        node, path = node[key], [*path, key]
+    if not isinstance(node, (dict, list)) or not node:
+        return "nothing"
+    key = rng.choice(sorted(node) if isinstance(node, dict) else range(len(node)))
+    if isinstance(node, dict) and rng.random() < 0.2:
+        del node[key]
+        return f"delete {[*path, key]}"
+    node[key] = rng.choice([None, -1, 0, 1.5, 2**70, 10**9, "x", [], {}, True, float("nan")])
+    return f"{[*path, key]} = {node[key]!r}"
+
+
+def test_fuzzed_state_files_restore_right_or_raise_one_state_error(tiny: tw.Model, tmp_path: Path) -> None:
+    """200 seeded edits of a state file's metadata: each restore either works or is one StateError that leaves
+    the live session's caches alone."""
+    import random
+
+    rng = random.Random(20)
+    saved = saved_state(tiny, tmp_path / "s.tws")
+    live = tiny.session()
+    live.eval(PROMPT)
+    outcomes: Counter[str] = Counter()
+    for _ in range(200):
+        what: list[str] = []
+        path = edit_state(saved, lambda meta, what=what: what.append(mutate_json(rng, meta)))
+        try:
+            tiny.restore(path).generate(None, 1)
+            outcomes["restored"] += 1
+        except tw.errors.StateError:
+            outcomes["StateError"] += 1
+            assert tiny.active is live, what  # refused before taking anything over
+        except Exception as e:
+            raise AssertionError(f"{what}: {type(e).__name__}: {e}") from None
+        if tiny.active is not live:  # a restore that worked took over: start a live session again
+            live = tiny.session()
+            live.eval(PROMPT)
+    assert outcomes["StateError"] > 100, outcomes
+    np.testing.assert_allclose(live.eval([21])[-1], tiny.logits([*PROMPT, 21])[-1], rtol=1e-5, atol=1e-5)
+
+
 def test_state_checksum_detects_a_flipped_bit_in_the_cache_data(tiny: tw.Model, tmp_path: Path) -> None:
     path = saved_state(tiny, tmp_path / "s.tws")
     data = bytearray(path.read_bytes())
