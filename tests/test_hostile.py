@@ -348,6 +348,11 @@ def test_state_checksum_detects_a_flipped_bit_in_the_cache_data(tiny: tw.Model, 
     path.write_bytes(bytes(data))
     with pytest.raises(tw.errors.StateError, match="checksum"):
         tiny.restore(path)
+    unchecked = saved_state(tiny, tmp_path / "unchecked.tws")
+    sess = tiny.session()
+    sess.eval(PROMPT)
+    sess.save(unchecked, checksum=False)  # opted out: restores without the check
+    assert tiny.restore(unchecked).n_past == len(PROMPT)
 
 
 @pytest.mark.parametrize("where", ["missing-dir/s.tws", "a-file/s.tws", "a-dir"])

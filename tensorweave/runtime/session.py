@@ -356,14 +356,15 @@ class Session:
 
     # --- state ------------------------------------------------------------------------------------------------
 
-    def save(self, path: str | Path) -> Path:
+    def save(self, path: str | Path, checksum: bool = True) -> Path:
         """Write this session (``state()``) to ``path``; ``Model.restore`` reads it back on any device count,
-        split or backend. Every rank of a multi-process group must call it; the rank holding device rank 0 writes
+        split or backend. ``checksum``: record a sha256 of the data, which restore verifies (a flipped bit is a
+        ``StateError``). Every rank of a multi-process group must call it; the rank holding device rank 0 writes
         the file."""
         state = self.state()
         out = Path(path).expanduser()
         if 0 in self.model.executor.ranks:
-            write(state, out)
+            write(state, out, checksum)
         return out
 
     def state(self) -> SessionState:
