@@ -361,7 +361,7 @@ def test_saving_or_restoring_at_a_bad_path_is_a_state_error(tiny: tw.Model, tmp_
     (tmp_path / "a-dir").mkdir()
     sess = tiny.session()
     sess.eval(PROMPT)
-    with pytest.raises(tw.errors.StateError, match="cannot write the state file"):
+    with pytest.raises(tw.errors.StateError, match="cannot save to"):
         sess.save(tmp_path / where)
     with pytest.raises(tw.errors.StateError, match=str(tmp_path / where)):
         tiny.restore(tmp_path / where)
@@ -515,7 +515,7 @@ def test_mpiexec_with_a_stopped_rank_ends_every_process_with_the_error_line(tmp_
     finally:
         proc.kill()
         reap(pids.values())
-    assert elapsed < 1 + 0.5 + 5, elapsed  # the 1 s timeout, the 0.5 s diagnosis, and process noise
+    assert elapsed < 1 + 0.5 + 1.5 + 5, elapsed  # 1 s timeout, 0.5 s diagnosis, 1.5 s for peers to report, noise
     assert proc.returncode != 0
     assert re.search(r"mpi allreduce #\d+ \(rank [02] of 3\): timed out after 1 s: rank 1 did not arrive", err), err
     assert "aborting the MPI job" in err

@@ -85,10 +85,11 @@ ABORT_CODE = 70  # exit status MPI_Abort asks mpiexec for after a collective tim
 _abort_armed: list[CollectiveTimeoutError] = []  # the first timeout of this process, once its exit hook is armed
 
 
-def abort_at_exit(MPI: Any, error: CollectiveTimeoutError) -> None:
+def abort_at_exit(MPI: Any, error: CollectiveTimeoutError, linger: float) -> None:
     """Arm (once per process) an exit hook that reports ``error`` and aborts the MPI job: after a collective
     timed out, MPI_Finalize would wait forever for the rank that never came. Registered after mpi4py's own
-    finalizer, so it runs first (atexit is last in, first out)."""
+    finalizer, so it runs first (atexit is last in, first out). It lingers ``linger`` seconds first: the other
+    survivors time out at about the same moment, and the abort kills them, so they get that long to report."""
     if _abort_armed:
         return
     _abort_armed.append(error)
@@ -96,6 +97,7 @@ def abort_at_exit(MPI: Any, error: CollectiveTimeoutError) -> None:
     def abort() -> None:
         sys.stdout.flush()
         print(f"tensorweave: {error}; aborting the MPI job", file=sys.stderr, flush=True)
+        time.sleep(linger)
         MPI.COMM_WORLD.Abort(ABORT_CODE)
 
     atexit.register(abort)
@@ -274,7 +276,7 @@ class MpiGroup:
             )
         )
         if self.abort:
-            abort_at_exit(MPI, self._broken)
+            abort_at_exit(MPI, self._broken, linger=grace + 1.0)
         raise self._broken
 
     def _bytes(self, x: np.ndarray) -> list[Any]:

@@ -81,7 +81,7 @@ def write(state: SessionState, path: str | Path, checksum: bool = True) -> Path:
     try:
         write_safetensors(out, tensors, {"tensorweave": json.dumps(meta)})
     except OSError as e:
-        raise StateError(f"{out}: cannot write the state file: {e.strerror or e}") from None
+        raise StateError(f"cannot save to {out}: {e.strerror or e}") from None
     return out
 
 
