@@ -76,6 +76,11 @@ class ModelFormatError(TensorweaveError, ValueError):
     the message names the file and, where there is one, the tensor."""
 
 
+class TemplateError(ModelFormatError):
+    """A model's chat template does not compile, fails while rendering (a sandbox refusal, an undefined variable, a
+    Python error) or hits a limit (time, output size, loop range, number size); one line naming the template."""
+
+
 class StateError(TensorweaveError, RuntimeError):
     """A session or saved state cannot be used here: superseded by another session, full, or from another model."""
 

@@ -15,13 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import gguf
-import jinja2
 import pytest
 import tokenizers
 from tokenizers import decoders, normalizers, pre_tokenizers, trainers
 from tokenizers.models import BPE
 
-from tensorweave.errors import ModelFormatError, TensorweaveError, UnsupportedError
+from tensorweave.errors import ModelFormatError, TemplateError, TensorweaveError, UnsupportedError
 from tensorweave.loaders.tokenizer import (
     LLAMA3_PATTERN,
     QWEN2_PATTERN,
@@ -320,7 +319,7 @@ def test_chat_template_errors(tmp_path: Path) -> None:
     with pytest.raises(ModelFormatError, match="does not compile"):
         broken.apply_chat_template([])
     sandboxed = Tokenizer(tok.backend, chat_template="{{ messages.append(1) }}")
-    with pytest.raises(jinja2.exceptions.SecurityError, match="unsafe"):
+    with pytest.raises(TemplateError, match="unsafe"):  # one line of the family, not a jinja2 traceback
         sandboxed.apply_chat_template([])
 
 

@@ -11,7 +11,9 @@ Input and output: rank 0 alone reads this command's stdin (the others read an em
 command's stdout (so it pipes); rank 0's stderr passes through; the other ranks'
 stderr lines are prefixed ``[rank K]``; their stdout is dropped. When a rank fails (nonzero exit or signal) the
 others are terminated (SIGTERM, then SIGKILL after a grace period) and the launcher exits nonzero with one line
-naming the rank; its exit code is the failed rank's (128 + signal number for a signal).
+naming the rank; its exit code is the failed rank's (128 + signal number for a signal). SIGINT, SIGTERM or SIGHUP
+to the launcher is forwarded to the ranks, which are reaped (SIGKILL after the grace period) before it exits with
+128 + the signal number: no rank is left behind as an orphan.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import sys
 import threading
 import time
 from collections.abc import Collection, Mapping, Sequence
-from typing import IO
+from typing import IO, Any
 
 from ..core import spmd
 from .options import positive_int
@@ -107,6 +109,7 @@ def launch(nprocs: int, args: Sequence[str], subcommands: Collection[str] = (), 
     procs: list[subprocess.Popen[bytes]] = []
     readers: list[threading.Thread] = []
     sys.stdout.flush()
+    forwarded = _forward_signals()
     try:
         for rank in range(nprocs):
             proc = subprocess.Popen(
@@ -139,27 +142,56 @@ def launch(nprocs: int, args: Sequence[str], subcommands: Collection[str] = (), 
             if all(c == 0 for c in codes):
                 return 0
             time.sleep(POLL_S)
-    except KeyboardInterrupt:
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGINT)
-        _stop(procs)
-        return 130
+    except (KeyboardInterrupt, _Signalled) as e:  # forwarded to the ranks, which are reaped before we return
+        signum = e.signum if isinstance(e, _Signalled) else signal.SIGINT
+        stopped = _stop(procs, signum)
+        with lock:
+            print(
+                f"tensorweave launch: got {signal.Signals(signum).name}; stopped rank{'s' * (len(stopped) != 1)} "
+                + ", ".join(str(r) for r, p in enumerate(procs) if p in stopped),
+                file=sys.stderr,
+                flush=True,
+            )
+        return 128 + signum
     except OSError as e:  # the program could not be started
         _stop(procs)
         print(f"tensorweave launch: cannot start {argv[0]!r}: {e.strerror or e}", file=sys.stderr)
         return 127
     finally:
+        for signum, handler in forwarded.items():
+            signal.signal(signum, handler)
         for t in readers:
             t.join(timeout=1.0)
         _remove_segment(shm_name)
 
 
-def _stop(procs: Sequence[subprocess.Popen[bytes]]) -> list[subprocess.Popen[bytes]]:
-    """SIGTERM the running ones, SIGKILL whoever is left after the grace period; returns those that were running."""
+class _Signalled(Exception):
+    """A signal to the launcher, raised where its main thread stands (see ``_forward_signals``)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _forward_signals() -> dict[int, Any]:
+    """While ranks run, SIGTERM and SIGHUP to the launcher raise ``_Signalled`` in its main thread, so it forwards
+    them and reaps the ranks instead of dying and leaving them orphans (SIGINT arrives as KeyboardInterrupt).
+    Returns the handlers to put back."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+
+    def raise_signalled(signum: int, _frame: Any) -> None:
+        raise _Signalled(signum)
+
+    return {s: signal.signal(s, raise_signalled) for s in (signal.SIGTERM, signal.SIGHUP)}
+
+
+def _stop(procs: Sequence[subprocess.Popen[bytes]], signum: int = signal.SIGTERM) -> list[subprocess.Popen[bytes]]:
+    """Send ``signum`` to the running ones, SIGKILL whoever is left after the grace period; returns those that
+    were running."""
     running = [p for p in procs if p.poll() is None]
     for p in running:
-        p.terminate()
+        p.send_signal(signum)
     deadline = time.monotonic() + GRACE_S
     for p in running:
         try:

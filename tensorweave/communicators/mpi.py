@@ -28,11 +28,17 @@ are nonblocking and polled (spin, yield, then sleep with backoff) against the ti
 ``TENSORWEAVE_TIMEOUT``, default 300 s). On timeout the survivors exchange point-to-point messages on a private
 communicator for a grace period: ranks that do not answer are named as not arrived, ranks stuck in another
 collective are named with it, and each survivor raises CollectiveTimeoutError. MPI cannot cancel a started
-collective, so the MPI world is unusable afterwards: exit (or call ``MPI.COMM_WORLD.Abort()``).
+collective, so the MPI world is unusable afterwards, and an ordinary exit would hang in MPI_Finalize waiting for
+the missing rank (``mpiexec`` would sit there until a stopped rank is continued). So a timeout also arms an exit
+hook (option ``abort``, default True): when the process exits, whatever the program did with the error, it writes
+the error line to stderr and calls ``MPI.COMM_WORLD.Abort``, which makes ``mpiexec`` end every rank of the job,
+the stopped one included.
 """
 
 from __future__ import annotations
 
+import atexit
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -75,6 +81,26 @@ HEADER_BYTES = HEADER_WORDS * 8
 MAX_PLANS = 256  # small-allreduce plans kept (one per dtype, op, size); cleared when full
 NATIVE_TYPES = {"float32": "FLOAT", "float64": "DOUBLE", "int32": "INT32_T"}
 NATIVE_OPS = {"sum": "SUM", "max": "MAX", "min": "MIN"}
+ABORT_CODE = 70  # exit status MPI_Abort asks mpiexec for after a collective timeout (EX_SOFTWARE)
+_abort_armed: list[CollectiveTimeoutError] = []  # the first timeout of this process, once its exit hook is armed
+
+
+def abort_at_exit(MPI: Any, error: CollectiveTimeoutError, linger: float) -> None:
+    """Arm (once per process) an exit hook that reports ``error`` and aborts the MPI job: after a collective
+    timed out, MPI_Finalize would wait forever for the rank that never came. Registered after mpi4py's own
+    finalizer, so it runs first (atexit is last in, first out). It lingers ``linger`` seconds first: the other
+    survivors time out at about the same moment, and the abort kills them, so they get that long to report."""
+    if _abort_armed:
+        return
+    _abort_armed.append(error)
+
+    def abort() -> None:
+        sys.stdout.flush()
+        print(f"tensorweave: {error}; aborting the MPI job", file=sys.stderr, flush=True)
+        time.sleep(linger)
+        MPI.COMM_WORLD.Abort(ABORT_CODE)
+
+    atexit.register(abort)
 
 
 def import_mpi() -> Any:
@@ -112,13 +138,15 @@ class _SmallPlan:
 class MpiGroup:
     """Collectives over host numpy arrays between the ranks of an MPI communicator (see the module doc)."""
 
-    def __init__(self, comm: Any, timeout: float, algorithm: str = "ordered", validate: bool = True) -> None:
+    def __init__(
+        self, comm: Any, timeout: float, algorithm: str = "ordered", validate: bool = True, abort: bool = True
+    ) -> None:
         if algorithm not in ALGORITHMS:
             raise CollectiveError(f"mpi: algorithm must be one of {', '.join(ALGORITHMS)}, not {algorithm!r}")
         self.MPI = MPI = import_mpi()
         base = MPI.COMM_WORLD if comm is None else comm
         self.rank, self.world_size = int(base.Get_rank()), int(base.Get_size())
-        self.timeout, self.algorithm, self.validate = timeout, algorithm, validate
+        self.timeout, self.algorithm, self.validate, self.abort = timeout, algorithm, validate, abort
         self._seq = 0
         self._kind = "init"
         self._broken: CollectiveTimeoutError | None = None
@@ -241,8 +269,14 @@ class MpiGroup:
         self._broken = CollectiveTimeoutError(
             f"mpi {self._kind} #{self._seq} (rank {me} of {n}): timed out after {self.timeout:g} s: {why}"
             + (f"; {'; '.join(elsewhere)}" if elsewhere else "")
-            + "; the MPI world is unusable now: exit, or call MPI.COMM_WORLD.Abort()"
+            + (
+                "; the MPI world is unusable now: the job is aborted when this process exits"
+                if self.abort
+                else "; the MPI world is unusable now: exit, or call MPI.COMM_WORLD.Abort()"
+            )
         )
+        if self.abort:
+            abort_at_exit(MPI, self._broken, linger=grace + 1.0)
         raise self._broken
 
     def _bytes(self, x: np.ndarray) -> list[Any]:
@@ -389,7 +423,8 @@ class MpiCommunicator(ProcessGroupCommunicator):
 
     Options: ``comm`` (an mpi4py communicator; default COMM_WORLD), ``timeout`` seconds (default
     ``TENSORWEAVE_TIMEOUT`` or 300), ``algorithm`` ("ordered" | "native"), ``validate`` (exchange headers,
-    default True), ``stage_bytes``; ``rank``/``world_size``, when given, must match MPI's.
+    default True), ``abort`` (abort the MPI job at exit after a collective timed out, default True),
+    ``stage_bytes``; ``rank``/``world_size``, when given, must match MPI's.
     """
 
     name = "mpi"
@@ -403,10 +438,11 @@ class MpiCommunicator(ProcessGroupCommunicator):
         timeout: float | str | None = None,
         algorithm: str = "ordered",
         validate: bool = True,
+        abort: bool = True,
         **options: Any,
     ) -> None:
         super().__init__(devices, **options)
-        group = MpiGroup(comm, timeout_from(timeout, "mpi"), algorithm, validate)
+        group = MpiGroup(comm, timeout_from(timeout, "mpi"), algorithm, validate, bool(abort))
         for what, given, actual in (("rank", rank, group.rank), ("world_size", world_size, group.world_size)):
             if given is not None and int(given) != actual:
                 group.close()

@@ -23,6 +23,7 @@ from ..core import dtypes
 from ..core.hookspecs import hookimpl
 from ..core.model import Checkpoint, Loader, ModelFamily
 from ..errors import ModelFormatError, UnsupportedError
+from . import validate
 from .names import MappedCheckpoint, map_names
 
 CHUNK_BYTES = 16 << 20  # dequantize at most this much float output at a time
@@ -38,6 +39,7 @@ class GGUFCheckpoint(MappedCheckpoint):
         with open(path, "rb") as f:
             if f.read(4) != b"GGUF":
                 raise ModelFormatError(f"{path}: not a GGUF file (no GGUF magic)")
+        validate.gguf_file(path)  # every count bounded by the file before the reader allocates
         try:
             self.reader = _reader(path)
             self.meta = gguf_metadata(self.reader)
@@ -47,6 +49,7 @@ class GGUFCheckpoint(MappedCheckpoint):
             raise ModelFormatError(f"{path}: corrupt or truncated GGUF ({type(e).__name__}: {e})") from None
         self.tensors = {t.name.removesuffix(".weight"): t for t in self.reader.tensors}  # checked by _reader
         stored = {n: tuple(int(d) for d in reversed(t.shape)) for n, t in self.tensors.items()}
+        validate.gguf_metadata(path, self.meta, stored)
         self.family = fam = pick_family(path, self.meta, families)
         meta = dict(self.meta)
         if "rope_freqs" in stored:  # llama3-style rope scaling is stored as per-pair factors: metadata, not a weight
@@ -68,6 +71,7 @@ class GGUFCheckpoint(MappedCheckpoint):
             raise type(e)(f"{path}: {e}") from None
         except (KeyError, TypeError, ValueError, ArithmeticError) as e:
             raise ModelFormatError(f"{path}: missing or malformed metadata {e}") from None
+        validate.config(path, self.config, mapped.shapes)
         embd = self.tensors.get("token_embd")
         kinds: dict[int, np.dtype[Any]] = {
             int(GGMLQuantizationType.F32): dtypes.float32,

@@ -21,6 +21,7 @@ from ..core import dtypes
 from ..core.hookspecs import hookimpl
 from ..core.model import Checkpoint, Loader, ModelFamily
 from ..errors import ModelFormatError, UnsupportedError
+from . import validate
 from .names import MappedCheckpoint, map_names
 from .safetensors_io import FLOATS, SafetensorsFile
 
@@ -46,14 +47,16 @@ class HFCheckpoint(MappedCheckpoint):
                 f"(architectures {raw.get('architectures')}); supported: {', '.join(known)}"
             )
         self.family = fam
+        self.files = self._open_files()
+        validate.hf_config(cfg_path, raw, self._owner)  # before the family loops over the layers
         try:
             self.config = fam.config_from_hf(raw)
         except UnsupportedError as e:
             raise UnsupportedError(f"{cfg_path}: {e}") from None
         except (KeyError, TypeError, ValueError, ArithmeticError) as e:
             raise ModelFormatError(f"{cfg_path}: missing or malformed field {e}") from None
-        self.files = self._open_files()
         self._map_names()
+        validate.config(cfg_path, self.config, self.mapped.shapes)
         # the weights' own dtype: the float dtype most of the bytes are in (norms are often kept in float32)
         held: dict[np.dtype[Any], int] = {}
         for hf, f in self._owner.items():

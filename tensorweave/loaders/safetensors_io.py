@@ -13,6 +13,7 @@ import hashlib
 import json
 import math
 import re
+import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ import numpy as np
 from ..core import dtypes
 from ..core.model import LLAMA_HF, Naming
 from ..errors import ModelFormatError
+from . import validate
 
 ST_DTYPES: dict[str, np.dtype[Any]] = {
     "F64": dtypes.float64,
@@ -65,6 +67,8 @@ class SafetensorsFile:
         self.entries: dict[str, tuple[np.dtype[Any], tuple[int, ...], int]] = {}
         for name, info in header.items():
             self.entries[name] = self._check(name, info, size - self.start)
+        spans = ((name, at, at + math.prod(shape) * dt.itemsize) for name, (dt, shape, at) in self.entries.items())
+        validate.safetensors_layout(path, spans, size - self.start)
         self._map = np.memmap(path, dtype=np.uint8, mode="r") if size > self.start else None
 
     def _check(self, name: str, info: Any, data_size: int) -> tuple[np.dtype[Any], tuple[int, ...], int]:
@@ -101,8 +105,9 @@ class SafetensorsFile:
 
 
 def write_safetensors(path: Path, tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str]) -> None:
-    """Write ``tensors`` as a .safetensors file atomically: a temporary file beside ``path`` is renamed over it
-    only when complete, so an interrupted write never destroys an older file of the same name."""
+    """Write ``tensors`` as a .safetensors file atomically: a temporary file beside ``path``, unique to this call,
+    is renamed over it only when complete, so an interrupted write never destroys an older file of the same name
+    and two concurrent writes leave one of them whole (the last renamed)."""
     names = {v: k for k, v in ST_DTYPES.items()}
     header: dict[str, Any] = {"__metadata__": dict(metadata)}
     offset = 0
@@ -111,12 +116,15 @@ def write_safetensors(path: Path, tensors: Mapping[str, np.ndarray], metadata: M
         offset += a.nbytes
     head = json.dumps(header, separators=(",", ":")).encode()
     head += b" " * (-len(head) % 8)  # the format aligns the data to 8 bytes
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(len(head).to_bytes(8, "little") + head)
-        for a in tensors.values():
-            f.write(np.ascontiguousarray(a).tobytes())
-    tmp.replace(path)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")  # one per call: concurrent writers never share
+    try:
+        with open(tmp, "xb") as f:
+            f.write(len(head).to_bytes(8, "little") + head)
+            for a in tensors.values():
+                f.write(np.ascontiguousarray(a).reshape(-1).view(np.uint8).data)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def save_pretrained(

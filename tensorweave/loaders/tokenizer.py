@@ -28,7 +28,8 @@ import tokenizers
 from tokenizers import decoders, normalizers, pre_tokenizers
 from tokenizers.models import BPE
 
-from ..errors import ModelFormatError, UnsupportedError
+from ..errors import ModelFormatError, TemplateError, UnsupportedError
+from . import chat_limits
 
 __all__ = [
     "DecodeStream",
@@ -170,11 +171,11 @@ class Tokenizer:
             try:
                 self._compiled = (self.chat_template, _jinja_environment().from_string(self.chat_template))
             except jinja2.TemplateSyntaxError as e:
-                raise ModelFormatError(f"{self.source}: the chat template does not compile: {e}") from e
+                raise TemplateError(f"{self.source}: the chat template does not compile: {e}") from None
         variables: dict[str, Any] = {"tools": None, "documents": None, **self.special_tokens, **kwargs}
         variables["messages"] = [dict(m) for m in messages]
         variables["add_generation_prompt"] = add_generation_prompt
-        return self._compiled[1].render(**variables)
+        return chat_limits.render(self._compiled[1], variables, self.source)  # time/size-limited, one-line errors
 
     # --- constructors -------------------------------------------------------------------------------------
 
@@ -507,10 +508,10 @@ def _strftime_now(format: str) -> str:
     return datetime.now().strftime(format)
 
 
-def _jinja_environment() -> jinja2.sandbox.ImmutableSandboxedEnvironment:
+def _jinja_environment() -> chat_limits.LimitedSandbox:
     # The same environment transformers builds: templates ship with checkpoints, so they run sandboxed, and
     # trim_blocks/lstrip_blocks are what their whitespace was written against.
-    env = jinja2.sandbox.ImmutableSandboxedEnvironment(
+    env = chat_limits.LimitedSandbox(
         trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTag, jinja2.ext.loopcontrols]
     )
     env.filters["tojson"] = _tojson

@@ -8,6 +8,7 @@ slice per device and weight: the checkpoint hands out ``weight[index]`` and the 
 from __future__ import annotations
 
 import sys
+import threading
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
@@ -56,6 +57,9 @@ class Model:
             self.executor.load_weights(g, checkpoint.read, lambda _name, n: bar.update(n))
         self.tokenizer = checkpoint.tokenizer()
         self.active: Session | None = None  # the session whose tokens the KV caches hold
+        # held while a session checks that it is ``active``, takes the caches over or runs the executor: those are
+        # one step, so two threads with a session each get right results or StateError, never each other's cache
+        self.lock = threading.RLock()
 
     def _build(self, tokens: int, n_logits: int | None = None) -> Graph:
         """The family's graph of one step: ``graphs(tokens=n)`` has every token's logits, ``graphs(tokens=n,

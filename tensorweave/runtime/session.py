@@ -8,7 +8,14 @@ refuses to run instead of silently reading someone else's cache. ``generate`` sa
 with the model's chat template and reuses the cached prefix that the conversation shares with what the session
 already holds. ``rewind`` goes back by cache kind: a KV cache in place, a wrapped ring or a recurrent state from a
 snapshot (``chat`` takes one per turn) or not at all (``StateError``). ``save`` writes the state (``state()``, data)
-to a file that ``Model.restore`` reads on any device count or split (``runtime.state``).
+to a file that ``Model.restore`` reads on any device count or split (``runtime.state``); a restore checks the whole
+state against the model (tokens below the vocabulary, cache shapes, the sampler) before it takes over any cache, so
+a bad file leaves the running session as it was.
+
+Threads: each step that reads or changes which session owns the caches (the ownership check, taking over, the
+executor run, reading or writing caches) holds ``model.lock``, so sessions of one model used from several threads
+see their own caches or a ``StateError``; a generation checks that it still owns the caches before each token it
+hands out.
 """
 
 from __future__ import annotations
@@ -96,9 +103,15 @@ class Session:
 
     def take_over(self) -> None:
         """Make this the model's active session, with empty caches."""
-        self.model.executor.reset_caches()
-        self.model.active = self
-        self.tokens, self._pending, self.last_logits, self._snapshots = [], [], None, []
+        with self.model.lock:
+            self.model.executor.reset_caches()
+            self.model.active = self
+            self.tokens, self._pending, self.last_logits, self._snapshots = [], [], None, []
+
+    def _check_owner(self, doing: str) -> None:
+        """``StateError`` when another session took this one's caches over (call with ``model.lock`` held)."""
+        if self.model.active is not self and self.n_past:
+            raise StateError(f"cannot {doing}: this session's caches were taken over by a newer session of the model")
 
     def eval(self, ids: Sequence[int] | np.ndarray, *, last_only: bool = False) -> np.ndarray:
         """Append ``ids`` to the context; returns float32 logits [len(ids), vocab], one row per new token. With
@@ -110,6 +123,11 @@ class Session:
         if ids.size and (ids.min() < 0 or ids.max() >= m.vocab):
             bad = int(ids[(ids < 0) | (ids >= m.vocab)][0])
             raise ShapeError(f"token id {bad} is outside the vocabulary [0, {m.vocab})")
+        with m.lock:
+            return self._eval_locked(ids, last_only)
+
+    def _eval_locked(self, ids: np.ndarray, last_only: bool) -> np.ndarray:
+        m = self.model
         pending, self._pending = self._pending, []
         ids = np.concatenate([np.asarray(pending, np.int64), ids])
         if self.n_past + ids.size > m.config.ctx:
@@ -119,6 +137,7 @@ class Session:
             )
         if m.active is not self:
             if self.n_past:
+                self._pending = pending
                 raise StateError("this session's KV cache was taken over by a newer session of the same model")
             self.take_over()
         out = np.empty((min(ids.size, 1) if last_only else ids.size, m.vocab), np.float32)
@@ -150,44 +169,46 @@ class Session:
         if n >= self.n_past:
             self._pending = self.context[self.n_past : n]
             return
-        if n <= 0:
-            self.take_over()
-            return
-        if self.model.active is not self:
-            raise StateError("cannot rewind: this session's caches were taken over by a newer session of the model")
-        caches = self.model.caches
-        stuck = [t.cache for t in caches.values() if t.cache and not t.cache.can_rewind(t.shape[0], self.n_past, n)]
-        snapshots = [s for s in self._snapshots if s[0] <= n]
-        if stuck and not snapshots:
-            why = {
-                "ring": "a sliding-window layer's ring has already overwritten them",
-                "state": "a recurrent state holds only the newest position",
-            }
-            kinds = sorted({c.kind for c in stuck})
-            raise StateError(
-                f"cannot rewind to {n} tokens: {'; '.join(why[k] for k in kinds)}; and no snapshot was kept at or "
-                f"before {n}"
-            )
-        self._snapshots, self._pending, self.last_logits = snapshots, [], None
-        if not stuck:
-            self.tokens = self.tokens[:n]
-            return
-        at, parts = snapshots[-1]
-        self.model.executor.load_cache_parts(parts)
-        redo, self.tokens = self.tokens[at:n], self.tokens[:at]
-        if redo:
-            self.eval(redo, last_only=True)
+        with self.model.lock:
+            if n <= 0:
+                self.take_over()
+                return
+            if self.model.active is not self:
+                raise StateError("cannot rewind: this session's caches were taken over by a newer session of the model")
+            caches = self.model.caches
+            stuck = [t.cache for t in caches.values() if t.cache and not t.cache.can_rewind(t.shape[0], self.n_past, n)]
+            snapshots = [s for s in self._snapshots if s[0] <= n]
+            if stuck and not snapshots:
+                why = {
+                    "ring": "a sliding-window layer's ring has already overwritten them",
+                    "state": "a recurrent state holds only the newest position",
+                }
+                kinds = sorted({c.kind for c in stuck})
+                raise StateError(
+                    f"cannot rewind to {n} tokens: {'; '.join(why[k] for k in kinds)}; and no snapshot was kept at or "
+                    f"before {n}"
+                )
+            self._snapshots, self._pending, self.last_logits = snapshots, [], None
+            if not stuck:
+                self.tokens = self.tokens[:n]
+                return
+            at, parts = snapshots[-1]
+            self.model.executor.load_cache_parts(parts)
+            redo, self.tokens = self.tokens[at:n], self.tokens[:at]
+            if redo:
+                self.eval(redo, last_only=True)
 
     def snapshot(self) -> None:
         """Remember the caches that cannot rewind in place (rings, recurrent states) as they are now, so that a
         later ``rewind`` to this length or beyond can start from here. Keeps the latest few; a no-op for a model
         with KV caches only."""
         m = self.model
-        names = [name for name, t in m.caches.items() if t.cache and t.cache.kind != "kv"]
-        if not names or m.active is not self:
-            return
-        kept = [s for s in self._snapshots if s[0] != self.n_past]
-        self._snapshots = [*kept, (self.n_past, m.executor.cache_parts(names))][-SNAPSHOTS:]
+        with self.model.lock:
+            names = [name for name, t in m.caches.items() if t.cache and t.cache.kind != "kv"]
+            if not names or m.active is not self:
+                return
+            kept = [s for s in self._snapshots if s[0] != self.n_past]
+            self._snapshots = [*kept, (self.n_past, m.executor.cache_parts(names))][-SNAPSHOTS:]
 
     # --- generation -------------------------------------------------------------------------------------------
 
@@ -254,6 +275,8 @@ class Session:
         tok, sampler = self.model.tokenizer, self.sampler
         assert sampler is not None
         t0 = time.perf_counter()
+        with self.model.lock:
+            self._check_owner("generate")
         if snapshot and len(ids) > 1 and any(t.cache and t.cache.kind != "kv" for t in self.model.caches.values()):
             self.eval(ids[:-1], last_only=True)
             self.snapshot()
@@ -274,6 +297,8 @@ class Session:
             if self.n_past >= self.model.config.ctx:  # end cleanly, keeping the text, rather than fail mid-answer
                 finish = "context"
                 break
+            with self.model.lock:  # no token from a session whose caches another one took
+                self._check_owner("generate")
             t = sampler.sample(logits)
             if t in eos:
                 finish = "eos"
@@ -343,14 +368,15 @@ class Session:
 
     # --- state ------------------------------------------------------------------------------------------------
 
-    def save(self, path: str | Path) -> Path:
+    def save(self, path: str | Path, checksum: bool = True) -> Path:
         """Write this session (``state()``) to ``path``; ``Model.restore`` reads it back on any device count,
-        split or backend. Every rank of a multi-process group must call it; the rank holding device rank 0 writes
+        split or backend. ``checksum``: record a sha256 of the data, which restore verifies (a flipped bit is a
+        ``StateError``). Every rank of a multi-process group must call it; the rank holding device rank 0 writes
         the file."""
         state = self.state()
         out = Path(path).expanduser()
         if 0 in self.model.executor.ranks:
-            write(state, out)
+            write(state, out, checksum)
         return out
 
     def state(self) -> SessionState:
@@ -358,21 +384,24 @@ class Session:
         positions it holds, a recurrent state whole), the last logits, the sampler. A generation's last sampled
         token is evaluated first. Every rank of a multi-process group must call it (caches are gathered)."""
         m = self.model
-        self.flush()
-        if m.active is not self:
-            if self.n_past:
-                raise StateError("cannot save: this session's caches were taken over by a newer session of the model")
-            self.take_over()
-        m.executor.ensure_caches(m.graphs(tokens=1))
-        caches = {}
-        for name, t in m.caches.items():
-            assert t.cache is not None
-            held = t.cache.positions(t.shape[0], self.n_past)
-            if held is None:
-                caches[name] = CacheState(t.cache.kind, m.executor.read_cache(name))
-            else:
-                rows = np.arange(held.start, held.stop) % t.shape[0]
-                caches[name] = CacheState(t.cache.kind, m.executor.read_cache(name, rows), held.start)
+        with self.model.lock:
+            self.flush()
+            if m.active is not self:
+                if self.n_past:
+                    raise StateError(
+                        "cannot save: this session's caches were taken over by a newer session of the model"
+                    )
+                self.take_over()
+            m.executor.ensure_caches(m.graphs(tokens=1))
+            caches = {}
+            for name, t in m.caches.items():
+                assert t.cache is not None
+                held = t.cache.positions(t.shape[0], self.n_past)
+                if held is None:
+                    caches[name] = CacheState(t.cache.kind, m.executor.read_cache(name))
+                else:
+                    rows = np.arange(held.start, held.stop) % t.shape[0]
+                    caches[name] = CacheState(t.cache.kind, m.executor.read_cache(name, rows), held.start)
         ckpt = m.checkpoint
         return SessionState(
             model={"fingerprint": ckpt.fingerprint(), "family": m.family.name, "source": str(ckpt.path)},
@@ -385,13 +414,13 @@ class Session:
     def load_state(self, state: SessionState, where: str = "state") -> None:
         """Continue from ``state`` (``runtime.state.read``), taking over the model's caches; refused with
         ``StateError`` (naming ``where``), before anything changes, when it belongs to another model or does not
-        fit this model's caches or context."""
+        fit this model's vocabulary, caches, context or sampler: the session that held the caches keeps them."""
         m, n = self.model, len(state.tokens)
         saved, fp = state.model, m.checkpoint.fingerprint()
-        if saved["fingerprint"] != fp:
+        if saved.get("fingerprint") != fp:
             raise StateError(
-                f"{where}: this state belongs to another model ({saved['family']} from {saved['source']}, "
-                f"fingerprint {saved['fingerprint']}); the loaded model is {m.family.name} from "
+                f"{where}: this state belongs to another model ({saved.get('family')} from {saved.get('source')}, "
+                f"fingerprint {saved.get('fingerprint')}); the loaded model is {m.family.name} from "
                 f"{m.checkpoint.path} ({fp})"
             )
         if n > m.config.ctx:
@@ -399,6 +428,12 @@ class Session:
                 f"{where}: the state holds {n} tokens but the model's context is {m.config.ctx} (load with a "
                 f"larger ctx=)"
             )
+        bad = next((t for t in state.tokens if not 0 <= t < m.vocab), None)
+        if bad is not None:
+            raise StateError(f"{where}: token id {bad} is outside this model's vocabulary [0, {m.vocab})")
+        if state.logits is not None and state.logits.shape != (m.vocab,):
+            raise StateError(f"{where}: the saved logits {state.logits.shape} do not fit the vocabulary {m.vocab}")
+        sampler = self._sampler_from(state.sampler, where)
         caches = m.caches
         if set(state.caches) != set(caches):
             raise StateError(f"{where}: the state's caches do not match this model's layers")
@@ -414,7 +449,7 @@ class Session:
                         f"{where}: cache {name!r} is a {c.kind or 'kv'} cache {shape}; this model's is a state "
                         f"{t.shape}"
                     )
-                writes.append((name, c.values, None))
+                writes.append((name, np.asarray(c.values, t.dtype), None))
                 continue
             # kv and ring caches hold positions: this model's needs `held`, from the saved rows (first..n-1)
             if c.kind not in (None, "kv", "ring") or shape != (n - c.first, *t.shape[1:]) or held.start < c.first:
@@ -422,15 +457,17 @@ class Session:
                     f"{where}: cache {name!r} holds {shape} ({c.kind or 'kv/ring'}, positions {c.first}..{n - 1}); "
                     f"this model's {spec.kind} cache {t.shape} needs positions {held.start}..{n - 1}"
                 )
-            writes.append((name, c.values[held.start - c.first :], np.arange(held.start, n) % t.shape[0]))
-        m.executor.ensure_caches(m.graphs(tokens=1))
-        self.take_over()
-        for name, values, rows in writes:
-            if rows is None or rows.size:
-                m.executor.write_cache(name, np.asarray(values, caches[name].dtype), rows)
-        self.tokens = list(state.tokens)
-        self.last_logits = None if state.logits is None else np.array(state.logits, np.float32)
-        self.load_sampler_state(state.sampler)
+            values = np.asarray(c.values[held.start - c.first :], t.dtype)
+            writes.append((name, values, np.arange(held.start, n) % t.shape[0]))
+        with m.lock:  # everything is checked: only now take the caches over
+            m.executor.ensure_caches(m.graphs(tokens=1))
+            self.take_over()
+            for name, values, rows in writes:
+                if rows is None or rows.size:
+                    m.executor.write_cache(name, values, rows)
+            self.tokens = list(state.tokens)
+            self.last_logits = None if state.logits is None else np.array(state.logits, np.float32)
+            self.sampler = sampler
 
     def sampler_state(self) -> dict[str, Any] | None:
         if self.sampler is None:
@@ -438,10 +475,19 @@ class Session:
         return {"params": asdict(self.sampler.params), "state": self.sampler.state_dict()}
 
     def load_sampler_state(self, state: Mapping[str, Any] | None) -> None:
+        self.sampler = self._sampler_from(state, "sampler state")
+
+    def _sampler_from(self, state: Mapping[str, Any] | None, where: str) -> Sampler | None:
+        """The sampler ``sampler_state()`` described, checked against this model (``StateError`` otherwise)."""
         if not state:
-            self.sampler = None
-            return
+            return None
         m = self.model
-        params = SamplingParams(**state["params"])
-        self.sampler = Sampler(params, m.vocab, m.tokenizer, reasoning_tags(m.family, m.tokenizer))
-        self.sampler.load_state_dict(dict(state["state"]))
+        try:
+            params = SamplingParams(**state["params"])
+            sampler = Sampler(params, m.vocab, m.tokenizer, reasoning_tags(m.family, m.tokenizer))
+            sampler.load_state_dict(dict(state["state"]))
+        except StateError as e:
+            raise StateError(f"{where}: {e}") from None
+        except (SamplingError, KeyError, TypeError, ValueError) as e:
+            raise StateError(f"{where}: the sampler state is malformed ({type(e).__name__}: {e})") from None
+        return sampler
