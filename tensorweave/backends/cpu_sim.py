@@ -139,7 +139,7 @@ class SimDevice(Device):
         if isinstance(host, SimArray):
             raise PlacementError(f"{self.name}.from_host: got a device array of {host.device.name}; use copy_from")
         host = np.asarray(host)
-        dtypes.to_dtype(host.dtype)
+        dtypes.check_storage(host.dtype)
         self.synchronize()
         self.stats.from_host_bytes += host.nbytes
         return self._store(host, out, "from_host")
@@ -241,7 +241,7 @@ class SimDevice(Device):
 class CpuSimBackend(Backend):
     name = "cpu-sim"
     xp = np
-    capabilities = Capabilities(dtypes=frozenset(dtypes.DTYPES))
+    capabilities = Capabilities(dtypes=frozenset(dtypes.DTYPES), weight_formats=frozenset(dtypes.FORMATS))
     default_communicator = "local"
     description = "simulated devices in this process (numpy); the reference backend"
 
