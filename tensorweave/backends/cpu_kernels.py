@@ -17,6 +17,7 @@ tests/test_weight_formats.py. Without numba installed the backend runs the refer
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -143,7 +144,7 @@ def rows_float32(w: Any, lo: int, hi: int, kind: str) -> np.ndarray:
 
 def fast_linear(xp: Any, x: Any, w: Any, out: Any = None) -> Any:
     """``ops.weights.linear`` with compiled kernels where one serves ``w`` (same results, float32 accumulation)."""
-    kind = _compiled(w) if x.dtype == dtypes.float32 and x.size and w.data.size else None
+    kind = _compiled(w) if x.dtype == dtypes.float32 and x.size and math.prod(w.shape) else None
     if kind is None:
         return linear(xp, x, w, out)
     lead, (n_out, n_in) = x.shape[:-1], w.shape
