@@ -18,6 +18,7 @@ tests/test_weight_formats.py. Without numba installed the backend runs the refer
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -29,6 +30,7 @@ from ..core.ops.moe import moe_kernel
 from ..core.ops.weights import CHUNK_BYTES, Packed, is_narrow, linear
 
 FEW_ROWS = 8  # activation rows up to which the fused (weight-streaming) kernels beat convert-then-BLAS
+PARALLEL_MIN = 1 << 18  # weight values from which a fused kernel splits its rows over threads
 
 try:
     import numba
@@ -44,6 +46,10 @@ if numba is not None:
     # default picks workqueue when those are missing, which aborts on concurrent calls
     if numba.config.THREADING_LAYER == "default":
         numba.config.THREADING_LAYER = "threadsafe"
+    # OpenMP threads that spin after a parallel region starve BLAS's and the other devices' threads: on a loaded
+    # 2-core machine a tiny model decoded at 8 tok/s spinning and 134 passive (190 on one thread). Passive waiting
+    # costs a wake-up per kernel instead. Read when numba first loads its OpenMP layer; the user's setting wins.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
     @intrinsic
     def _f16(typingctx: Any, bits: Any) -> Any:
@@ -64,27 +70,29 @@ if numba is not None:
 
         return types.float32(types.uint16), codegen
 
-    def _half_kernels(conv: Any) -> tuple[Any, Any]:
-        @njit(parallel=True, fastmath=True, cache=True, nogil=True)
-        def few(x: Any, w: Any, out: Any) -> None:  # x [T, K] f32, w [N, K] uint16 bits -> out [T, N]
-            for n in prange(w.shape[0]):
-                row = w[n]
-                for t in range(x.shape[0]):
-                    acc = np.float32(0.0)
+    @njit(parallel=True, fastmath=True, cache=True, nogil=True)
+    def _HALF_FEW(x: Any, w: Any, bf16: bool, out: Any) -> None:  # x [T, K] f32, w [N, K] 16-bit bits -> [T, N]
+        for n in prange(w.shape[0]):
+            row = w[n]
+            for t in range(x.shape[0]):
+                acc = np.float32(0.0)
+                if bf16:  # two loops, not a select per value: each vectorizes
                     for k in range(row.shape[0]):
-                        acc += x[t, k] * conv(row[k])
-                    out[t, n] = acc
+                        acc += x[t, k] * _bf16(row[k])
+                else:
+                    for k in range(row.shape[0]):
+                        acc += x[t, k] * _f16(row[k])
+                out[t, n] = acc
 
-        @njit(cache=True, nogil=True)
-        def rows(w: Any, out: Any) -> None:  # w [N, K] uint16 bits -> out [N, K] f32
-            for n in range(w.shape[0]):
+    @njit(cache=True, nogil=True)
+    def _HALF_ROWS(w: Any, bf16: bool, out: Any) -> None:  # w [N, K] 16-bit bits -> out [N, K] f32
+        for n in range(w.shape[0]):
+            if bf16:
                 for k in range(w.shape[1]):
-                    out[n, k] = conv(w[n, k])
-
-        return few, rows
-
-    _F16_FEW, _F16_ROWS = _half_kernels(_f16)
-    _BF16_FEW, _BF16_ROWS = _half_kernels(_bf16)
+                    out[n, k] = _bf16(w[n, k])
+            else:
+                for k in range(w.shape[1]):
+                    out[n, k] = _f16(w[n, k])
 
     @njit(cache=True, inline="always")
     def _q8_scale(row: Any, off: int) -> Any:
@@ -138,7 +146,7 @@ def rows_float32(w: Any, lo: int, hi: int, kind: str) -> np.ndarray:
         data = w.data[lo:hi]
         _Q8_0_ROWS(data, data.view(np.int8), out)
     else:
-        (_BF16_ROWS if kind == "bf16" else _F16_ROWS)(w[lo:hi].view(np.uint16), out)
+        _HALF_ROWS(w[lo:hi].view(np.uint16), kind == "bf16", out)
     return out
 
 
@@ -152,10 +160,16 @@ def fast_linear(xp: Any, x: Any, w: Any, out: Any = None) -> Any:
     direct = out is not None and out.dtype == np.float32 and out.flags.c_contiguous
     res = out.reshape(x2.shape[0], n_out) if direct else np.empty((x2.shape[0], n_out), np.float32)
     if x2.shape[0] <= FEW_ROWS:
-        if kind == "q8_0":
-            _Q8_0_FEW(x2, w.data, w.data.view(np.int8), res)
-        else:
-            (_BF16_FEW if kind == "bf16" else _F16_FEW)(x2, w.view(np.uint16), res)
+        threads = numba.get_num_threads()
+        if n_out * n_in < PARALLEL_MIN:  # a small weight: waking threads costs more than it saves
+            numba.set_num_threads(1)
+        try:
+            if kind == "q8_0":
+                _Q8_0_FEW(x2, w.data, w.data.view(np.int8), res)
+            else:
+                _HALF_FEW(x2, w.view(np.uint16), kind == "bf16", res)
+        finally:
+            numba.set_num_threads(threads)
     else:
         step = max(1, CHUNK_BYTES // (4 * max(n_in, 1)))
         for lo in range(0, n_out, step):

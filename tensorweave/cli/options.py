@@ -41,5 +41,9 @@ def model_args(
     p.add_argument(
         "-sm", "--split-mode", choices=["tensor"], default="tensor", help="accepted for llama.cpp familiarity"
     )
-    p.add_argument("--dtype", help="compute dtype (default: the checkpoint's; quantized GGUF: float32)")
+    p.add_argument(
+        "--dtype",
+        help="convert the weights to this float dtype (default: keep each as stored, F16/BF16/quantized "
+        "included; activations are float32)",
+    )
     p.add_argument("--ctx", type=positive_int, help=ctx)
