@@ -156,6 +156,17 @@ class WeightFormat:
             return tuple(shape)
         return (*shape[:-1], shape[-1] // self.block * self.block_bytes)
 
+    def held_index(self, index: tuple[slice, ...]) -> tuple[slice, ...]:
+        """A slice of the logical weight as a slice of its held array (the last axis in bytes, on block bounds)."""
+        if not self.quantized or not index:
+            return index
+        last = index[-1]
+        start, stop = last.start or 0, last.stop
+        if start % self.block or (stop is not None and stop % self.block) or last.step not in (None, 1):
+            raise ValueError(f"{self.name}: columns {start}:{stop} are not on {self.block}-value block boundaries")
+        b, n = self.block, self.block_bytes
+        return (*index[:-1], slice(start // b * n, None if stop is None else stop // b * n))
+
     def nbytes(self, shape: tuple[int, ...]) -> int:
         return math.prod(self.held_shape(shape)) * self.dtype.itemsize
 

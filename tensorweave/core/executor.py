@@ -366,9 +366,12 @@ class Executor:
                     if name not in source:
                         raise ShapeError(f"no weight {name!r} ({t.shape} {t.dtype.name}) in the weights given")
                     whole = source[name]
-                    if tuple(whole.shape) != t.shape:
-                        raise ShapeError(f"weight {name!r} has shape {tuple(whole.shape)}, the model expects {t.shape}")
-                    host = np.asarray(whole[index])
+                    if tuple(whole.shape) != fmt.held_shape(t.shape):
+                        raise ShapeError(
+                            f"weight {name!r} has shape {tuple(whole.shape)}, the model expects {t.shape} "
+                            f"held as {fmt.name} {fmt.held_shape(t.shape)}"
+                        )
+                    host = np.asarray(whole[fmt.held_index(index)])
                 want = fmt.held_shape(local_shape(t.shape, state, rank))
                 if host.shape != want or (fmt.quantized and host.dtype != fmt.dtype):
                     raise ShapeError(
