@@ -26,7 +26,6 @@ import json
 import statistics
 import sys
 from pathlib import Path
-from typing import Any
 
 import gguf
 import numpy as np
@@ -146,7 +145,7 @@ def main() -> None:
     del split
     pp: dict[str, list[float]] = {k: [] for k in models}
     tg: dict[str, list[float]] = {k: [] for k in models}
-    for label, m in models.items():  # warm-up: traces, plans, compiles the kernels
+    for m in models.values():  # warm-up: traces, plans, compiles the kernels
         bench(m, args.prompt, args.gen, repetitions=1)
     for r in range(args.runs):
         for label, m in models.items():
@@ -161,9 +160,23 @@ def main() -> None:
         p, t = med[label]
         fmt = "+".join(sorted({f.name for f in m.formats.values()}, key=lambda f: f == "f32"))
         rows.append(
-            [label, fmt, f"{p:.1f}", f"{t:.1f}", f"{p / base_pp:.2f}", f"{t / base_tg:.2f}", f"{memory[label][0] / 2**20:.0f}"]
+            [
+                label,
+                fmt,
+                f"{p:.1f}",
+                f"{t:.1f}",
+                f"{p / base_pp:.2f}",
+                f"{t / base_tg:.2f}",
+                f"{memory[label][0] / 2**20:.0f}",
+            ]
         )
-        out[label] = {"formats": fmt, "pp_tps": pp[label], "tg_tps": tg[label], "pp_x_f32": p / base_pp, "tg_x_f32": t / base_tg}
+        out[label] = {
+            "formats": fmt,
+            "pp_tps": pp[label],
+            "tg_tps": tg[label],
+            "pp_x_f32": p / base_pp,
+            "tg_x_f32": t / base_tg,
+        }
     mem_rows = [[k, f"{h / 2**20:.1f}", f"{f / 2**20:.1f}", f"{h / f:.2f}"] for k, (h, f) in memory.items()]
     if args.json:
         print(json.dumps({"speed": out, "memory": memory}, indent=2))

@@ -20,6 +20,7 @@ from test_loaders import reference
 import tensorweave as tw
 from tensorweave.backends.cpu_kernels import FEW_ROWS, KERNELS, fast_linear
 from tensorweave.backends.cpu_sim import CpuSimBackend
+from tensorweave.conformance.cases import random_held
 from tensorweave.core import dtypes
 from tensorweave.core.device import Capabilities, DeviceSpec
 from tensorweave.core.graph import Graph
@@ -34,21 +35,8 @@ TP_SPLITS = [("cpu-sim", None), ("cpu-sim:2", [3, 1]), ("cpu-sim:3", [1, 2, 1]),
 
 
 def random_blocks(fmt: str, rows: int, cols: int, seed: int = 0) -> np.ndarray:
-    """Random rows of ``fmt`` blocks whose float16 scales (and mins) are set so values come out ~ N(0, 1/cols)."""
-    f = dtypes.FORMATS[fmt]
-    rng = np.random.default_rng(seed)
-    blocks = rng.integers(0, 256, (rows, cols // f.block, f.block_bytes), dtype=np.uint8)
-    d = {"q8_0": 5e-4, "q4_0": 8e-3, "q4_1": 8e-3, "q5_0": 4e-3, "q5_1": 4e-3, "q4_k": 3e-4, "q5_k": 2e-4}
-    half = lambda v: np.frombuffer(np.float16(v).tobytes(), np.uint8)  # noqa: E731
-    if fmt == "q6_k":
-        blocks[..., 208:210] = half(5e-5)
-    else:
-        blocks[..., 0:2] = half(d[fmt])
-        if fmt in ("q4_1", "q5_1"):
-            blocks[..., 2:4] = half(-0.06 if fmt == "q4_1" else -0.06)
-        if fmt in ("q4_k", "q5_k"):
-            blocks[..., 2:4] = half(d[fmt])
-    return blocks.reshape(rows, -1)
+    """Random rows of ``fmt`` blocks with sane float16 scales (the conformance kit's generator)."""
+    return random_held(fmt, (rows, cols), np.random.default_rng(seed))
 
 
 @pytest.mark.parametrize("fmt", QUANTS)
@@ -206,7 +194,7 @@ def test_plan_reports_bytes_as_held_and_the_format_mix() -> None:
     assert set(p.weight_formats) == {"q8_0", "f32"} and p.weight_formats["q8_0"] > p.weight_formats["f32"]
     held = sum(a.nbytes for parts in model.executor.weights.values() for a in parts)
     assert sum(p.weight_bytes) == held  # what the devices hold, blocks counted as bytes
-    assert "weights as held: q8_0" in p.summary()
+    assert "weights as held, all devices: q8_0" in p.summary()
     planned, f32 = plan_model(q8, "cpu-sim:2"), plan_model(FIXTURES / "llama" / "model-f32.gguf", "cpu-sim:2")
     assert planned.formats.keys() == {"q8_0", "f32"} and planned.weight_bytes < f32.weight_bytes / 3
     assert plan_model(q8, "cpu-sim:2", dtype="float32").formats.keys() == {"f32"}  # dtype= converts
@@ -241,7 +229,7 @@ def test_a_backend_without_a_format_gets_that_weight_converted_once_at_load_visi
 def test_a_split_that_cannot_keep_whole_blocks_names_the_tensor() -> None:
     g = Graph()
     g.weight("blk.0.attn_output", (16, 96), Role.ROW, groups=3)
-    with pytest.raises(tw.errors.SplitError, match="blk.0.attn_output"):
+    with pytest.raises(tw.errors.SplitError, match=r"blk\.0\.attn_output"):
         formats.block_groups(g, {"blk.0.attn_output": dtypes.FORMATS["q4_k"]}, world=2)
     units, notes = formats.block_groups(g, {"blk.0.attn_output": dtypes.FORMATS["q8_0"]}, world=2)
     assert units == {} and not notes  # 32 columns per group: already whole Q8_0 blocks

@@ -31,7 +31,7 @@ from safetensors.numpy import load_file
 from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).parent))
-import make_fixtures as mf  # noqa: E402
+import make_fixtures as mf
 
 F16_TENSORS = ("attn_q.weight", "attn_k.weight", "attn_v.weight", "attn_output.weight", "output.weight")
 
@@ -68,13 +68,17 @@ def write_mixed(src: Path, dst: Path) -> dict[str, np.ndarray]:
     return held
 
 
-def logits_of(tensors: dict[str, np.ndarray], config: Path, tokens: np.ndarray, directory: Path, dtype: str) -> np.ndarray:
+def logits_of(
+    tensors: dict[str, np.ndarray], config: Path, tokens: np.ndarray, directory: Path, dtype: str
+) -> np.ndarray:
     """Save ``tensors`` (HF names) in ``dtype`` with ``config`` into ``directory``; transformers' float32 logits."""
     directory.mkdir(parents=True, exist_ok=True)
     cfg = json.loads(config.read_text())
     cfg["dtype"] = dtype
     (directory / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-    save_file({k: torch.from_numpy(v).to(getattr(torch, dtype)) for k, v in tensors.items()}, directory / "model.safetensors")
+    save_file(
+        {k: torch.from_numpy(v).to(getattr(torch, dtype)) for k, v in tensors.items()}, directory / "model.safetensors"
+    )
     return mf.forward_logits(mf.load_hf(directory), tokens)
 
 
@@ -98,8 +102,14 @@ def make(name: str, root: Path) -> None:
     for p in scratch.iterdir():
         p.unlink()
     scratch.rmdir()
-    mf.save_npz(out / "expected.npz", {k: v.astype(np.int32 if k == "tokens" else np.float32) for k, v in results.items()})
-    spread = {k: float(np.abs(v - np.load(base / "expected.npz")["logits"]).max()) for k, v in results.items() if k != "tokens"}
+    mf.save_npz(
+        out / "expected.npz", {k: v.astype(np.int32 if k == "tokens" else np.float32) for k, v in results.items()}
+    )
+    spread = {
+        k: float(np.abs(v - np.load(base / "expected.npz")["logits"]).max())
+        for k, v in results.items()
+        if k != "tokens"
+    }
     print(f"{name}: max |logits - f32 logits| {spread}")
 
 

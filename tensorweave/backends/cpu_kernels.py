@@ -32,14 +32,17 @@ from ..core.ops.weights import CHUNK_BYTES, Packed, is_narrow, linear
 FEW_ROWS = 8  # activation rows up to which the fused (weight-streaming) kernels beat convert-then-BLAS
 PARALLEL_MIN = 1 << 18  # weight values from which a fused kernel splits its rows over threads
 
+numba: Any
 try:
     import numba
     from llvmlite import ir
     from numba import njit, prange
     from numba.core import types
-    from numba.extending import intrinsic
+    from numba.extending import intrinsic as _intrinsic
 except ImportError:  # pragma: no cover - numba is a dependency; a trimmed install still runs the reference
     numba = None
+
+intrinsic: Any = _intrinsic if numba is not None else None  # typed loosely: the decorated are called from numba
 
 if numba is not None:
     # cpu-sim's devices call kernels from a thread each: only a thread-safe layer (OpenMP, TBB) may run them; the
@@ -51,7 +54,7 @@ if numba is not None:
     # costs a wake-up per kernel instead. Read when numba first loads its OpenMP layer; the user's setting wins.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-    @intrinsic
+    @intrinsic  # type: ignore[untyped-decorator]
     def _f16(typingctx: Any, bits: Any) -> Any:
         """float16 bits (uint16) -> float32, as the CPU converts (F16C's vcvtph2ps where it has it)."""
 
@@ -60,7 +63,7 @@ if numba is not None:
 
         return types.float32(types.uint16), codegen
 
-    @intrinsic
+    @intrinsic  # type: ignore[untyped-decorator]
     def _bf16(typingctx: Any, bits: Any) -> Any:
         """bfloat16 bits (uint16) -> float32: the upper half of a float32."""
 

@@ -121,13 +121,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
         [
             f"{mp.family} {mp.dtype}, {format_count(mp.params)} params, {errors.format_bytes(mp.weight_bytes)} of "
             f"weights, ctx {mp.ctx}, {p.world_size} device(s) ({args.devices}), split {split_text(p.ratios)}",
-            f"weights as held: {format_mix(mp.formats)}",
-            *[f"note: {n}" for n in p.notes],
             table(
                 ["device", "weights", f"kv cache ({mp.ctx} tok)", "total", "memory", "fits"],
                 memory_rows(mp.devices, with_capacity=True),
             ),
             "",
+            f"weights as held: {format_mix(mp.formats)}",
+            *[f"note: {n}" for n in p.notes],
             f"per decode token: {p.count('allreduce')} allreduce + {p.count('allgather')} allgather, "
             f"{errors.format_bytes(p.comm_bytes)} communicated",
         ]
@@ -218,9 +218,9 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         "(test ppP) and decoding of -n tokens one at a time (test tgN), from random token ids, each after one\n"
         "warm-up and -r times in a fresh session.\n\n"
         "columns: model = family and compute dtype; weights = the formats weights are held in, most bytes first\n"
-        "(like llama-bench's type: q8_0+f32); size = all weight bytes as held; params = parameter count; devices, split =\n"
-        "the device spec and ratios; test = ppP or tgN; t/s = tokens per second, mean ± sample std over the\n"
-        "repetitions; coll % = share of the measured time spent inside communicator calls (allreduce,\n"
+        "(like llama-bench's type: q8_0+f32); size = all weight bytes as held; params = parameter count;\n"
+        "devices, split = the device spec and ratios; test = ppP or tgN; t/s = tokens per second, mean ± sample\n"
+        "std over the repetitions; coll % = share of the measured time spent inside communicator calls (allreduce,\n"
         "allgather). Below: per-device weights and KV cache (at --ctx) bytes.",
     )
     model_args(p, ctx="KV-cache length in tokens (default: max(-p, -n))")

@@ -452,7 +452,10 @@ def random_held(fmt: str, shape: tuple[int, ...], rng: np.random.Generator) -> n
     if not f.quantized:
         return (rng.standard_normal(shape) / math.sqrt(shape[-1])).astype(f.dtype)
     blocks = rng.integers(0, 256, (*shape[:-1], shape[-1] // f.block, f.block_bytes), dtype=np.uint8)
-    half = lambda v: np.frombuffer(np.float16(v).tobytes(), np.uint8)  # noqa: E731
+
+    def half(v: float) -> np.ndarray:
+        return np.frombuffer(np.float16(v).tobytes(), np.uint8)
+
     if fmt == "q6_k":
         blocks[..., 208:210] = half(5e-5)
     else:
@@ -482,7 +485,10 @@ def weight_case(op: str, fmt: str, rng: np.random.Generator) -> tuple[Graph, dic
         x = g.input("x", (4, h), "float32")
         route = g.topk_route(g.input("logits", (4, e), "float32"), k=2)
         y = g.moe_ffn(x, route, *(g.weight(n, s) for n, s in shapes.items()))
-        feeds = {"x": rng.standard_normal((4, h)).astype(np.float32), "logits": rng.standard_normal((4, e))}
+        feeds = {
+            "x": rng.standard_normal((4, h)).astype(np.float32),
+            "logits": rng.standard_normal((4, e)).astype(np.float32),
+        }
     g.output("y", y)
     return g, feeds, {n: random_held(fmt, s, rng) for n, s in shapes.items()}
 

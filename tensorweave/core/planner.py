@@ -148,7 +148,7 @@ class Plan:
                 f"{k} {format_bytes(b)} ({100 * b / total:.0f}%)"
                 for k, b in sorted(self.weight_formats.items(), key=lambda kv: -kv[1])
             )
-            lines.append(f"weights as held: {mix}")
+            lines.append(f"weights as held, all devices: {mix}")
         lines += [f"note: {n}" for n in self.notes]
         lines.append(f"collectives per step ({len(self.collectives)}):")
         for (kind, shape, dt), n in groups.items():

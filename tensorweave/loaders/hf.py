@@ -108,7 +108,11 @@ class HFCheckpoint(MappedCheckpoint):
             unused=("output",) if getattr(self.config, "tied", False) else (),
             check=check_float,
             held=lambda hf, index: self._owner[hf].get(hf)[index],
-            formats={hf: dtypes.weight_format(f.entries[hf][0]).name for hf, f in self._owner.items() if f.entries[hf][0] in FLOATS},
+            formats={
+                hf: dtypes.weight_format(f.entries[hf][0]).name
+                for hf, f in self._owner.items()
+                if f.entries[hf][0] in FLOATS
+            },
         )
         self.mapped = mapped
 

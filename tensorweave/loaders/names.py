@@ -78,7 +78,7 @@ def map_names(
     unused: Collection[str] = (),
     check: Callable[[str], None] = lambda name: None,
     held: Reader | None = None,
-    formats: Mapping[str, str] = {},  # noqa: B006  (read only)
+    formats: Mapping[str, str] = {},
 ) -> Mapped:
     """Map every stored tensor through ``naming``. ``describe(stored name)`` names a tensor in errors and ``where``
     the checkpoint; graph weights in ``unused`` (a tied model's redundant head) are dropped; ``check`` is called

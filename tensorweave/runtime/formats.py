@@ -66,7 +66,11 @@ def held_inputs(graph: Graph) -> set[str]:
 
 
 def choose_formats(
-    checkpoint: Checkpoint, graph: Graph, devices: Sequence[Device], compute: np.dtype[Any], convert: WeightFormat | None
+    checkpoint: Checkpoint,
+    graph: Graph,
+    devices: Sequence[Device],
+    compute: np.dtype[Any],
+    convert: WeightFormat | None,
 ) -> tuple[dict[str, WeightFormat], list[str]]:
     """Each weight's held format, and notes on what was converted and why."""
     caps = [d.backend.capabilities.weight_formats for d in devices]
@@ -123,35 +127,37 @@ def block_groups(graph: Graph, formats: dict[str, WeightFormat], world: int) -> 
         if t.split_axis is not None:
             sets.setdefault(_linked(t), []).append(t)
     out: dict[str, int] = {}
-    notes: dict[str, str] = {}
+    notes: set[str] = set()
     for members in sets.values():
         factor, why = 1, ""
         for t in members:
             fmt = formats.get(t.name)
             if t.kind != "weight" or fmt is None or not fmt.quantized or t.split_axis != t.ndim - 1:
                 continue
-            axis = t.split_axis
-            groups = t.groups or t.shape[axis]
-            width = t.shape[axis] // groups  # values per unit along the quantized axis
+            width = t.shape[-1] // (t.groups or t.shape[-1])  # values per unit along the quantized axis
             need = fmt.block // math.gcd(width, fmt.block)
             if need > 1:
                 factor = math.lcm(factor, need)
-                why = f"{fmt.name} blocks of {fmt.block} in {t.name!r}, {width} columns per unit"
+                why = f"{fmt.name} blocks of {fmt.block} values in {_pattern(t.name)}"
         if factor == 1:
             continue
         for t in members:
             axis = t.split_axis
             assert axis is not None
-            groups = t.groups or t.shape[axis]
-            if groups % factor:
+            units = t.groups or t.shape[axis]
+            if units % factor:
                 raise SplitError(
                     f"tensor {t.name!r} {t.shape}: a split must keep whole quantization blocks ({why}), which needs "
-                    f"units of {factor} of its {groups}; load with dtype='float16' or on one device"
+                    f"units of {factor} of its {units}; load with dtype='float16' or on one device"
                 )
-            out[t.name] = groups // factor
-            key = re.sub(r"\.\d+\.", ".*.", t.name)
-            notes[key] = f"{key} splits in units of {factor} x {t.shape[axis] // groups} ({why})"
-    return out, sorted(notes.values())
+            out[t.name] = units // factor
+        names = ", ".join(sorted({_pattern(t.name) for t in members}))
+        notes.add(f"{names}: split in units of {factor} {'KV-head groups' if members[0].groups else 'rows'} ({why})")
+    return out, sorted(notes)
+
+
+def _pattern(name: str) -> str:
+    return re.sub(r"\.\d+\.", ".*.", name)
 
 
 def apply_groups(graph: Graph, groups: dict[str, int]) -> Graph:

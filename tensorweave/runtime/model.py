@@ -148,7 +148,8 @@ def load(
 
     ``dtype``: convert the weights to this float dtype (None: keep each weight as stored: float32, float16,
     bfloat16 or GGUF quantization blocks, where the devices' backend takes that format; see runtime/formats.py).
-    Activations and the KV cache are float32 (float64 with ``dtype="float64"``). ``ctx``: KV-cache length in tokens (None: the model's maximum, at most 4096).
+    Activations and the KV cache are float32 (float64 with ``dtype="float64"``). ``ctx``: KV-cache length in
+    tokens (None: the model's maximum, at most 4096).
     ``progress``: a progress bar on stderr (None: only when stderr is a terminal).
     """
     ckpt = open_checkpoint(path)
