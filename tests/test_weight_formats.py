@@ -54,15 +54,17 @@ def test_reference_dequantization_equals_gguf_quants(fmt: str) -> None:
 
 
 @pytest.mark.parametrize("rows", [1, 3, FEW_ROWS + 12])
-@pytest.mark.parametrize("fmt", ["f16", "bf16", "q8_0"])
+@pytest.mark.parametrize("fmt", ["f16", "bf16", "q8_0", "q4_k", "q6_k"])
 def test_compiled_kernels_equal_the_reference(fmt: str, rows: int) -> None:
     """cpu-sim's numba kernels (fused decode, convert-then-BLAS prompts) against the numpy reference, float16's
     inf/NaN/subnormals included; zero-size weight shards and activations pass through."""
     rng = np.random.default_rng(3)
-    n, k = 70, 96
+    n, k = 70, 512
     base = rng.standard_normal((n, k)).astype(np.float32)
     if fmt == "q8_0":
         w: Any = Packed(gguf.quants.quantize(base, Q.Q8_0), dtypes.FORMATS["q8_0"], (n, k))
+    elif fmt in ("q4_k", "q6_k"):
+        w = Packed(random_blocks(fmt, n, k), dtypes.FORMATS[fmt], (n, k))
     else:
         w = base.astype(dtypes.to_dtype("float16" if fmt == "f16" else "bfloat16"))
         if fmt == "f16":

@@ -1,4 +1,5 @@
-"""cpu-sim's fast kernels for weights held narrow (float16, bfloat16, Q8_0), compiled with numba.
+"""cpu-sim's fast kernels for weights held narrow (float16, bfloat16, Q8_0; Q4_K and Q6_K for decode, the pair
+llama.cpp's Q4_K_M mix is made of), compiled with numba.
 
 Decode multiplies a few activation rows by a whole weight: memory-bound, so the win is reading 2 (16-bit) or 1.06
 (Q8_0) bytes per weight instead of float32's 4. numba compiles loops that convert in registers and accumulate in
@@ -10,7 +11,7 @@ a [8192, 2048] weight times one row, medians): float32 BLAS 3.6 ms, float16 2.5 
 against the reference's numpy conversions at 10-25x that; numba's float16 by bit tricks was 8 ms, a lookup table
 7 ms.
 
-Formats without a compiled kernel here (Q4_0/1, Q5_0/1, K-quants) use core's reference (``ops.weights``), which
+Formats without a compiled kernel here (Q4_0/1, Q5_0/1, Q5_K; K-quant prompts) use core's reference (``ops.weights``), which
 converts a block of rows at a time with numpy. Everything is checked against the reference in
 tests/test_weight_formats.py. Without numba installed the backend runs the reference kernels alone.
 """
@@ -125,6 +126,60 @@ if numba is not None:
                     out[n, b * 32 + j] = d * np.float32(qs[n, b * 34 + 2 + j])
 
 
+    @njit(cache=True, inline="always")
+    def _scale_min_k4(s: Any, j: int) -> tuple[Any, Any]:  # ggml's get_scale_min_k4 on a block's 12 scale bytes
+        if j < 4:
+            return np.float32(s[j] & 63), np.float32(s[j + 4] & 63)
+        sc = (s[j + 4] & 0xF) | ((s[j - 4] >> 6) << 4)
+        return np.float32(sc), np.float32((s[j + 4] >> 4) | ((s[j] >> 6) << 4))
+
+    @njit(parallel=True, fastmath=True, cache=True, nogil=True)
+    def _Q4_K_FEW(x: Any, data: Any, out: Any) -> None:  # data [N, nb*144] uint8
+        nb = data.shape[1] // 144
+        for n in prange(data.shape[0]):
+            for t in range(x.shape[0]):
+                acc = np.float32(0.0)
+                for b in range(nb):
+                    blk = data[n, b * 144 : b * 144 + 144]
+                    d = _f16(np.uint16(blk[0]) | (np.uint16(blk[1]) << 8))
+                    dmin = _f16(np.uint16(blk[2]) | (np.uint16(blk[3]) << 8))
+                    for j in range(8):  # sub-block j: nibbles (j % 2) of bytes 32 * (j // 2) .. + 32
+                        sc, m = _scale_min_k4(blk[4:16], j)
+                        qs = blk[16 + 32 * (j // 2) : 48 + 32 * (j // 2)]
+                        xs = x[t, b * 256 + 32 * j : b * 256 + 32 * j + 32]
+                        shift = 4 * (j % 2)
+                        dot, total = np.float32(0.0), np.float32(0.0)
+                        for lane in range(32):
+                            dot += xs[lane] * np.float32((qs[lane] >> shift) & 15)
+                            total += xs[lane]
+                        acc += d * sc * dot - dmin * m * total
+                out[t, n] = acc
+
+    @njit(parallel=True, fastmath=True, cache=True, nogil=True)
+    def _Q6_K_FEW(x: Any, data: Any, out: Any) -> None:  # data [N, nb*210] uint8
+        nb = data.shape[1] // 210
+        for n in prange(data.shape[0]):
+            for t in range(x.shape[0]):
+                acc = np.float32(0.0)
+                for b in range(nb):
+                    blk = data[n, b * 210 : b * 210 + 210]
+                    d = _f16(np.uint16(blk[208]) | (np.uint16(blk[209]) << 8))
+                    for half in range(2):  # 128 values: ql bytes 64 * half.., qh bytes 128 + 32 * half..
+                        for g in range(4):  # values 32 g + l: low nibble of ql[l + 32 (g % 2)] >> 4 (g // 2)
+                            ql = blk[64 * half + 32 * (g % 2) : 64 * half + 32 * (g % 2) + 32]
+                            qh = blk[128 + 32 * half : 160 + 32 * half]
+                            xs = x[t, b * 256 + 128 * half + 32 * g : b * 256 + 128 * half + 32 * g + 32]
+                            for h in range(2):  # a scale per 16 values
+                                sc = np.float32(np.int8(blk[192 + 8 * half + 2 * g + h]))
+                                dot = np.float32(0.0)
+                                for lane in range(16 * h, 16 * h + 16):
+                                    low = (ql[lane] >> (4 * (g // 2))) & 15
+                                    q = np.int32(low | (((qh[lane] >> (2 * g)) & 3) << 4)) - 32
+                                    dot += xs[lane] * np.float32(q)
+                                acc += d * sc * dot
+                out[t, n] = acc
+
+
 def set_threads(n: int | None) -> None:
     """Threads the compiled kernels use on this thread (numba keeps the count per thread); None: every core."""
     if numba is not None:
@@ -136,7 +191,8 @@ def _compiled(w: Any) -> str | None:
     if numba is None:
         return None
     if isinstance(w, Packed):
-        return "q8_0" if w.fmt.name == "q8_0" and w.data.ndim == 2 and w.data.flags.c_contiguous else None
+        fused = w.fmt.name in ("q8_0", "q4_k", "q6_k") and w.data.ndim == 2 and w.data.flags.c_contiguous
+        return w.fmt.name if fused else None
     if w.ndim == 2 and w.flags.c_contiguous and w.dtype in (dtypes.float16, dtypes.bfloat16):
         return "bf16" if w.dtype == dtypes.bfloat16 else "f16"
     return None
@@ -156,7 +212,8 @@ def rows_float32(w: Any, lo: int, hi: int, kind: str) -> np.ndarray:
 def fast_linear(xp: Any, x: Any, w: Any, out: Any = None) -> Any:
     """``ops.weights.linear`` with compiled kernels where one serves ``w`` (same results, float32 accumulation)."""
     kind = _compiled(w) if x.dtype == dtypes.float32 and x.size and math.prod(w.shape) else None
-    if kind is None:
+    rows = math.prod(x.shape[:-1])
+    if kind is None or (kind in ("q4_k", "q6_k") and rows > FEW_ROWS):  # K-quant prompts: the reference
         return linear(xp, x, w, out)
     lead, (n_out, n_in) = x.shape[:-1], w.shape
     x2 = np.ascontiguousarray(x.reshape(-1, n_in))
@@ -169,6 +226,10 @@ def fast_linear(xp: Any, x: Any, w: Any, out: Any = None) -> Any:
         try:
             if kind == "q8_0":
                 _Q8_0_FEW(x2, w.data, w.data.view(np.int8), res)
+            elif kind == "q4_k":
+                _Q4_K_FEW(x2, w.data, res)
+            elif kind == "q6_k":
+                _Q6_K_FEW(x2, w.data, res)
             else:
                 _HALF_FEW(x2, w.view(np.uint16), kind == "bf16", res)
         finally:
