@@ -126,6 +126,18 @@ if numba is not None:
                     out[n, b * 32 + j] = d * np.float32(qs[n, b * 34 + 2 + j])
 
 
+    @intrinsic  # type: ignore[untyped-decorator]
+    def _bits(typingctx: Any, byte: Any, shift: Any, mask: Any) -> Any:
+        """float32((byte >> shift) & mask) computed on 8 bits: numba would widen to int64, whose conversion to float
+        does not vectorize without AVX-512."""
+
+        def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
+            i8 = ir.IntType(8)
+            v = builder.lshr(args[0], builder.trunc(args[1], i8))
+            return builder.uitofp(builder.and_(v, builder.trunc(args[2], i8)), ir.FloatType())
+
+        return types.float32(types.uint8, types.int64, types.int64), codegen
+
     @njit(cache=True, inline="always")
     def _scale_min_k4(s: Any, j: int) -> tuple[Any, Any]:  # ggml's get_scale_min_k4 on a block's 12 scale bytes
         if j < 4:
@@ -145,12 +157,11 @@ if numba is not None:
                     dmin = _f16(np.uint16(blk[2]) | (np.uint16(blk[3]) << 8))
                     for j in range(8):  # sub-block j: nibbles (j % 2) of bytes 32 * (j // 2) .. + 32
                         sc, m = _scale_min_k4(blk[4:16], j)
-                        qs = blk[16 + 32 * (j // 2) : 48 + 32 * (j // 2)]
+                        base, shift = 16 + 32 * (j // 2), 4 * (j % 2)
                         xs = x[t, b * 256 + 32 * j : b * 256 + 32 * j + 32]
-                        shift = 4 * (j % 2)
-                        dot, total = np.float32(0.0), np.float32(0.0)
+                        dot, total = np.float32(0.0), np.float32(0.0)  # sum(x * q) and sum(x): the min once
                         for lane in range(32):
-                            dot += xs[lane] * np.float32((qs[lane] >> shift) & 15)
+                            dot += xs[lane] * _bits(blk[base + lane], shift, 15)
                             total += xs[lane]
                         acc += d * sc * dot - dmin * m * total
                 out[t, n] = acc
@@ -159,25 +170,32 @@ if numba is not None:
     def _Q6_K_FEW(x: Any, data: Any, out: Any) -> None:  # data [N, nb*210] uint8
         nb = data.shape[1] // 210
         for n in prange(data.shape[0]):
+            vals = np.empty(256, np.float32)  # one block as float32, then dotted with every token's slice
+            acc = np.zeros(x.shape[0], np.float32)
+            for b in range(nb):
+                blk = data[n, b * 210 : b * 210 + 210]
+                d = _f16(np.uint16(blk[208]) | (np.uint16(blk[209]) << 8))
+                for half in range(2):  # values 128 half + 32 g + l, g = 0..3, from ql[l], ql[l + 32], qh[l]
+                    for h in range(2):  # a scale per 16 values
+                        sc = 192 + 8 * half + h
+                        s0 = d * np.float32(np.int8(blk[sc]))
+                        s1 = d * np.float32(np.int8(blk[sc + 2]))
+                        s2 = d * np.float32(np.int8(blk[sc + 4]))
+                        s3 = d * np.float32(np.int8(blk[sc + 6]))
+                        for l in range(16 * h, 16 * h + 16):
+                            ql0, ql1, qh = blk[64 * half + l], blk[64 * half + 32 + l], blk[128 + 32 * half + l]
+                            at = 128 * half + l
+                            vals[at] = s0 * (_bits(ql0, 0, 15) + 16 * _bits(qh, 0, 3) - 32)
+                            vals[at + 32] = s1 * (_bits(ql1, 0, 15) + 16 * _bits(qh, 2, 3) - 32)
+                            vals[at + 64] = s2 * (_bits(ql0, 4, 15) + 16 * _bits(qh, 4, 3) - 32)
+                            vals[at + 96] = s3 * (_bits(ql1, 4, 15) + 16 * _bits(qh, 6, 3) - 32)
+                for t in range(x.shape[0]):
+                    dot = np.float32(0.0)
+                    for k in range(256):
+                        dot += x[t, b * 256 + k] * vals[k]
+                    acc[t] += dot
             for t in range(x.shape[0]):
-                acc = np.float32(0.0)
-                for b in range(nb):
-                    blk = data[n, b * 210 : b * 210 + 210]
-                    d = _f16(np.uint16(blk[208]) | (np.uint16(blk[209]) << 8))
-                    for half in range(2):  # 128 values: ql bytes 64 * half.., qh bytes 128 + 32 * half..
-                        for g in range(4):  # values 32 g + l: low nibble of ql[l + 32 (g % 2)] >> 4 (g // 2)
-                            ql = blk[64 * half + 32 * (g % 2) : 64 * half + 32 * (g % 2) + 32]
-                            qh = blk[128 + 32 * half : 160 + 32 * half]
-                            xs = x[t, b * 256 + 128 * half + 32 * g : b * 256 + 128 * half + 32 * g + 32]
-                            for h in range(2):  # a scale per 16 values
-                                sc = np.float32(np.int8(blk[192 + 8 * half + 2 * g + h]))
-                                dot = np.float32(0.0)
-                                for lane in range(16 * h, 16 * h + 16):
-                                    low = (ql[lane] >> (4 * (g // 2))) & 15
-                                    q = np.int32(low | (((qh[lane] >> (2 * g)) & 3) << 4)) - 32
-                                    dot += xs[lane] * np.float32(q)
-                                acc += d * sc * dot
-                out[t, n] = acc
+                out[t, n] = acc[t]
 
 
 def set_threads(n: int | None) -> None:
