@@ -161,6 +161,16 @@ def test_every_quant_type_loads_per_device_slice_under_an_uneven_split(tmp_path:
     assert any("units of" in n for n in model.plan.notes)  # the widened split unit is reported
 
 
+def test_a_k_quant_file_takes_about_its_size_in_device_memory_whatever_the_split(tmp_path: Path) -> None:
+    path = tmp_path / "q4_k.gguf"
+    write_quantized(path, "q4_k")
+    size = path.stat().st_size
+    for devices, split in TP_SPLITS:
+        model = tw.load(path, devices=devices, tensor_split=split)
+        held = sum(d.memory_info().used for d in model.executor.devices)  # weights only: no step has run yet
+        assert held <= 1.3 * size, f"{devices} {split}: {held} bytes held for a {size}-byte file"
+
+
 def expected_weights(name: str) -> dict[str, np.ndarray]:
     with np.load(FIXTURES / name / "weights" / "expected.npz") as z:
         return {k: z[k] for k in z.files}

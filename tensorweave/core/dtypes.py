@@ -175,22 +175,12 @@ class WeightFormat:
 
 
 _U8 = np.dtype(np.uint8)
+# GGUF block layouts tensorweave keeps as stored: values per block, bytes per block (ggml's block_q8_0 ... block_q6_K)
+QUANT_BLOCKS = {"q8_0": (32, 34), "q4_0": (32, 18), "q4_1": (32, 20), "q5_0": (32, 22), "q5_1": (32, 24)}
+QUANT_BLOCKS.update({"q4_k": (256, 144), "q5_k": (256, 176), "q6_k": (256, 210)})
 FORMATS: dict[str, WeightFormat] = {
-    f.name: f
-    for f in (
-        WeightFormat("f32", 1, 4, float32),
-        WeightFormat("f64", 1, 8, float64),
-        WeightFormat("f16", 1, 2, float16),
-        WeightFormat("bf16", 1, 2, bfloat16),
-        WeightFormat("q8_0", 32, 34, _U8),
-        WeightFormat("q4_0", 32, 18, _U8),
-        WeightFormat("q4_1", 32, 20, _U8),
-        WeightFormat("q5_0", 32, 22, _U8),
-        WeightFormat("q5_1", 32, 24, _U8),
-        WeightFormat("q4_k", 256, 144, _U8),
-        WeightFormat("q5_k", 256, 176, _U8),
-        WeightFormat("q6_k", 256, 210, _U8),
-    )
+    **{_SHORT[name(d)]: WeightFormat(_SHORT[name(d)], 1, d.itemsize, d) for d in (float32, float64, float16, bfloat16)},
+    **{q: WeightFormat(q, block, nbytes, _U8) for q, (block, nbytes) in QUANT_BLOCKS.items()},
 }
 STORAGE = frozenset(DTYPES.values()) | {_U8}  # array dtypes a device holds (uint8: quantization blocks)
 

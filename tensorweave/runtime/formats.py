@@ -29,7 +29,7 @@ from ..core.model import Checkpoint
 from ..core.ops import OPS
 from ..errors import SplitError, UnsupportedError
 
-KEEP = frozenset({"f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k", "q5_k", "q6_k"})
+KEEP = frozenset(FORMATS) - {"f64"}  # formats a weight may stay in (float64 weights follow the compute dtype)
 
 
 def compute_dtype(checkpoint: Checkpoint, dtype: Any) -> np.dtype[Any]:
