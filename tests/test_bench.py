@@ -49,14 +49,17 @@ def reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Names passed to every checkpoint's ``read`` and ``read_held`` (the ways weight data leaves a checkpoint: as
     floats, or as stored), as they happen."""
     seen: list[str] = []
+
+    def spying(orig: Callable[..., Any]) -> Callable[..., Any]:
+        def spy(self: Checkpoint, name: str, index: Any) -> Any:
+            seen.append(name)
+            return orig(self, name, index)
+
+        return spy
+
     for cls in (HFCheckpoint, GGUFCheckpoint):
         for method in ("read", "read_held"):
-
-            def spy(self: Checkpoint, name: str, index: Any, _orig: Callable[..., Any] = getattr(cls, method)) -> Any:
-                seen.append(name)
-                return _orig(self, name, index)
-
-            monkeypatch.setattr(cls, method, spy)
+            monkeypatch.setattr(cls, method, spying(getattr(cls, method)))
     return seen
 
 

@@ -11,8 +11,8 @@ a [8192, 2048] weight times one row, medians): float32 BLAS 3.6 ms, float16 2.5 
 against the reference's numpy conversions at 10-25x that; numba's float16 by bit tricks was 8 ms, a lookup table
 7 ms.
 
-Formats without a compiled kernel here (Q4_0/1, Q5_0/1, Q5_K; K-quant prompts) use core's reference (``ops.weights``), which
-converts a block of rows at a time with numpy. Everything is checked against the reference in
+Formats without a compiled kernel here (Q4_0/1, Q5_0/1, Q5_K; K-quant prompts) use core's reference
+(``ops.weights``), which converts a block of rows at a time with numpy. Everything is checked against the reference in
 tests/test_weight_formats.py. Without numba installed the backend runs the reference kernels alone.
 """
 
@@ -124,7 +124,6 @@ if numba is not None:
                 d = _q8_scale(data[n], b * 34)
                 for j in range(32):
                     out[n, b * 32 + j] = d * np.float32(qs[n, b * 34 + 2 + j])
-
 
     @intrinsic  # type: ignore[untyped-decorator]
     def _bits(typingctx: Any, byte: Any, shift: Any, mask: Any) -> Any:
