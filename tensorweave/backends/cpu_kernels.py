@@ -1,5 +1,5 @@
-"""cpu-sim's fast kernels for weights held narrow (float16, bfloat16, Q8_0; Q4_K and Q6_K for decode, the pair
-llama.cpp's Q4_K_M mix is made of), compiled with numba.
+"""cpu-sim's fast kernels for weights held narrow (float16, bfloat16, Q8_0; for decode also Q4_0/1, Q5_0/1 and
+the K-quants llama.cpp's mixes are made of), compiled with numba.
 
 Decode multiplies a few activation rows by a whole weight: memory-bound, so the win is reading 2 (16-bit) or 1.06
 (Q8_0) bytes per weight instead of float32's 4. numba compiles loops that convert in registers and accumulate in
@@ -11,8 +11,8 @@ a [8192, 2048] weight times one row, medians): float32 BLAS 3.6 ms, float16 2.5 
 against the reference's numpy conversions at 10-25x that; numba's float16 by bit tricks was 8 ms, a lookup table
 7 ms.
 
-Formats without a compiled kernel here (Q4_0/1, Q5_0/1, Q5_K; K-quant prompts) use core's reference
-(``ops.weights``), which converts a block of rows at a time with numpy. Everything is checked against the reference in
+Prompts with weights in Q4_0/1, Q5_0/1 and the K-quants use core's reference (``ops.weights``), which converts a
+block of rows at a time with numpy. Everything is checked against the reference in
 tests/test_weight_formats.py. Without numba installed the backend runs the reference kernels alone.
 """
 
@@ -145,24 +145,58 @@ if numba is not None:
         return np.float32(sc), np.float32((s[j + 4] >> 4) | ((s[j] >> 6) << 4))
 
     @njit(parallel=True, fastmath=True, cache=True, nogil=True)
-    def _Q4_K_FEW(x: Any, data: Any, out: Any) -> None:  # data [N, nb*144] uint8
-        nb = data.shape[1] // 144
+    def _QK_FEW(x: Any, data: Any, five: bool, out: Any) -> None:  # Q4_K (144-byte blocks) or Q5_K (176)
+        size = 176 if five else 144
+        nb = data.shape[1] // size
         for n in prange(data.shape[0]):
             for t in range(x.shape[0]):
                 acc = np.float32(0.0)
                 for b in range(nb):
-                    blk = data[n, b * 144 : b * 144 + 144]
+                    blk = data[n, b * size : b * size + size]
                     d = _f16(np.uint16(blk[0]) | (np.uint16(blk[1]) << 8))
                     dmin = _f16(np.uint16(blk[2]) | (np.uint16(blk[3]) << 8))
-                    for j in range(8):  # sub-block j: nibbles (j % 2) of bytes 32 * (j // 2) .. + 32
+                    for j in range(8):  # sub-block j: nibbles (j % 2) of qs bytes 32 * (j // 2) .. + 32
                         sc, m = _scale_min_k4(blk[4:16], j)
-                        base, shift = 16 + 32 * (j // 2), 4 * (j % 2)
+                        base, shift = (48 if five else 16) + 32 * (j // 2), 4 * (j % 2)
                         xs = x[t, b * 256 + 32 * j : b * 256 + 32 * j + 32]
                         dot, total = np.float32(0.0), np.float32(0.0)  # sum(x * q) and sum(x): the min once
-                        for lane in range(32):
-                            dot += xs[lane] * _bits(blk[base + lane], shift, 15)
-                            total += xs[lane]
+                        if five:  # the fifth bit of value l of sub-block j is bit j of qh[l] (bytes 16..48)
+                            for lane in range(32):
+                                q = _bits(blk[base + lane], shift, 15) + 16 * _bits(blk[16 + lane], j, 1)
+                                dot += xs[lane] * q
+                                total += xs[lane]
+                        else:
+                            for lane in range(32):
+                                dot += xs[lane] * _bits(blk[base + lane], shift, 15)
+                                total += xs[lane]
                         acc += d * sc * dot - dmin * m * total
+                out[t, n] = acc
+
+    @njit(parallel=True, fastmath=True, cache=True, nogil=True)
+    def _Q45_FEW(x: Any, data: Any, size: int, five: bool, with_min: bool, out: Any) -> None:
+        """Q4_0 (18-byte blocks), Q4_1 (20), Q5_0 (22), Q5_1 (24): d [, m] [, qh u32], 16 bytes of nibbles; value
+        l < 16 is the low nibble of byte l, value l + 16 its high nibble; Q5 adds bit l of qh as the fifth bit."""
+        nb = data.shape[1] // size
+        offset = np.float32(0.0 if with_min else (16.0 if five else 8.0))
+        qs_at = (4 if with_min else 2) + (4 if five else 0)
+        qh_at = 4 if with_min else 2
+        for n in prange(data.shape[0]):
+            for t in range(x.shape[0]):
+                acc = np.float32(0.0)
+                for b in range(nb):
+                    blk = data[n, b * size : b * size + size]
+                    d = _f16(np.uint16(blk[0]) | (np.uint16(blk[1]) << 8))
+                    c = _f16(np.uint16(blk[2]) | (np.uint16(blk[3]) << 8)) if with_min else -d * offset
+                    xs = x[t, b * 32 : b * 32 + 32]
+                    dot, total = np.float32(0.0), np.float32(0.0)
+                    for lane in range(16):
+                        lo, hi = _bits(blk[qs_at + lane], 0, 15), _bits(blk[qs_at + lane], 4, 15)
+                        if five:
+                            lo += 16 * _bits(blk[qh_at + lane // 8], lane % 8, 1)
+                            hi += 16 * _bits(blk[qh_at + 2 + lane // 8], lane % 8, 1)
+                        dot += xs[lane] * lo + xs[lane + 16] * hi
+                        total += xs[lane] + xs[lane + 16]
+                    acc += d * dot + c * total
                 out[t, n] = acc
 
     @njit(parallel=True, fastmath=True, cache=True, nogil=True)
@@ -204,11 +238,11 @@ def set_threads(n: int | None) -> None:
 
 
 def _compiled(w: Any) -> str | None:
-    """Which compiled kernel family serves weight ``w`` ("f16", "bf16", "q8_0"), or None."""
+    """Which compiled kernel serves weight ``w``: its format name ("f16", "bf16", "q8_0", "q4_k" ...), or None."""
     if numba is None:
         return None
     if isinstance(w, Packed):
-        fused = w.fmt.name in ("q8_0", "q4_k", "q6_k") and w.data.ndim == 2 and w.data.flags.c_contiguous
+        fused = w.fmt.name in dtypes.QUANT_BLOCKS and w.data.ndim == 2 and w.data.flags.c_contiguous
         return w.fmt.name if fused else None
     if w.ndim == 2 and w.flags.c_contiguous and w.dtype in (dtypes.float16, dtypes.bfloat16):
         return "bf16" if w.dtype == dtypes.bfloat16 else "f16"
@@ -230,7 +264,7 @@ def fast_linear(xp: Any, x: Any, w: Any, out: Any = None) -> Any:
     """``ops.weights.linear`` with compiled kernels where one serves ``w`` (same results, float32 accumulation)."""
     kind = _compiled(w) if x.dtype == dtypes.float32 and x.size and math.prod(w.shape) else None
     rows = math.prod(x.shape[:-1])
-    if kind is None or (kind in ("q4_k", "q6_k") and rows > FEW_ROWS):  # K-quant prompts: the reference
+    if kind is None or (kind not in ("f16", "bf16", "q8_0") and rows > FEW_ROWS):  # these prompts: the reference
         return linear(xp, x, w, out)
     lead, (n_out, n_in) = x.shape[:-1], w.shape
     x2 = np.ascontiguousarray(x.reshape(-1, n_in))
@@ -243,8 +277,10 @@ def fast_linear(xp: Any, x: Any, w: Any, out: Any = None) -> Any:
         try:
             if kind == "q8_0":
                 _Q8_0_FEW(x2, w.data, w.data.view(np.int8), res)
-            elif kind == "q4_k":
-                _Q4_K_FEW(x2, w.data, res)
+            elif kind in ("q4_k", "q5_k"):
+                _QK_FEW(x2, w.data, kind == "q5_k", res)
+            elif kind in ("q4_0", "q4_1", "q5_0", "q5_1"):
+                _Q45_FEW(x2, w.data, w.fmt.block_bytes, kind[1] == "5", kind[3] == "1", res)
             elif kind == "q6_k":
                 _Q6_K_FEW(x2, w.data, res)
             else:

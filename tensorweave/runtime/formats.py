@@ -42,16 +42,19 @@ def requested_format(dtype: Any) -> WeightFormat | None:
     """The float format ``dtype=`` converts weights to (None: keep them as stored); anything else is refused."""
     if dtype is None:
         return None
-    try:
-        fmt = dtypes.weight_format(dtype)
-    except UnsupportedError as e:
-        raise UnsupportedError(f"dtype={dtype!r}: {e}") from None
-    if fmt.quantized:
+    if isinstance(dtype, str) and FORMATS.get(dtype.lower(), FORMATS["f32"]).quantized:
         raise UnsupportedError(
             f"dtype={dtype!r}: weights convert to float32, float16, bfloat16 or float64; quantized files load as "
             "stored (quantize with llama.cpp's tools)"
         )
-    return fmt
+    dt = dtypes.to_dtype(dtype)
+    if not dtypes.is_float(dt):
+        floats = ", ".join(n for n in dtypes.DTYPES if dtypes.is_float(n))
+        raise UnsupportedError(
+            f"dtype {dtypes.name(dt)}: a model computes in a float dtype ({floats}); {dtypes.name(dt)} cannot hold "
+            "weights"
+        )
+    return dtypes.weight_format(dt)
 
 
 def held_inputs(graph: Graph) -> set[str]:
