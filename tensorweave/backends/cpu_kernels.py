@@ -99,8 +99,8 @@ if numba is not None:
                     out[n, k] = _f16(w[n, k])
 
     @njit(cache=True, inline="always")
-    def _q8_scale(row: Any, off: int) -> Any:
-        return _f16(np.uint16(row[off]) | (np.uint16(row[off + 1]) << 8))
+    def _f16_at(raw: Any, off: int) -> Any:  # the little-endian float16 at byte ``off`` of ``raw``, as float32
+        return _f16(np.uint16(raw[off]) | (np.uint16(raw[off + 1]) << 8))
 
     @njit(parallel=True, fastmath=True, cache=True, nogil=True)
     def _Q8_0_FEW(x: Any, data: Any, qs: Any, out: Any) -> None:  # data [N, nb*34] uint8, qs its int8 view
@@ -110,7 +110,7 @@ if numba is not None:
             for t in range(x.shape[0]):
                 lanes = np.zeros(32, np.float32)  # one accumulator per block position: vectorizes across blocks
                 for b in range(nb):
-                    d = _q8_scale(row, b * 34)
+                    d = _f16_at(row, b * 34)
                     xb, qb = x[t, b * 32 : b * 32 + 32], q[b * 34 + 2 : b * 34 + 34]
                     for j in range(32):
                         lanes[j] += d * (xb[j] * np.float32(qb[j]))
@@ -121,7 +121,7 @@ if numba is not None:
         nb = data.shape[1] // 34
         for n in range(data.shape[0]):
             for b in range(nb):
-                d = _q8_scale(data[n], b * 34)
+                d = _f16_at(data[n], b * 34)
                 for j in range(32):
                     out[n, b * 32 + j] = d * np.float32(qs[n, b * 34 + 2 + j])
 
@@ -153,8 +153,8 @@ if numba is not None:
                 acc = np.float32(0.0)
                 for b in range(nb):
                     blk = data[n, b * size : b * size + size]
-                    d = _f16(np.uint16(blk[0]) | (np.uint16(blk[1]) << 8))
-                    dmin = _f16(np.uint16(blk[2]) | (np.uint16(blk[3]) << 8))
+                    d = _f16_at(blk, 0)
+                    dmin = _f16_at(blk, 2)
                     for j in range(8):  # sub-block j: nibbles (j % 2) of qs bytes 32 * (j // 2) .. + 32
                         sc, m = _scale_min_k4(blk[4:16], j)
                         base, shift = (48 if five else 16) + 32 * (j // 2), 4 * (j % 2)
@@ -181,12 +181,12 @@ if numba is not None:
         qs_at = (4 if with_min else 2) + (4 if five else 0)
         qh_at = 4 if with_min else 2
         for n in prange(data.shape[0]):
-            for t in range(x.shape[0]):
-                acc = np.float32(0.0)
-                for b in range(nb):
-                    blk = data[n, b * size : b * size + size]
-                    d = _f16(np.uint16(blk[0]) | (np.uint16(blk[1]) << 8))
-                    c = _f16(np.uint16(blk[2]) | (np.uint16(blk[3]) << 8)) if with_min else -d * offset
+            acc = np.zeros(x.shape[0], np.float32)
+            for b in range(nb):  # block-major: a block's scales are read once for every token
+                blk = data[n, b * size : b * size + size]
+                d = _f16_at(blk, 0)
+                c = _f16_at(blk, 2) if with_min else -d * offset
+                for t in range(x.shape[0]):
                     xs = x[t, b * 32 : b * 32 + 32]
                     dot, total = np.float32(0.0), np.float32(0.0)
                     for lane in range(16):
@@ -196,8 +196,9 @@ if numba is not None:
                             hi += 16 * _bits(blk[qh_at + 2 + lane // 8], lane % 8, 1)
                         dot += xs[lane] * lo + xs[lane + 16] * hi
                         total += xs[lane] + xs[lane + 16]
-                    acc += d * dot + c * total
-                out[t, n] = acc
+                    acc[t] += d * dot + c * total
+            for t in range(x.shape[0]):
+                out[t, n] = acc[t]
 
     @njit(parallel=True, fastmath=True, cache=True, nogil=True)
     def _Q6_K_FEW(x: Any, data: Any, out: Any) -> None:  # data [N, nb*210] uint8
@@ -207,7 +208,7 @@ if numba is not None:
             acc = np.zeros(x.shape[0], np.float32)
             for b in range(nb):
                 blk = data[n, b * 210 : b * 210 + 210]
-                d = _f16(np.uint16(blk[208]) | (np.uint16(blk[209]) << 8))
+                d = _f16_at(blk, 208)
                 for half in range(2):  # values 128 half + 32 g + l, g = 0..3, from ql[l], ql[l + 32], qh[l]
                     for h in range(2):  # a scale per 16 values
                         sc = 192 + 8 * half + h
