@@ -46,15 +46,20 @@ def _table(text: str) -> list[dict[str, str]]:
 
 @pytest.fixture
 def reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """Names passed to every checkpoint's ``read`` (the one way weight data leaves a checkpoint), as they happen."""
+    """Names passed to every checkpoint's ``read`` and ``read_held`` (the ways weight data leaves a checkpoint: as
+    floats, or as stored), as they happen."""
     seen: list[str] = []
-    for cls in (HFCheckpoint, GGUFCheckpoint):
 
-        def spy(self: Checkpoint, name: str, index: Any, _orig: Callable[..., np.ndarray] = cls.read) -> np.ndarray:
+    def spying(orig: Callable[..., Any]) -> Callable[..., Any]:
+        def spy(self: Checkpoint, name: str, index: Any) -> Any:
             seen.append(name)
-            return _orig(self, name, index)
+            return orig(self, name, index)
 
-        monkeypatch.setattr(cls, "read", spy)
+        return spy
+
+    for cls in (HFCheckpoint, GGUFCheckpoint):
+        for method in ("read", "read_held"):
+            monkeypatch.setattr(cls, method, spying(getattr(cls, method)))
     return seen
 
 

@@ -74,13 +74,18 @@ def test_cpu_sim_passes_with_a_summary_table(tmp_path: Path) -> None:
     lines = proc.stdout.splitlines()  # stdout: the summary only; pytest's progress went to stderr
     assert lines[0] == "conformance of backend 'cpu-sim' with communicator 'local' on 2 device(s), world sizes 1..2:"
     assert lines[1].split() == ["section", "passed", "failed", "not", "supported", "xfailed", "xpassed", "skipped"]
-    rows = {r.split("  ")[0].strip(): r.split()[-6:] for r in lines[3:8]}
-    assert set(rows) == {"device", "ops", "collectives", "end to end", "total"}
+    rows = {r.split("  ")[0].strip(): r.split()[-6:] for r in lines[3:9]}
+    assert set(rows) == {"device", "ops", "weight formats", "collectives", "end to end", "total"}
     assert all(int(r[0]) > 0 and r[1:] == ["0"] * 5 for r in rows.values()), rows
     assert "passed" in proc.stderr
     report = json.loads(out.read_text())
     tests = by_id(report)
-    for tid in ("op[matmul,dtype=float16]", "allreduce[op=sum,dtype=bfloat16,world=2]", "round_trip[dtype=bfloat16]"):
+    for tid in (
+        "op[matmul,dtype=float16]",
+        "held[moe_ffn,format=q4_k]",
+        "allreduce[op=sum,dtype=bfloat16,world=2]",
+        "round_trip[dtype=bfloat16]",
+    ):
         assert tests[tid]["outcome"] == "passed", tests[tid]
     assert tests["op[matmul,dtype=float16]"]["threshold"] == 5e-4 and tests["op[copy,dtype=float32]"]["nmse"] == 0
     models = {t["id"] for t in report["tests"] if t["section"] == "end to end"}

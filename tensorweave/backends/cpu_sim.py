@@ -7,6 +7,8 @@ It behaves like a strict GPU so placement bugs show up in CI instead of on someo
 - peer topology (``peer=all|none|ring|0-1,2-3``): copies between devices without enabled peer access are staged
   through host memory and counted in ``Device.stats``;
 - each device runs submitted work on a worker thread of its own, so devices progress concurrently;
+- weights held as float16, bfloat16 or Q8_0 multiply through compiled kernels (``cpu_kernels``, numba) that use
+  the same per-device thread count as BLAS; other formats run core's reference kernels;
 - the devices share this machine's cores: in a group of N > 1 devices, each device's worker runs BLAS with
   cores // N threads (``threads=K`` overrides; ``threads=0`` leaves BLAS alone), so N concurrent BLAS pools do
   not oversubscribe the cores: OpenBLAS threads spin while they wait, and on a loaded 2-core machine a decode step
@@ -24,6 +26,7 @@ import threading
 import weakref
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
+from types import MappingProxyType
 from typing import Any
 
 import numpy as np
@@ -41,6 +44,7 @@ from ..core.device import (
 )
 from ..core.hookspecs import hookimpl
 from ..errors import DeviceSpecError, OutOfMemoryError, PlacementError, ShapeError
+from . import cpu_kernels
 from ._worker import SerialWorker, walk
 
 MAX_DEVICES = 256
@@ -139,7 +143,7 @@ class SimDevice(Device):
         if isinstance(host, SimArray):
             raise PlacementError(f"{self.name}.from_host: got a device array of {host.device.name}; use copy_from")
         host = np.asarray(host)
-        dtypes.to_dtype(host.dtype)
+        dtypes.check_storage(host.dtype)
         self.synchronize()
         self.stats.from_host_bytes += host.nbytes
         return self._store(host, out, "from_host")
@@ -224,6 +228,7 @@ class SimDevice(Device):
 
         def job() -> Any:
             use_blas_threads(self._blas_threads)
+            cpu_kernels.set_threads(self._blas_threads)
             return walk(fn(*nargs, **nkwargs), self._wrap)
 
         return self._worker.submit(job)
@@ -241,7 +246,8 @@ class SimDevice(Device):
 class CpuSimBackend(Backend):
     name = "cpu-sim"
     xp = np
-    capabilities = Capabilities(dtypes=frozenset(dtypes.DTYPES))
+    capabilities = Capabilities(dtypes=frozenset(dtypes.DTYPES), weight_formats=frozenset(dtypes.FORMATS))
+    kernels = MappingProxyType(cpu_kernels.KERNELS)  # compiled matmul/moe_ffn for 16-bit and Q8_0 weights
     default_communicator = "local"
     description = "simulated devices in this process (numpy); the reference backend"
     shares_host_memory = True

@@ -296,8 +296,12 @@ class GpuBackend(Backend):
 
     hip: bool = False
     # bfloat16 is storage only (see the module docstring), but casting to and from it runs on the GPU
+    # weights: float16 runs through the reference kernels' chunked float32 conversion; bfloat16 (uint16 bits here)
+    # and GGUF quantization blocks have no GPU kernels yet, so such weights are converted to float32 at load
     capabilities = Capabilities(
-        dtypes=frozenset({"float32", "float16", "float64", "int32"}), op_dtypes=frozenset({("cast", "bfloat16")})
+        dtypes=frozenset({"float32", "float16", "float64", "int32"}),
+        op_dtypes=frozenset({("cast", "bfloat16")}),
+        weight_formats=frozenset({"f32", "f64", "f16"}),
     )
     kernels = MappingProxyType({"cast": _cast})
 

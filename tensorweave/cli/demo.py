@@ -159,6 +159,8 @@ def _demo_tensor_parallel(spec: str, tensor_split: list[float], n_new: int) -> b
             for dev, w, c in zip(tp.executor.devices, plan.weight_bytes, plan.cache_bytes, strict=True)
         ]
         print(table(["device", "weights", f"kv cache ({cfg.ctx} tokens)", "share"], rows))
+        mix = ", ".join(f"{k} {errors.format_bytes(b)}" for k, b in plan.weight_formats.items())
+        print(f"weights as held (all devices): {mix}; activations and KV cache {cfg.dtype}")
         print(
             f"collectives per decode step: {plan.count('allreduce')} allreduce + {plan.count('allgather')} "
             f"allgather, {errors.format_bytes(plan.comm_bytes)} per token"

@@ -142,6 +142,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
                     f"{'fits' if host.fits else 'does NOT fit'}"
                 ]
             ),
+            f"weights as held: {format_mix(mp.formats)}",
+            *[f"note: {n}" for n in p.notes],
             f"per decode token: {p.count('allreduce')} allreduce + {p.count('allgather')} allgather, "
             f"{errors.format_bytes(p.comm_bytes)} communicated",
         ]
@@ -176,6 +178,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     rows = [
         [
             model_name,
+            res.weight_format,
             errors.format_bytes(res.weight_bytes),
             format_count(res.params),
             args.devices,
@@ -188,7 +191,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     ]
     text = "\n\n".join(
         [
-            table(["model", "size", "params", "devices", "split", "test", "t/s", "coll %"], rows),
+            table(["model", "weights", "size", "params", "devices", "split", "test", "t/s", "coll %"], rows),
             table(["device", "weights", f"kv cache ({res.ctx} tok)", "total"], memory_rows(res.devices, False)),
         ]
     )
@@ -213,6 +216,12 @@ A device spec is BACKEND[:ARGS][,key=value...]; several backends join with + int
 Sizes are like 256MiB, 8GiB, 1.5GB. Plugins add backends and their own spec grammar (tensorweave plugins)."""
 
 
+def format_mix(mix: dict[str, int]) -> str:
+    """``{"q8_0": 900, "f32": 100}`` -> "q8_0 900 B (90%), f32 100 B (10%)"."""
+    total = sum(mix.values()) or 1
+    return ", ".join(f"{k} {errors.format_bytes(b)} ({100 * b / total:.0f}%)" for k, b in mix.items())
+
+
 def count(text: str) -> int:
     try:
         value = int(text)
@@ -234,7 +243,9 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         "columns: device = the device (rank N where the backend is not available here); weights = its weight\n"
         "slices; kv cache = its KV-cache slice at --ctx tokens; total = weights + kv cache (activation buffers\n"
         "come on top); memory = the device's memory (cpu-sim: mem= or host RAM; ? when unknown); fits = total <=\n"
-        "memory. Then the collectives of one decode token (allreduce / allgather counts) and the bytes they carry.",
+        "memory. Then the weights by held format (16-bit and quantized weights stay as stored), notes on weights\n"
+        "converted at load and split units widened to whole quantization blocks, and the collectives of one decode\n"
+        "token (allreduce / allgather counts) and the bytes they carry.",
     )
     model_args(p, devices="device spec, e.g. cpu-sim:4,mem=8GiB or cuda:0,1 (a backend not available here needs -ts)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -246,9 +257,10 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         description="Load MODEL split over --devices and measure, like llama-bench, prefill of a -p token prompt\n"
         "(test ppP) and decoding of -n tokens one at a time (test tgN), from random token ids, each after one\n"
         "warm-up and -r times in a fresh session.\n\n"
-        "columns: model = family and dtype; size = all weight bytes; params = parameter count; devices, split =\n"
-        "the device spec and ratios; test = ppP or tgN; t/s = tokens per second, mean ± sample std over the\n"
-        "repetitions; coll % = share of the measured time spent inside communicator calls (allreduce,\n"
+        "columns: model = family and compute dtype; weights = the formats weights are held in, most bytes first\n"
+        "(like llama-bench's type: q8_0+f32); size = all weight bytes as held; params = parameter count;\n"
+        "devices, split = the device spec and ratios; test = ppP or tgN; t/s = tokens per second, mean ± sample\n"
+        "std over the repetitions; coll % = share of the measured time spent inside communicator calls (allreduce,\n"
         "allgather). Below: per-device weights and KV cache (at --ctx) bytes.",
     )
     model_args(p, ctx="KV-cache length in tokens (default: max(-p, -n))")

@@ -67,7 +67,8 @@ def model_args(
         "--dtype",
         type=compute_dtype,
         metavar="{" + ",".join(COMPUTE_DTYPES) + "}",
-        help="compute dtype (default: the checkpoint's; quantized GGUF: float32)",
+        help="convert the weights to this float dtype (default: keep each as stored, F16/BF16/quantized "
+        "included; activations are float32)",
     )
     p.add_argument("-c", "--ctx-size", "--ctx", dest="ctx", type=positive_int, help=ctx)
     p.add_argument(

@@ -28,6 +28,11 @@ Sections (one test module each):
   softmax 1e-6, copies (copy, cast, embedding, reshape, transpose, slice, concat) 0 -- llama.cpp's test-backend-ops
   values; ``--tw-nmse matmul=1e-3`` overrides them. An op or dtype the backend's ``Capabilities`` leaves out is
   reported *not supported*, not failed.
+- **weight formats**: matmul, embedding and moe_ffn reading weights held as float32, float16, bfloat16 and the GGUF
+  quantization blocks tensorweave keeps (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K; random blocks, every bit
+  pattern) against core's reference kernels on the same weights converted to float32: matmul/moe_ffn within the
+  matmul NMSE, embedding within 1e-12. A format the backend's ``Capabilities.weight_formats`` leaves out is *not
+  supported* (the runtime converts such weights to float32 at load).
 - **collectives**: allreduce / reduce_scatter (sum, max, min), allgather (unequal lengths) and broadcast of the
   chosen communicator over the first 1..N devices, for float32/float16/bfloat16/float64/int32, against a float64
   numpy reference (sums within the final rounding plus float32 accumulation; max/min and integers exact; every
@@ -86,7 +91,13 @@ if TYPE_CHECKING:
     from ..core.communicator import Communicator
     from ..core.device import Backend, Device
 
-SECTIONS = {"device": "device", "ops": "ops", "collectives": "collectives", "end_to_end": "end to end"}
+SECTIONS = {
+    "device": "device",
+    "ops": "ops",
+    "weights": "weight formats",
+    "collectives": "collectives",
+    "end_to_end": "end to end",
+}
 OUTCOMES = ("passed", "failed", "not_supported", "xfailed", "xpassed", "skipped")
 NOT_SUPPORTED = "NOT_SUPPORTED: "  # prefix of the skip reason that marks a test not supported
 DEFAULT_WORLD_SIZE = 4  # 1..4 includes 3, the non-power-of-two size generic allreduces got wrong

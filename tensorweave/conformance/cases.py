@@ -498,3 +498,66 @@ def _model_path(p: Path) -> Path | None:
         if (d / "config.json").exists():
             return d
     return None
+
+
+# --- weight formats ------------------------------------------------------------------------------------------
+
+HELD_OPS = ("matmul", "embedding", "moe_ffn")  # the ops that take weights as held (OpDef.held)
+WEIGHT_FORMATS = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k", "q5_k", "q6_k")
+_SCALES = {"q8_0": 5e-4, "q4_0": 8e-3, "q4_1": 8e-3, "q5_0": 4e-3, "q5_1": 4e-3, "q4_k": 3e-4, "q5_k": 2e-4}
+
+
+def random_held(fmt: str, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
+    """A weight of logical ``shape`` as held in ``fmt``: floats ~N(0, 1/fan_in) in that dtype, or random blocks
+    whose float16 scales (and mins) keep the values that size (every bit pattern of the quants is exercised)."""
+    f = dtypes.FORMATS[fmt]
+    if not f.quantized:
+        return (rng.standard_normal(shape) / math.sqrt(shape[-1])).astype(f.dtype)
+    blocks = rng.integers(0, 256, (*shape[:-1], shape[-1] // f.block, f.block_bytes), dtype=np.uint8)
+
+    def half(v: float) -> np.ndarray:
+        return np.frombuffer(np.float16(v).tobytes(), np.uint8)
+
+    if fmt == "q6_k":
+        blocks[..., 208:210] = half(5e-5)
+    else:
+        blocks[..., 0:2] = half(_SCALES[fmt])
+        if fmt in ("q4_1", "q5_1", "q4_k", "q5_k"):
+            blocks[..., 2:4] = half(-0.06 if fmt.endswith("_1") else _SCALES[fmt])
+    return blocks.reshape(f.held_shape(shape))
+
+
+def weight_case(op: str, fmt: str, rng: np.random.Generator) -> tuple[Graph, dict[str, np.ndarray], dict[str, Any]]:
+    """Op ``op`` reading weights held in ``fmt`` (inner dimension two blocks): (graph with output "y", feeds, held
+    weights by name). The reference is the graph evaluated on those weights converted to float32."""
+    k = 2 * dtypes.FORMATS[fmt].block
+    g = Graph("float32", name=f"{op}-{fmt}")
+    shapes: dict[str, tuple[int, ...]]
+    if op == "matmul":
+        shapes = {"w": (5, k)}
+        y = g.matmul(g.input("x", (3, k), "float32"), g.weight("w", shapes["w"]))
+        feeds = {"x": rng.standard_normal((3, k)).astype(np.float32)}
+    elif op == "embedding":
+        shapes = {"table": (7, k)}
+        y = g.embedding(g.input("ids", (4,), "int32"), g.weight("table", shapes["table"]))
+        feeds = {"ids": np.array([6, 0, 3, 6], np.int32)}
+    else:
+        h, ff, e = k, k, 3
+        shapes = {"gate": (e, ff, h), "up": (e, ff, h), "down": (e, h, ff)}
+        x = g.input("x", (4, h), "float32")
+        route = g.topk_route(g.input("logits", (4, e), "float32"), k=2)
+        y = g.moe_ffn(x, route, *(g.weight(n, s) for n, s in shapes.items()))
+        feeds = {
+            "x": rng.standard_normal((4, h)).astype(np.float32),
+            "logits": rng.standard_normal((4, e)).astype(np.float32),
+        }
+    g.output("y", y)
+    return g, feeds, {n: random_held(fmt, s, rng) for n, s in shapes.items()}
+
+
+def as_float32(fmt: str, held: np.ndarray) -> np.ndarray:
+    """A held weight converted to float32 by core's reference (the truth the backend is held to)."""
+    from ..core.ops.weights import dequantize
+
+    f = dtypes.FORMATS[fmt]
+    return dequantize(np, held, f) if f.quantized else held.astype(np.float32)

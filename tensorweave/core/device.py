@@ -59,6 +59,9 @@ class Capabilities:
     dtypes: frozenset[str]
     ops: frozenset[str] | None = None
     op_dtypes: frozenset[tuple[str, str]] = frozenset()  # (op, dtype) pairs supported beyond ``dtypes``
+    # formats (core.dtypes.FORMATS names) its kernels take weights in, as held (see OpDef.held); a weight stored in
+    # another format is converted to the compute dtype once, at load
+    weight_formats: frozenset[str] = frozenset({"f32", "f64"})
 
     def supports(self, op: str, dtype: str) -> bool:
         return (dtype in self.dtypes and (self.ops is None or op in self.ops)) or (op, dtype) in self.op_dtypes

@@ -1,4 +1,5 @@
-"""The dtypes tensorweave moves between devices: float32, float16, bfloat16 (ml_dtypes), float64, int32.
+"""The dtypes tensorweave moves between devices: float32, float16, bfloat16 (ml_dtypes), float64, int32; and the
+formats weights are held in (``WeightFormat``: those floats, or GGUF quantization blocks as raw bytes).
 
 Everything is a numpy dtype underneath so host code, backends and communicators agree on one vocabulary.
 Reduced-precision floats accumulate in float32 and are rounded once at the end (never bf16 + bf16 chains).
@@ -6,6 +7,8 @@ Reduced-precision floats accumulate in float32 and are rounded once at the end (
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from typing import Any
 
 import ml_dtypes
@@ -124,3 +127,78 @@ def float64_to_float32_round_odd(xp: Any, x: Any) -> Any:
     f = x.astype(float32)
     f = xp.where(xp.abs(f.astype(float64)) > xp.abs(x), xp.nextafter(f, xp.float32(0)), f)  # truncate
     return (f.view(xp.uint32) | (f.astype(float64) != x).astype(xp.uint32)).view(float32)
+
+
+# --- weight storage formats ------------------------------------------------------------------------------------
+# A weight is computed with in float32 (the graph's compute dtype) but held on its device as it was stored: a
+# float array, or GGUF quantization blocks as raw bytes. Quantized rows are ggml's: the last (input-feature) axis
+# is cut into blocks of ``block`` values, each ``block_bytes`` bytes, so a device's part of a weight is a byte
+# array [..., blocks * block_bytes] and a split along the last axis must fall on block boundaries.
+
+
+@dataclass(frozen=True)
+class WeightFormat:
+    """How a weight is held: ``name`` (GGUF's type name, lower case), ``block`` values per ``block_bytes`` bytes
+    along the last axis; ``dtype`` is the array dtype it is held in (uint8 for quantization blocks)."""
+
+    name: str
+    block: int
+    block_bytes: int
+    dtype: np.dtype[Any]
+
+    @property
+    def quantized(self) -> bool:
+        return self.dtype == np.uint8
+
+    def held_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The array shape a weight of logical ``shape`` is held in (the last axis in bytes when quantized)."""
+        if not self.quantized:
+            return tuple(shape)
+        return (*shape[:-1], shape[-1] // self.block * self.block_bytes)
+
+    def held_index(self, index: tuple[slice, ...]) -> tuple[slice, ...]:
+        """A slice of the logical weight as a slice of its held array (the last axis in bytes, on block bounds)."""
+        if not self.quantized or not index:
+            return index
+        last = index[-1]
+        start, stop = last.start or 0, last.stop
+        if start % self.block or (stop is not None and stop % self.block) or last.step not in (None, 1):
+            raise ValueError(f"{self.name}: columns {start}:{stop} are not on {self.block}-value block boundaries")
+        b, n = self.block, self.block_bytes
+        return (*index[:-1], slice(start // b * n, None if stop is None else stop // b * n))
+
+    def nbytes(self, shape: tuple[int, ...]) -> int:
+        return math.prod(self.held_shape(shape)) * self.dtype.itemsize
+
+    def __repr__(self) -> str:
+        return f"<weight format {self.name}>"
+
+
+_U8 = np.dtype(np.uint8)
+# GGUF block layouts tensorweave keeps as stored: values per block, bytes per block (ggml's block_q8_0 ... block_q6_K)
+QUANT_BLOCKS = {"q8_0": (32, 34), "q4_0": (32, 18), "q4_1": (32, 20), "q5_0": (32, 22), "q5_1": (32, 24)}
+QUANT_BLOCKS.update({"q4_k": (256, 144), "q5_k": (256, 176), "q6_k": (256, 210)})
+FORMATS: dict[str, WeightFormat] = {
+    **{_SHORT[name(d)]: WeightFormat(_SHORT[name(d)], 1, d.itemsize, d) for d in (float32, float64, float16, bfloat16)},
+    **{q: WeightFormat(q, block, nbytes, _U8) for q, (block, nbytes) in QUANT_BLOCKS.items()},
+}
+STORAGE = frozenset(DTYPES.values()) | {_U8}  # array dtypes a device holds (uint8: quantization blocks)
+
+
+def weight_format(x: Any) -> WeightFormat:
+    """A format by name ("q8_0", "Q4_K", "bf16") or by float dtype (a dtype is held as itself)."""
+    if isinstance(x, WeightFormat):
+        return x
+    if isinstance(x, str) and x.lower() in FORMATS:
+        return FORMATS[x.lower()]
+    dt = to_dtype(x)
+    if dt == int32:
+        raise UnsupportedError("int32 cannot hold weights; weights are float32, float16, bfloat16 or float64")
+    return FORMATS[_SHORT[name(dt)]]
+
+
+def check_storage(dt: Any) -> np.dtype[Any]:
+    """``dt`` if a device may hold arrays of it (a DTYPES dtype, or uint8 quantization blocks), else
+    UnsupportedError."""
+    d = np.dtype(dt) if not isinstance(dt, np.dtype) else dt
+    return d if d in STORAGE else to_dtype(d)

@@ -32,6 +32,7 @@ from .communicator import Communicator
 from .device import Device, DeviceArray
 from .graph import Graph, Tensor
 from .ops import OPS, Shape
+from .ops.weights import Packed
 from .planner import Plan, plan
 from .plugins import open_communicator, open_devices
 from .sharding import Split, State, local_shape, local_slice, normalize_split
@@ -239,8 +240,11 @@ def _build_context(
     arenas: list[Any],
     ext_ids: list[int],
     ext: list[Any],
+    packed: Mapping[int, dtypes.WeightFormat] | None = None,
 ) -> tuple[_Context, list[Any]]:
     env: dict[int, Any] = dict(zip(ext_ids, ext, strict=True))
+    for v, fmt in (packed or {}).items():  # quantized weights reach kernels with their format and logical shape
+        env[v] = Packed(env[v], fmt, low.shapes[v])
     by_dtype = dict(zip(low.arenas, arenas, strict=True))
 
     def kernel(op: str) -> Callable[..., Any]:
@@ -324,6 +328,7 @@ class Executor:
         self.world_size: int = self.comm.world_size
         self.ratios = normalize_split(tensor_split, self.world_size)
         self.weights: dict[str, list[DeviceArray]] = {}
+        self.formats: dict[str, dtypes.WeightFormat] = {}  # how each weight is held (see load_weights)
         self.caches: dict[str, list[DeviceArray]] = {}
         self._specs: dict[str, Tensor] = {}
         self._compiled: OrderedDict[int, _Compiled] = OrderedDict()
@@ -344,16 +349,24 @@ class Executor:
         return twin
 
     def load_weights(
-        self, graph: Graph, source: WeightSource, progress: Callable[[str, int], None] | None = None
+        self,
+        graph: Graph,
+        source: WeightSource,
+        progress: Callable[[str, int], None] | None = None,
+        formats: Mapping[str, dtypes.WeightFormat] | None = None,
     ) -> None:
         """Place every weight ``graph`` declares: each device gets only its slice.
 
         ``source``: name -> array (anything numpy can index, e.g. a memmap), or a callable ``(name, index) ->
         array`` returning just ``array[index]``, so loaders never build a whole tensor they do not need.
         ``progress(name, nbytes)`` is called after each weight with its whole size (for a progress bar).
+        ``formats``: how a weight is held on the devices (default: its graph dtype). A float format converts what
+        the source gives; a quantized one takes the source's bytes [..., blocks * block_bytes] as they are (only
+        ops that declare ``OpDef.held`` for that input may read such a weight).
         """
         for name, t in graph.weights.items():
             state = t.placement(self.ratios)
+            fmt = (formats or {}).get(name) or dtypes.weight_format(t.dtype)
             parts = []
             for dev, rank in zip(self.devices, self.ranks, strict=True):
                 index = local_slice(t.shape, state, rank)
@@ -363,17 +376,24 @@ class Executor:
                     if name not in source:
                         raise ShapeError(f"no weight {name!r} ({t.shape} {t.dtype.name}) in the weights given")
                     whole = source[name]
-                    if tuple(whole.shape) != t.shape:
-                        raise ShapeError(f"weight {name!r} has shape {tuple(whole.shape)}, the model expects {t.shape}")
-                    host = np.asarray(whole[index])
-                want = local_shape(t.shape, state, rank)
-                if host.shape != want:
-                    raise ShapeError(f"weight {name!r}: the slice for rank {rank} has shape {host.shape}, not {want}")
-                parts.append(dev.from_host(np.ascontiguousarray(host, dtype=t.dtype)))
+                    if tuple(whole.shape) != fmt.held_shape(t.shape):
+                        raise ShapeError(
+                            f"weight {name!r} has shape {tuple(whole.shape)}, the model expects {t.shape} "
+                            f"held as {fmt.name} {fmt.held_shape(t.shape)}"
+                        )
+                    host = np.asarray(whole[fmt.held_index(index)])
+                want = fmt.held_shape(local_shape(t.shape, state, rank))
+                if host.shape != want or (fmt.quantized and host.dtype != fmt.dtype):
+                    raise ShapeError(
+                        f"weight {name!r}: the slice for rank {rank} is {host.shape} {host.dtype.name}, not {want} "
+                        f"as {fmt.name}"
+                    )
+                parts.append(dev.from_host(np.ascontiguousarray(host, dtype=fmt.dtype)))
             self.weights[name] = parts
+            self.formats[name] = fmt
             self._specs[name] = t
             if progress is not None:
-                progress(name, t.nbytes)
+                progress(name, fmt.nbytes(t.shape))
         self._compiled.clear()  # compiled programs hold the previous weight arrays
 
     def reset_caches(self) -> None:
@@ -470,7 +490,7 @@ class Executor:
         return comp
 
     def _build(self, graph: Graph) -> _Compiled:
-        p = plan(graph, self.world_size, self.ratios)
+        p = plan(graph, self.world_size, self.ratios, self.formats)
         for name, t in graph.weights.items():
             if name not in self.weights:
                 raise PlanError(f"weight {name!r} of graph {graph.name!r} is not loaded; call load_weights first")
@@ -488,8 +508,16 @@ class Executor:
             arenas = [dev.empty((n // dt.itemsize,), dt) for dt, n in low.arenas.items()]
             tables = (self.weights, self.caches)
             ext = [(ids[n], parts[j]) for table in tables for n, parts in table.items() if n in ids]
+            packed = {ids[n]: f for n, f in self.formats.items() if f.quantized and n in ids}
             ctx, views = dev.submit(
-                _build_context, dev.xp, dev.backend.kernels, low, arenas, [i for i, _ in ext], [a for _, a in ext]
+                _build_context,
+                dev.xp,
+                dev.backend.kernels,
+                low,
+                arenas,
+                [i for i, _ in ext],
+                [a for _, a in ext],
+                packed,
             ).result()
             comp.lowered.append(low)
             comp.contexts.append(ctx)

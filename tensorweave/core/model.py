@@ -159,7 +159,7 @@ class Checkpoint:
     path: Path
     family: ModelFamily
     config: Any
-    dtype: np.dtype[Any]  # the weights' own float dtype (quantized files: float32, what they dequantize to)
+    dtype: np.dtype[Any]  # the weights' main float dtype (quantized files: float32, what they dequantize to)
 
     def shape(self, name: str) -> tuple[int, ...] | None:
         """The shape of graph weight ``name`` in this checkpoint, or None when it holds no such weight."""
@@ -172,6 +172,16 @@ class Checkpoint:
     def read(self, name: str, index: tuple[slice, ...]) -> np.ndarray:
         """``weight[index]`` as a host array, reading no more of the file than the slice needs."""
         raise NotImplementedError
+
+    def format(self, name: str) -> str | None:
+        """The format graph weight ``name`` is stored in, when it can be held that way (a ``core.dtypes.FORMATS``
+        name: "f32", "bf16", "q8_0" ...); None: only ``read`` (floats) serves it."""
+        return None
+
+    def read_held(self, name: str, index: tuple[slice, ...]) -> np.ndarray:
+        """``weight[index]`` as stored in ``format(name)``: float arrays, or quantization blocks as bytes
+        [..., blocks * block_bytes] (a slice of the last axis must then fall on block boundaries)."""
+        return self.read(name, index)
 
     def describe(self, name: str) -> str:
         """Where graph weight ``name`` comes from, for error messages (override to name the file and the tensor's

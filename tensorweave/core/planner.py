@@ -18,6 +18,7 @@ multiply and the sum over experts. Weights are never gathered: using a split wei
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -104,7 +105,9 @@ class Plan:
     outputs: dict[str, int]
     programs: list[Program] = field(default_factory=list)
     collectives: list[Collective] = field(default_factory=list)
-    weight_bytes: list[int] = field(default_factory=list)  # per device
+    weight_bytes: list[int] = field(default_factory=list)  # per device, as held (16-bit, quantized blocks ...)
+    weight_formats: dict[str, int] = field(default_factory=dict)  # format name -> bytes over all devices
+    notes: list[str] = field(default_factory=list)  # what loading decided: conversions, split granularity
     cache_bytes: list[int] = field(default_factory=list)  # per device, the KV cache as preallocated (all ctx)
     state_bytes: list[int] = field(default_factory=list)  # per device, the part of cache_bytes in recurrent states
 
@@ -145,6 +148,14 @@ class Plan:
         for c in self.collectives:
             key = (c.kind, c.shape, c.dtype)
             groups[key] = groups.get(key, 0) + 1
+        if self.weight_formats:
+            total = sum(self.weight_formats.values()) or 1
+            mix = ", ".join(
+                f"{k} {format_bytes(b)} ({100 * b / total:.0f}%)"
+                for k, b in sorted(self.weight_formats.items(), key=lambda kv: -kv[1])
+            )
+            lines.append(f"weights as held, all devices: {mix}")
+        lines += [f"note: {n}" for n in self.notes]
         lines.append(f"collectives per step ({len(self.collectives)}):")
         for (kind, shape, dt), n in groups.items():
             nbytes = math.prod(shape) * dtypes.to_dtype(dt).itemsize
@@ -170,14 +181,19 @@ class Plan:
                 {"kind": c.kind, "value": c.value, "shape": list(c.shape), "dtype": c.dtype, "bytes": c.nbytes}
                 for c in self.collectives
             ],
+            "weight_formats": dict(self.weight_formats),
+            "notes": list(self.notes),
             "bytes_per_step": self.comm_bytes,
             "bytes_per_token": self.comm_bytes_per_token,
         }
 
 
 class _Planner:
-    def __init__(self, graph: Graph, ratios: tuple[float, ...]) -> None:
+    def __init__(
+        self, graph: Graph, ratios: tuple[float, ...], formats: Mapping[str, dtypes.WeightFormat] | None = None
+    ) -> None:
         self.graph, self.ratios, self.world = graph, ratios, len(ratios)
+        self.formats = formats or {}
         self.values: list[Value] = []
         self.steps: list[Step] = []
         self.memo: dict[tuple[int, State], int] = {}
@@ -270,7 +286,13 @@ class _Planner:
             if s.op in COLLECTIVES
         ]
         prog_bytes = [[math.prod(p.shapes[v.id]) * v.dtype.itemsize for v in self.values] for p in plan.programs]
-        plan.weight_bytes = [sum(b[v.id] for v in self.values if v.kind == "weight") for b in prog_bytes]
+        weights = [v for v in self.values if v.kind == "weight"]
+        for v in weights:
+            fmt = self.formats.get(v.name) or dtypes.weight_format(v.dtype)
+            for b, p in zip(prog_bytes, plan.programs, strict=True):
+                b[v.id] = fmt.nbytes(p.shapes[v.id])
+                plan.weight_formats[fmt.name] = plan.weight_formats.get(fmt.name, 0) + b[v.id]
+        plan.weight_bytes = [sum(b[v.id] for v in weights) for b in prog_bytes]
         caches = [v for v in self.values if v.kind == "cache"]
         plan.cache_bytes = [sum(b[v.id] for v in caches) for b in prog_bytes]
         states = [
@@ -302,9 +324,15 @@ class _Planner:
         return Program(rank, instrs, shapes)
 
 
-def plan(graph: Graph, world_size: int, tensor_split: Any = None) -> Plan:
-    """Split ``graph`` over ``world_size`` devices with ``tensor_split`` ratios (None or all zeros: even)."""
-    return _Planner(graph, normalize_split(tensor_split, world_size)).run()
+def plan(
+    graph: Graph,
+    world_size: int,
+    tensor_split: Any = None,
+    formats: Mapping[str, dtypes.WeightFormat] | None = None,
+) -> Plan:
+    """Split ``graph`` over ``world_size`` devices with ``tensor_split`` ratios (None or all zeros: even); weight
+    bytes count each weight in its held format (``formats``, default its graph dtype)."""
+    return _Planner(graph, normalize_split(tensor_split, world_size), formats).run()
 
 
 __all__ = ["PARTIAL", "Collective", "Instr", "Plan", "PlanError", "Program", "Step", "Value", "plan"]

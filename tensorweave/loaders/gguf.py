@@ -2,7 +2,9 @@
 
 The file is memory-mapped by ``gguf.GGUFReader``. A device's slice of a float tensor is a view; a quantized tensor
 (Q8_0, Q4_0, Q4_K, Q6_K and the rest ``gguf.quants`` can dequantize) is dequantized a bounded chunk of rows at a
-time, only over the rows the slice needs, so the whole tensor never exists in float. Generic over families: the
+time, only over the rows the slice needs, so the whole tensor never exists in float. ``read_held`` hands the same
+slice out as stored (F16/BF16 arrays, quantization blocks as bytes) for weights that stay in their format on the
+device. Generic over families: the
 architecture (and ``gguf_requires``) picks the family, whose ``gguf_naming`` maps the file's tensor names (by
 default the graph's own names plus ``.weight``) through loaders/names.py. Where the family says
 ``gguf_permuted_qk`` (llama), llama.cpp's converter interleaved the rows of each Q and K head (for ggml's "normal"
@@ -22,7 +24,7 @@ import numpy as np
 from ..core import dtypes
 from ..core.hookspecs import hookimpl
 from ..core.model import Checkpoint, Loader, ModelFamily
-from ..errors import ModelFormatError, UnsupportedError
+from ..errors import ModelFormatError, SplitError, UnsupportedError
 from . import validate
 from .names import MappedCheckpoint, map_names
 
@@ -63,6 +65,8 @@ class GGUFCheckpoint(MappedCheckpoint):
             fam.name,
             str(path),
             meta=meta,
+            held=self._read_held,
+            formats={n: t.tensor_type.name.lower() for n, t in self.tensors.items()},
         )
         self.mapped = mapped
         try:
@@ -103,6 +107,24 @@ class GGUFCheckpoint(MappedCheckpoint):
                 out[i : i + step] = dequantize(flat[i : i + step], qtype)[:, last]
             out = out.reshape(*rows.shape[:-1], width)
         if self.family.gguf_permuted_qk and name.endswith((".attn_q", ".attn_k", ".attn_q.bias", ".attn_k.bias")):
+            out = _unpermute(np.asarray(out), self.config.head_dim)
+        return np.asarray(out)
+
+    def _read_held(self, name: str, index: tuple[slice, ...]) -> np.ndarray:
+        """``tensor[index]`` as stored: a float view, or the quantization blocks of the slice as bytes."""
+        t = self.tensors[name]
+        fmt = dtypes.FORMATS.get(t.tensor_type.name.lower())
+        if fmt is None or not fmt.quantized:
+            return self._read_stored(name, index)
+        n_cols = int(t.shape[0])
+        start, stop, step = index[-1].indices(n_cols)
+        if step != 1 or start % fmt.block or (stop % fmt.block and stop != n_cols):
+            raise SplitError(
+                f"{self.path}: tensor {t.name!r} ({t.tensor_type.name}) cannot be cut at columns {start}:{stop}: "
+                f"not on its {fmt.block}-value block boundaries"
+            )
+        out = t.data[index[:-1]][..., start // fmt.block * fmt.block_bytes : stop // fmt.block * fmt.block_bytes]
+        if self.family.gguf_permuted_qk and name.endswith((".attn_q", ".attn_k")):
             out = _unpermute(np.asarray(out), self.config.head_dim)
         return np.asarray(out)
 

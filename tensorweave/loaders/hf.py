@@ -110,6 +110,12 @@ class HFCheckpoint(MappedCheckpoint):
             str(self.path),
             unused=("output",) if getattr(self.config, "tied", False) else (),
             check=check_float,
+            held=lambda hf, index: self._owner[hf].get(hf)[index],
+            formats={
+                hf: dtypes.weight_format(f.entries[hf][0]).name
+                for hf, f in self._owner.items()
+                if f.entries[hf][0] in FLOATS
+            },
         )
         self.mapped = mapped
 

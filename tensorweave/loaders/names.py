@@ -22,11 +22,14 @@ Reader = Callable[[str, tuple[slice, ...]], np.ndarray]  # (stored name, index) 
 
 @dataclass
 class Mapped:
-    """Graph weights found in a checkpoint: how to read each, its shape, and where it comes from (for messages)."""
+    """Graph weights found in a checkpoint: how to read each, its shape, and where it comes from (for messages);
+    ``held``: for weights that can stay as stored, their stored format and a reader of that form (see
+    ``Checkpoint.read_held``)."""
 
     sources: dict[str, Source] = field(default_factory=dict)
     shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     origin: dict[str, str] = field(default_factory=dict)
+    held: dict[str, tuple[str, Source]] = field(default_factory=dict)
 
     def add(self, name: str, shape: tuple[int, ...], source: Source, origin: str) -> None:
         if name in self.origin:
@@ -48,6 +51,14 @@ class MappedCheckpoint(Checkpoint):
     def read(self, name: str, index: tuple[slice, ...]) -> np.ndarray:
         return self.mapped.sources[name](index)
 
+    def format(self, name: str) -> str | None:
+        held = self.mapped.held.get(name)
+        return held[0] if held else None
+
+    def read_held(self, name: str, index: tuple[slice, ...]) -> np.ndarray:
+        held = self.mapped.held.get(name)
+        return held[1](index) if held else self.read(name, index)
+
     def describe(self, name: str) -> str:
         """Where graph weight ``name`` comes from: the file and the tensor's own name in it."""
         origin = self.mapped.origin.get(name)
@@ -68,11 +79,16 @@ def map_names(
     unused: Collection[str] = (),
     check: Callable[[str], None] = lambda name: None,
     meta: Mapping[str, Any] | None = None,
+    held: Reader | None = None,
+    formats: Mapping[str, str] = {},
 ) -> Mapped:
     """Map every stored tensor through ``naming``. ``describe(stored name)`` names a tensor in errors and ``where``
     the checkpoint; graph weights in ``unused`` (a tied model's redundant head) are dropped; ``check`` is called
     with every stored name that is used; ``meta`` (GGUF metadata) goes to ``Naming.shaped``. A stored name that
-    is neither matched nor ignored is a ``ModelFormatError``, unless the naming passes unmatched names through."""
+    is neither matched nor ignored is a ``ModelFormatError``, unless the naming passes unmatched names through.
+    ``held`` reads a stored tensor as it is stored (quantization blocks as bytes) and ``formats`` gives each stored
+    name's format: a graph weight that is a plain stored tensor, a cut of one, or a stack of same-format experts
+    keeps that form (``Mapped.held``); one that is transformed, squeezed or shifted is read as floats only."""
 
     def keyed(name: str) -> str:
         return next((new + name[len(old) :] for old, new in naming.prefixes.items() if name.startswith(old)), name)
@@ -112,6 +128,9 @@ def map_names(
             if graph not in unused:
                 derived_shape, source = _derive(d, tuple(shape), _reading(read, name))
                 out.add(graph, derived_shape, _shifted(source, naming.norm_shift, graph), describe(name))
+                plain = d.transform is None and d.squeeze is None and not (naming.norm_shift and graph.endswith("norm"))
+                if held is not None and name in formats and plain:
+                    out.held[graph] = (formats[name], _derive(d, tuple(shape), _reading(held, name))[1])
     for graph, (pattern, groups, by_expert) in experts.items():
         names = [by_expert.get(e, "") for e in range(max(by_expert) + 1)]
         if "" in names:
@@ -124,6 +143,9 @@ def map_names(
         parts = [_reading(read, n) for n in names]
         origin = f"{where}: tensors {pattern.format(**{**groups, 'E': '*'})!r}"
         out.add(graph, (len(names), *first), _shifted(_stacked(parts), naming.norm_shift, graph), origin)
+        kinds = {formats.get(n) for n in names}
+        if held is not None and len(kinds) == 1 and None not in kinds and not graph.endswith("norm"):
+            out.held[graph] = (formats[names[0]], _stacked([_reading(held, n) for n in names]))
     return out
 
 

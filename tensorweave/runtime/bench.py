@@ -32,6 +32,7 @@ from ..core.graph import Graph
 from ..core.planner import Plan, plan
 from ..core.plugins import open_devices
 from ..errors import BackendUnavailableError
+from . import formats as weight_formats
 from .model import check_weights, config_errors, open_checkpoint, runtime_config
 
 if TYPE_CHECKING:
@@ -126,6 +127,7 @@ class ModelPlan:
     plan: Plan  # the planner's plan of one decode step (tokens=1)
     trained_ctx: int = 0  # the context the model was trained for (config); ctx beyond it runs, degraded
     host: HostMemory | None = None  # the host memory devices share (cpu-sim), when some do
+    formats: dict[str, int] = field(default_factory=dict)  # held format -> bytes of the model's weights in it
 
     @property
     def tensor_split(self) -> tuple[float, ...]:
@@ -133,7 +135,8 @@ class ModelPlan:
 
     @property
     def weight_bytes(self) -> int:
-        return sum(t.nbytes for t in self.plan.graph.weights.values())
+        """The model's weights as held on the devices (each weight once; 16-bit and quantized as stored)."""
+        return sum(self.formats.values())
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -144,6 +147,8 @@ class ModelPlan:
             "trained_ctx": self.trained_ctx,
             "params": self.params,
             "weight_bytes": self.weight_bytes,
+            "weight_formats": self.formats,
+            "notes": self.plan.notes,
             "world_size": self.plan.world_size,
             "host": None if self.host is None else self.host.to_dict(),
             "tensor_split": list(self.tensor_split),
@@ -188,7 +193,9 @@ def plan_model(
         with config_errors(ckpt):
             g = ckpt.family.build(config, 1)
         check_weights(ckpt, g)
-        p = plan(g, world, tensor_split)
+        held, _, notes = weight_formats.prepare(ckpt, g, devs or [], world, dtype)
+        p = plan(g, world, tensor_split, held)
+        p.notes = notes
         rows = device_memory(p, devs)
         return ModelPlan(
             str(ckpt.path),
@@ -198,8 +205,9 @@ def plan_model(
             _params(g),
             rows,
             p,
-            ckpt.config.ctx,
-            host_memory(rows, devs),
+            trained_ctx=ckpt.config.ctx,
+            host=host_memory(rows, devs),
+            formats=weight_formats.mix(held, g),
         )
     finally:
         ckpt.close()
@@ -260,12 +268,20 @@ class BenchResult:
     devices: list[DeviceMemory]
     tensor_split: tuple[float, ...]
     tests: list[TestResult]
+    formats: dict[str, int] = field(default_factory=dict)  # held format -> bytes of the model's weights in it
+
+    @property
+    def weight_format(self) -> str:
+        """The format mix in llama-bench's "type" spirit: the formats by share of bytes, "q8_0+f32"."""
+        return "+".join(self.formats) or self.dtype
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "model": self.model,
             "family": self.family,
             "dtype": self.dtype,
+            "weight_format": self.weight_format,
+            "weight_formats": self.formats,
             "ctx": self.ctx,
             "params": self.params,
             "weight_bytes": self.weight_bytes,
@@ -301,10 +317,11 @@ def bench(model: Model, n_prompt: int = 512, n_gen: int = 128, repetitions: int 
         model.config.dtype,
         model.config.ctx,
         _params(p.graph),
-        sum(t.nbytes for t in p.graph.weights.values()),
+        sum(model.formats[n].nbytes(t.shape) for n, t in p.graph.weights.items()),
         device_memory(p, devices),
         p.ratios,
         tests,
+        weight_formats.mix(model.formats, p.graph),
     )
 
 

@@ -26,6 +26,7 @@ from ..core.model import Checkpoint
 from ..core.planner import Plan
 from ..core.plugins import registry
 from ..errors import ModelFormatError, ShapeError, UnsupportedError
+from . import formats
 from .session import Generation, Session, TextStream
 from .state import read as read_state
 
@@ -49,12 +50,18 @@ class Model:
         self.family = checkpoint.family
         self.config = runtime_config(checkpoint, dtype, ctx)
         self.executor = Executor(devices, communicator, tensor_split)
+        self.units: dict[str, int] = {}  # split groups widened to whole quantization blocks (runtime/formats.py)
         self.graphs = GraphCache(self._build, maxsize=8)
         with config_errors(checkpoint):
             g = self.graphs(tokens=1)
         check_weights(checkpoint, g)
-        with _progress_bar(sum(t.nbytes for t in g.weights.values()), progress, checkpoint.path.name) as bar:
-            self.executor.load_weights(g, checkpoint.read, lambda _name, n: bar.update(n))
+        world = self.executor.world_size
+        self.formats, self.units, self.notes = formats.prepare(checkpoint, g, self.executor.devices, world, dtype)
+        total = sum(self.formats[n].nbytes(t.shape) for n, t in g.weights.items())
+        with _progress_bar(total, progress, checkpoint.path.name) as bar:
+            self.executor.load_weights(
+                g, formats.read_as(checkpoint, self.formats), lambda _name, n: bar.update(n), self.formats
+            )
         self.tokenizer = checkpoint.tokenizer()
         self.active: Session | None = None  # the session whose tokens the KV caches hold
         # held while a session checks that it is ``active``, takes the caches over or runs the executor: those are
@@ -65,8 +72,10 @@ class Model:
         """The family's graph of one step: ``graphs(tokens=n)`` has every token's logits, ``graphs(tokens=n,
         n_logits=k)`` the last k tokens' only (families that never get k < n need not take the argument)."""
         if n_logits is None:
-            return self.family.build(self.config, tokens)
-        return self.family.build(self.config, tokens, n_logits)
+            g = self.family.build(self.config, tokens)
+        else:
+            g = self.family.build(self.config, tokens, n_logits)
+        return formats.apply_groups(g, self.units)
 
     @property
     def vocab(self) -> int:
@@ -79,8 +88,12 @@ class Model:
 
     @property
     def plan(self) -> Plan:
-        """The plan of one decode step: per-device weight and KV bytes, collectives and bytes moved per token."""
-        return self.executor.plan(self.graphs(tokens=1))
+        """The plan of one decode step: per-device weight bytes as held and their format mix, KV bytes, collectives
+        and bytes moved per token, and notes on weights converted at load and split units widened to whole
+        quantization blocks."""
+        p = self.executor.plan(self.graphs(tokens=1))
+        p.notes = list(self.notes)
+        return p
 
     def session(self) -> Session:
         return Session(self)
@@ -129,7 +142,8 @@ class Model:
     def __repr__(self) -> str:
         return (
             f"<Model {self.family.name} {self.checkpoint.path.name} on {self.executor.world_size} device(s) "
-            f"{self.config.dtype}, ctx {self.config.ctx}>"
+            f"{self.config.dtype}, weights {'+'.join(sorted({f.name for f in self.formats.values()}))}, "
+            f"ctx {self.config.ctx}>"
         )
 
 
@@ -145,8 +159,10 @@ def load(
 ) -> Model:
     """Open a Hugging Face model directory or a .gguf file and place it on ``devices`` split by ``tensor_split``.
 
-    ``dtype``: the compute and storage dtype (None: the checkpoint's own float dtype; quantized GGUF weights are
-    dequantized to float32). ``ctx``: KV-cache length in tokens (None: the model's maximum, at most 4096).
+    ``dtype``: convert the weights to this float dtype (None: keep each weight as stored: float32, float16,
+    bfloat16 or GGUF quantization blocks, where the devices' backend takes that format; see runtime/formats.py).
+    Activations and the KV cache are float32 (float64 with ``dtype="float64"``). ``ctx``: KV-cache length in
+    tokens (None: the model's maximum, at most 4096).
     ``progress``: a progress bar on stderr (None: only when stderr is a terminal).
     """
     ckpt = open_checkpoint(path)
@@ -176,12 +192,10 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
 
 
 def runtime_config(checkpoint: Checkpoint, dtype: Any = None, ctx: int | None = None) -> Any:
-    """The checkpoint's config with the dtype and KV-cache length a model runs with (see ``load``)."""
-    dt = checkpoint.dtype if dtype is None else dtypes.to_dtype(dtype)
-    if not dtypes.is_float(dt):
-        floats = ", ".join(n for n in dtypes.DTYPES if dtypes.is_float(n))
-        raise UnsupportedError(f"dtype {dtypes.name(dt)}: a model computes in a float dtype ({floats})")
+    """The checkpoint's config with the compute dtype and KV-cache length a model runs with (see ``load``)."""
+    formats.requested_format(dtype)  # an impossible dtype is refused before anything else
     cfg = checkpoint.config
+    dt = formats.compute_dtype(checkpoint, dtype)
     return replace(cfg, ctx=int(ctx or min(cfg.ctx, DEFAULT_CTX)), dtype=dtypes.name(dt))
 
 

@@ -1,5 +1,6 @@
 """Linear algebra ops: ``matmul`` (x @ W^T, column- or row-parallel by the weight's split) and ``embedding``
-(a table lookup that also works on a vocabulary-split table, giving partial rows)."""
+(a table lookup that also works on a vocabulary-split table, giving partial rows). Both take their weight as it is
+held (a float array, or a quantized ``Packed``; see weights.py) and compute in float32."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from .. import dtypes
 from ..sharding import PARTIAL, REPLICATED, Partial, Split, State
 from .elementwise import _acc, on_host
 from .registry import Meta, OpDef, Shape, _need, register
+from .weights import is_narrow, linear, take_rows
 
 
 def _infer_matmul(metas: list[Meta], attrs: dict[str, Any]) -> Meta:
@@ -20,7 +22,9 @@ def _infer_matmul(metas: list[Meta], attrs: dict[str, Any]) -> Meta:
 
 
 def _k_matmul(xp: Any, out: Any, x: Any, w: Any) -> None:
-    if x.dtype == w.dtype == out.dtype and out.dtype in (dtypes.float32, dtypes.float64):
+    if is_narrow(w):  # 16-bit or quantized: converted a block of rows at a time, never whole
+        linear(xp, x, w, out)
+    elif x.dtype == w.dtype == out.dtype and out.dtype in (dtypes.float32, dtypes.float64):
         xp.matmul(x, w.T, out=out)
     else:
         out[...] = xp.matmul(_acc(x), _acc(w).T)
@@ -56,7 +60,7 @@ def _k_embedding(xp: Any, out: Any, ids: Any, table: Any, *, offset: int = 0, vo
     if on_host(ids) and ids.size and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
         raise ShapeError(f"embedding: token ids must be in 0..{vocab - 1}, got {int(ids.min())}..{int(ids.max())}")
     if table.shape[0] == vocab:
-        out[...] = table[ids]
+        out[...] = take_rows(xp, table, ids) if is_narrow(table) else table[ids]
         return
     if table.shape[0] == 0:  # a device may hold no vocabulary rows
         out[...] = 0
@@ -64,7 +68,8 @@ def _k_embedding(xp: Any, out: Any, ids: Any, table: Any, *, offset: int = 0, vo
     local = ids - offset
     mine = (local >= 0) & (local < table.shape[0])
     # where() rather than out[mine] = ...: boolean indexing sizes its result from the data, a host round trip on GPUs
-    out[...] = xp.where(mine[:, None], table[xp.clip(local, 0, table.shape[0] - 1)], 0)
+    rows = xp.clip(local, 0, table.shape[0] - 1)
+    out[...] = xp.where(mine[:, None], take_rows(xp, table, rows) if is_narrow(table) else table[rows], 0)
 
 
 def _rule_embedding(
@@ -85,7 +90,9 @@ def _localize_embedding(
     return {**attrs, "offset": sum(table.sizes[:rank]), "vocab": shapes[1][0]}
 
 
-register(OpDef("matmul", _infer_matmul, _k_matmul, _rule_matmul, arity=(2, 2), doc="x @ W^T, W is [out, in]"))
+register(
+    OpDef("matmul", _infer_matmul, _k_matmul, _rule_matmul, arity=(2, 2), doc="x @ W^T, W is [out, in]", held=(1,))
+)
 register(
     OpDef(
         "embedding",
@@ -96,5 +103,6 @@ register(
         doc="table[ids]",
         localize=_localize_embedding,
         attrs={"offset": 0, "vocab": 0},  # set by the planner on a device holding part of the vocabulary
+        held=(1,),
     )
 )

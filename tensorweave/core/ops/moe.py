@@ -3,6 +3,7 @@ gated expert FFNs, split along the experts' hidden size into partial sums that a
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -11,6 +12,7 @@ from .. import dtypes
 from ..sharding import PARTIAL, REPLICATED, Split, State
 from .elementwise import ACTIVATIONS, _acc, _replicated, sigmoid, softmax
 from .registry import REQUIRED, Meta, OpDef, Shape, _need, register
+from .weights import matmul_t
 
 
 def _infer_topk(metas: list[Meta], attrs: dict[str, Any]) -> Meta:
@@ -48,19 +50,28 @@ def _infer_moe(metas: list[Meta], attrs: dict[str, Any]) -> Meta:
     return xs, xd
 
 
-def _k_moe(xp: Any, out: Any, x: Any, route: Any, gate: Any, up: Any, down: Any, *, act: str = "silu") -> None:
-    """sum over experts e of route[:, e] * down_e(act(gate_e x) * up_e x), only for the tokens routed to e."""
-    fn = ACTIVATIONS[act]
-    acc = xp.zeros(out.shape, dtypes.accumulator(out.dtype))
-    xa = _acc(x)
-    for e in range(route.shape[1]):
-        rows = xp.nonzero(route[:, e])[0]
-        if rows.shape[0] == 0:
-            continue
-        xe = xa[rows]
-        h = fn(xp, xe @ _acc(gate[e]).T) * (xe @ _acc(up[e]).T)
-        acc[rows] += _acc(route[rows, e])[:, None] * (h @ _acc(down[e]).T)
-    out[...] = acc
+def moe_kernel(mm: Callable[[Any, Any, Any], Any]) -> Callable[..., None]:
+    """The moe_ffn kernel over ``mm(xp, x, w) -> x @ W^T`` (float32), which takes a weight as held: a backend with a
+    faster matmul for 16-bit or quantized weights builds its moe_ffn from it."""
+
+    def kernel(xp: Any, out: Any, x: Any, route: Any, gate: Any, up: Any, down: Any, *, act: str = "silu") -> None:
+        """sum over experts e of route[:, e] * down_e(act(gate_e x) * up_e x), only for the tokens routed to e."""
+        fn = ACTIVATIONS[act]
+        acc = xp.zeros(out.shape, dtypes.accumulator(out.dtype))
+        xa = _acc(x)
+        for e in range(route.shape[1]):
+            rows = xp.nonzero(route[:, e])[0]
+            if rows.shape[0] == 0:
+                continue
+            xe = xa[rows]
+            h = fn(xp, mm(xp, xe, gate[e])) * mm(xp, xe, up[e])
+            acc[rows] += _acc(route[rows, e])[:, None] * mm(xp, h, down[e])
+        out[...] = acc
+
+    return kernel
+
+
+_k_moe = moe_kernel(matmul_t)
 
 
 def _rule_moe(ins: list[State], shapes: list[Shape], out: Shape, attrs: dict[str, Any]) -> tuple[list[State], State]:
@@ -82,6 +93,13 @@ register(
 )
 register(
     OpDef(
-        "moe_ffn", _infer_moe, _k_moe, _rule_moe, arity=(5, 5), doc="routed sum of expert FFNs", attrs={"act": "silu"}
+        "moe_ffn",
+        _infer_moe,
+        _k_moe,
+        _rule_moe,
+        arity=(5, 5),
+        doc="routed sum of expert FFNs",
+        attrs={"act": "silu"},
+        held=(2, 3, 4),
     )
 )

@@ -44,6 +44,9 @@ class OpDef:
     localize: Localize | None = None  # attrs that depend on the device's part (reshape targets, slice offsets)
     # attribute name -> the kernel's default (REQUIRED: none); a node giving any other name is refused
     attrs: Mapping[str, Any] = field(default_factory=dict, compare=False)
+    # input positions whose kernel takes a weight as held (16-bit array or quantized ``weights.Packed``) and
+    # computes in float32; a weight any other op reads is converted to the compute dtype at load
+    held: tuple[int, ...] = ()
 
 
 OPS: dict[str, OpDef] = {}
