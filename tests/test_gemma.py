@@ -219,3 +219,21 @@ def test_settings_gemma_cannot_run_are_refused_naming_the_file(
     with pytest.raises(tw.errors.UnsupportedError, match=message) as e:
         tw.load(tmp_path)
     assert str(tmp_path) in str(e.value)
+
+
+def test_family_turn_format_fills_in_only_where_the_file_has_no_template() -> None:
+    from tensorweave.models.gemma3 import Gemma3
+    from tensorweave.runtime.model import with_family_defaults
+
+    tok = tw.load(FIXTURES / "gemma3" / "hf", progress=False).tokenizer
+    own, eos = tok.chat_template, tok.eos_ids
+    assert own is not None and with_family_defaults(tok, Gemma3()).chat_template == own  # the file's own wins
+    tok.chat_template = None
+    with_family_defaults(tok, Gemma3())
+    msgs = [{"role": "user", "content": " Hi "}, {"role": "assistant", "content": "Yo"}]
+    bos = tok.special_tokens["bos_token"]
+    assert (
+        tok.apply_chat_template(msgs, add_generation_prompt=False)
+        == f"{bos}<start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\nYo<end_of_turn>\n"
+    )
+    assert tok.eos_ids == eos  # <end_of_turn> is not in the fixture's vocabulary: nothing added

@@ -61,3 +61,15 @@ def test_run_command_prints_what_transformers_prints_greedily() -> None:
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == case["greedy_text"] + "\n"
+
+
+def test_a_file_without_a_chat_template_chats_in_gemma_turns_and_stops_at_end_of_turn(checkpoint: Checkpoint) -> None:
+    """The 270M file has no tokenizer.chat_template and names only <eos>: the family's turn format and
+    <end_of_turn> (what llama.cpp also counts as an end of generation) fill in."""
+    model = Model(checkpoint, "cpu-sim", ctx=CTX, progress=False)
+    tok = model.tokenizer
+    assert tok.token_to_id("<end_of_turn>") in tok.eos_ids and tok.token_to_id("<eos>") in tok.eos_ids
+    text = tok.apply_chat_template(
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}], add_generation_prompt=True
+    )
+    assert text == "<bos><start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n<start_of_turn>model\n"

@@ -133,6 +133,10 @@ class ModelFamily:
     hf_naming: Naming = LLAMA_HF
     gguf_naming: Naming = GGUF_NAMES
     reasoning_tags: tuple[str, str] | None = None  # thinking start/end tags the family's chat models emit
+    # The family's turn format, for a checkpoint that carries no chat template (many GGUF conversions of base
+    # models), and the tokens that end a turn besides EOS (llama.cpp counts e.g. <end_of_turn> as end of generation).
+    chat_template: str | None = None
+    end_of_turn: tuple[str, ...] = ()
 
     def config_from_hf(self, config: dict[str, Any]) -> Any:
         """config.json (as a dict) -> this family's config; raise UnsupportedError for settings it cannot run."""

@@ -114,10 +114,26 @@ GEMMA_HF_NAMES: dict[str, Target] = {
 }
 
 
+# Gemma's turn format, for files without a template: BOS, then <start_of_turn>ROLE ... <end_of_turn> per message
+# (the assistant's role is "model"; a system message opens the first user turn, as Gemma has no system role).
+GEMMA_TURNS = (
+    "{{- bos_token -}}"
+    "{%- set system = messages[0]['content'] | trim + '\n\n' if messages and messages[0]['role'] == 'system' "
+    "else '' -%}"
+    "{%- for m in messages if m['role'] != 'system' -%}"
+    "{{- '<start_of_turn>' + ('model' if m['role'] == 'assistant' else m['role']) + '\n' -}}"
+    "{{- (system if loop.first else '') + m['content'] | trim + '<end_of_turn>\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<start_of_turn>model\n' -}}{%- endif -%}"
+)
+
+
 class Gemma3(ModelFamily):
     name = "gemma3"
     hf_model_types: tuple[str, ...] = ("gemma3_text", "gemma3")
     gguf_architectures: tuple[str, ...] = ("gemma3",)
+    chat_template = GEMMA_TURNS
+    end_of_turn = ("<end_of_turn>",)
     hf_naming = Naming(
         GEMMA_HF_NAMES,
         # transformers 5 keeps the language model under model.language_model.; published gemma3 checkpoints under

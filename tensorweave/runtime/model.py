@@ -22,7 +22,7 @@ from ..core.communicator import Communicator
 from ..core.device import Device
 from ..core.executor import Executor
 from ..core.graph import Graph, GraphCache, Tensor
-from ..core.model import Checkpoint
+from ..core.model import Checkpoint, ModelFamily
 from ..core.planner import Plan
 from ..core.plugins import registry
 from ..errors import ModelFormatError, ShapeError, UnsupportedError
@@ -62,7 +62,7 @@ class Model:
             self.executor.load_weights(
                 g, formats.read_as(checkpoint, self.formats), lambda _name, n: bar.update(n), self.formats
             )
-        self.tokenizer = checkpoint.tokenizer()
+        self.tokenizer = with_family_defaults(checkpoint.tokenizer(), checkpoint.family)
         self.active: Session | None = None  # the session whose tokens the KV caches hold
         # held while a session checks that it is ``active``, takes the caches over or runs the executor: those are
         # one step, so two threads with a session each get right results or StateError, never each other's cache
@@ -171,6 +171,18 @@ def load(
     except BaseException:
         ckpt.close()
         raise
+
+
+def with_family_defaults(tokenizer: Any, family: ModelFamily) -> Any:
+    """The checkpoint's tokenizer, given the family's chat template where the file has none and the family's
+    end-of-turn tokens (those in the vocabulary) as ends of generation."""
+    if tokenizer is None:
+        return None
+    if tokenizer.chat_template is None:
+        tokenizer.chat_template = family.chat_template
+    ends = [i for i in map(tokenizer.token_to_id, family.end_of_turn) if i is not None]
+    tokenizer.eos_ids = tuple(dict.fromkeys((*tokenizer.eos_ids, *ends)))
+    return tokenizer
 
 
 def open_checkpoint(path: str | Path) -> Checkpoint:
