@@ -29,8 +29,9 @@ With two threads on the loaded machine OpenBLAS's spinning pool collapses (F32 t
 kernels, whose OpenMP threads wait passively, keep F16/BF16/Q8_0 decode at 38-42 t/s (6-7x F32 then); prompts
 with 16-bit weights go through BLAS too and collapse with it. Use --threads 1 for steady ratios on a busy machine.
 Decode with one thread is compute-bound in the kernels (int8/16-bit to float32 conversion per weight, no integer
-dot products, unlike llama.cpp, which also quantizes the activations); Q4_K and Q6_K decode but prompts use the
-reference's numpy dequantization.
+dot products, unlike llama.cpp, which also quantizes the activations). Prompts convert a chunk of rows at a time
+(compiled for every format) and multiply with BLAS; that took the Q4_K_M prompt from 185 to 424 t/s (0.32x to
+0.73x F32, --threads 2, quiet machine).
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""cpu-sim's fast kernels for weights held narrow (float16, bfloat16, Q8_0; for decode also Q4_0/1, Q5_0/1 and
-the K-quants llama.cpp's mixes are made of), compiled with numba.
+"""cpu-sim's fast kernels for weights held narrow (float16, bfloat16, Q8_0, Q4_0/1, Q5_0/1 and the K-quants
+llama.cpp's mixes are made of), compiled with numba.
 
 Decode multiplies a few activation rows by a whole weight: memory-bound, so the win is reading 2 (16-bit) or 1.06
 (Q8_0) bytes per weight instead of float32's 4. numba compiles loops that convert in registers and accumulate in
@@ -11,9 +11,11 @@ a [8192, 2048] weight times one row, medians): float32 BLAS 3.6 ms, float16 2.5 
 against the reference's numpy conversions at 10-25x that; numba's float16 by bit tricks was 8 ms, a lookup table
 7 ms.
 
-Prompts with weights in Q4_0/1, Q5_0/1 and the K-quants use core's reference (``ops.weights``), which converts a
-block of rows at a time with numpy. Everything is checked against the reference in
-tests/test_weight_formats.py. Without numba installed the backend runs the reference kernels alone.
+Every format has both: a fused decode kernel and a conversion of rows for prompts (Q4_0/1, Q5_0/1 and the
+K-quants convert through the per-block helpers ``_q45_block``, ``_qk_block``, ``_q6k_block``; Q6_K's decode shares
+its helper, the others keep fused loops that fold the minimum into one sum per sub-block). Everything is checked
+against core's reference (``ops.weights``) in tests/test_weight_formats.py. Without numba installed the backend
+runs the reference kernels alone.
 """
 
 from __future__ import annotations
@@ -144,6 +146,64 @@ if numba is not None:
         sc = (s[j + 4] & 0xF) | ((s[j - 4] >> 6) << 4)
         return np.float32(sc), np.float32((s[j + 4] >> 4) | ((s[j] >> 6) << 4))
 
+    @njit(cache=True, inline="always")
+    def _qk_block(blk: Any, five: bool, vals: Any) -> None:  # one Q4_K/Q5_K block -> 256 float32 values
+        d, dmin = _f16_at(blk, 0), _f16_at(blk, 2)
+        for j in range(8):  # as _QK_FEW: sub-block j, nibbles (j % 2) of qs bytes 32 * (j // 2) ..
+            sc, m = _scale_min_k4(blk[4:16], j)
+            base, shift = (48 if five else 16) + 32 * (j // 2), 4 * (j % 2)
+            scale, low = d * sc, dmin * m
+            for lane in range(32):
+                q = _bits(blk[base + lane], shift, 15)
+                if five:
+                    q += 16 * _bits(blk[16 + lane], j, 1)
+                vals[32 * j + lane] = scale * q - low
+
+    @njit(cache=True, inline="always")
+    def _q45_block(blk: Any, five: bool, with_min: bool, vals: Any) -> None:  # Q4_0/Q4_1/Q5_0/Q5_1 -> 32 values
+        d = _f16_at(blk, 0)
+        c = _f16_at(blk, 2) if with_min else -d * np.float32(16.0 if five else 8.0)
+        qs_at, qh_at = (4 if with_min else 2) + (4 if five else 0), 4 if with_min else 2
+        for lane in range(16):
+            lo, hi = _bits(blk[qs_at + lane], 0, 15), _bits(blk[qs_at + lane], 4, 15)
+            if five:
+                lo += 16 * _bits(blk[qh_at + lane // 8], lane % 8, 1)
+                hi += 16 * _bits(blk[qh_at + 2 + lane // 8], lane % 8, 1)
+            vals[lane], vals[lane + 16] = d * lo + c, d * hi + c
+
+    @njit(cache=True, inline="always")
+    def _q6k_block(blk: Any, vals: Any) -> None:  # one Q6_K block (210 bytes) -> 256 float32 values
+        d = _f16_at(blk, 208)
+        for half in range(2):  # values 128 half + 32 g + l, g = 0..3, from ql[l], ql[l + 32], qh[l]
+            for h in range(2):  # a scale per 16 values
+                sc = 192 + 8 * half + h
+                s0 = d * np.float32(np.int8(blk[sc]))
+                s1 = d * np.float32(np.int8(blk[sc + 2]))
+                s2 = d * np.float32(np.int8(blk[sc + 4]))
+                s3 = d * np.float32(np.int8(blk[sc + 6]))
+                for l in range(16 * h, 16 * h + 16):
+                    ql0, ql1, qh = blk[64 * half + l], blk[64 * half + 32 + l], blk[128 + 32 * half + l]
+                    at = 128 * half + l
+                    vals[at] = s0 * (_bits(ql0, 0, 15) + 16 * _bits(qh, 0, 3) - 32)
+                    vals[at + 32] = s1 * (_bits(ql1, 0, 15) + 16 * _bits(qh, 2, 3) - 32)
+                    vals[at + 64] = s2 * (_bits(ql0, 4, 15) + 16 * _bits(qh, 4, 3) - 32)
+                    vals[at + 96] = s3 * (_bits(ql1, 4, 15) + 16 * _bits(qh, 6, 3) - 32)
+
+    @njit(parallel=True, cache=True, nogil=True)
+    def _BLOCK_ROWS(data: Any, kind: int, size: int, five: bool, with_min: bool, out: Any) -> None:
+        """Rows of Q4_0/1, Q5_0/1 (kind 0, 32 values a block), Q4_K/Q5_K (kind 1) or Q6_K (kind 2, 256 values) as
+        float32, for prompts (converted a chunk of rows at a time, then BLAS)."""
+        per = 32 if kind == 0 else 256
+        for n in prange(data.shape[0]):
+            for b in range(data.shape[1] // size):
+                blk, vals = data[n, b * size : b * size + size], out[n, b * per : b * per + per]
+                if kind == 0:
+                    _q45_block(blk, five, with_min, vals)
+                elif kind == 1:
+                    _qk_block(blk, five, vals)
+                else:
+                    _q6k_block(blk, vals)
+
     @njit(parallel=True, fastmath=True, cache=True, nogil=True)
     def _QK_FEW(x: Any, data: Any, five: bool, out: Any) -> None:  # Q4_K (144-byte blocks) or Q5_K (176)
         size = 176 if five else 144
@@ -207,22 +267,7 @@ if numba is not None:
             vals = np.empty(256, np.float32)  # one block as float32, then dotted with every token's slice
             acc = np.zeros(x.shape[0], np.float32)
             for b in range(nb):
-                blk = data[n, b * 210 : b * 210 + 210]
-                d = _f16_at(blk, 208)
-                for half in range(2):  # values 128 half + 32 g + l, g = 0..3, from ql[l], ql[l + 32], qh[l]
-                    for h in range(2):  # a scale per 16 values
-                        sc = 192 + 8 * half + h
-                        s0 = d * np.float32(np.int8(blk[sc]))
-                        s1 = d * np.float32(np.int8(blk[sc + 2]))
-                        s2 = d * np.float32(np.int8(blk[sc + 4]))
-                        s3 = d * np.float32(np.int8(blk[sc + 6]))
-                        for l in range(16 * h, 16 * h + 16):
-                            ql0, ql1, qh = blk[64 * half + l], blk[64 * half + 32 + l], blk[128 + 32 * half + l]
-                            at = 128 * half + l
-                            vals[at] = s0 * (_bits(ql0, 0, 15) + 16 * _bits(qh, 0, 3) - 32)
-                            vals[at + 32] = s1 * (_bits(ql1, 0, 15) + 16 * _bits(qh, 2, 3) - 32)
-                            vals[at + 64] = s2 * (_bits(ql0, 4, 15) + 16 * _bits(qh, 4, 3) - 32)
-                            vals[at + 96] = s3 * (_bits(ql1, 4, 15) + 16 * _bits(qh, 6, 3) - 32)
+                _q6k_block(data[n, b * 210 : b * 210 + 210], vals)
                 for t in range(x.shape[0]):
                     dot = np.float32(0.0)
                     for k in range(256):
@@ -256,6 +301,9 @@ def rows_float32(w: Any, lo: int, hi: int, kind: str) -> np.ndarray:
     if kind == "q8_0":
         data = w.data[lo:hi]
         _Q8_0_ROWS(data, data.view(np.int8), out)
+    elif kind in ("q4_0", "q4_1", "q5_0", "q5_1", "q4_k", "q5_k", "q6_k"):
+        block_kind = 2 if kind == "q6_k" else 1 if kind.endswith("_k") else 0
+        _BLOCK_ROWS(w.data[lo:hi], block_kind, w.fmt.block_bytes, kind[1] == "5", kind[3] == "1", out)
     else:
         _HALF_ROWS(w[lo:hi].view(np.uint16), kind == "bf16", out)
     return out
@@ -264,8 +312,7 @@ def rows_float32(w: Any, lo: int, hi: int, kind: str) -> np.ndarray:
 def fast_linear(xp: Any, x: Any, w: Any, out: Any = None) -> Any:
     """``ops.weights.linear`` with compiled kernels where one serves ``w`` (same results, float32 accumulation)."""
     kind = _compiled(w) if x.dtype == dtypes.float32 and x.size and math.prod(w.shape) else None
-    rows = math.prod(x.shape[:-1])
-    if kind is None or (kind not in ("f16", "bf16", "q8_0") and rows > FEW_ROWS):  # these prompts: the reference
+    if kind is None:
         return linear(xp, x, w, out)
     lead, (n_out, n_in) = x.shape[:-1], w.shape
     x2 = np.ascontiguousarray(x.reshape(-1, n_in))
