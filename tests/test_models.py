@@ -64,7 +64,8 @@ def test_incremental_evaluation_equals_the_full_forward(name: str) -> None:
     sess = model.session()
     steps = [sess.eval(ref["tokens"][:16])] + [sess.eval(ref["tokens"][i : i + 1]) for i in range(16, 24)]
     assert sess.n_past == 24
-    np.testing.assert_allclose(np.concatenate(steps), full, rtol=0, atol=1e-5)
+    # float32 rounding only: decode steps attend through cpu-sim's compiled kernel, the full forward through BLAS
+    np.testing.assert_allclose(np.concatenate(steps), full, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("source", list(SOURCES))

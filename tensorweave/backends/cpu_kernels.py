@@ -33,7 +33,9 @@ import numpy as np
 
 from ..core import dtypes
 from ..core.ops import OPS
+from ..core.ops.attention import attention_inputs
 from ..core.ops.moe import moe_kernel
+from ..core.ops.rope import _cached_inv_freq
 from ..core.ops.weights import CHUNK_BYTES, Packed, is_narrow, linear
 
 FEW_ROWS = 8  # activation rows up to which the fused (weight-streaming) kernels beat convert-then-BLAS
@@ -479,8 +481,157 @@ def _matmul_t(xp: Any, x: Any, w: Any) -> Any:
     return fast_linear(xp, x, w) if is_narrow(w) else x @ w.T
 
 
+# --- the small ops of a decode step ---------------------------------------------------------------------------
+# Once matmuls stream narrow weights, numpy's per-call overhead on one token's norms, activations and rotations was
+# a quarter of a decode step (8-15 array operations each, a few microseconds apiece). These compiled twins take the
+# common case (float32, C-contiguous, same shapes) and leave everything else to core's reference kernels, whose
+# math they follow (rope's angles in float64; float32 elsewhere). tests/test_weight_formats.py holds them to it.
+
+if numba is not None:
+
+    @njit(cache=True, nogil=True, fastmath=True)
+    def _RMS_NORM(x: Any, w: Any, eps: float, plus_one: bool, out: Any) -> None:  # x, out [R, H]; w [H] or [0]
+        for r in range(x.shape[0]):
+            ss = np.float32(0.0)
+            for k in range(x.shape[1]):
+                ss += x[r, k] * x[r, k]
+            inv = np.float32(1.0) / np.sqrt(ss / np.float32(x.shape[1]) + np.float32(eps))
+            if w.shape[0] == 0:
+                for k in range(x.shape[1]):
+                    out[r, k] = x[r, k] * inv
+            elif plus_one:
+                for k in range(x.shape[1]):
+                    out[r, k] = x[r, k] * inv * (np.float32(1.0) + w[k])
+            else:
+                for k in range(x.shape[1]):
+                    out[r, k] = x[r, k] * inv * w[k]
+
+    @njit(cache=True, nogil=True, inline="always")
+    def _sigmoid(v: Any) -> Any:  # as ops.elementwise.sigmoid: exp(-|v|) never overflows
+        e = np.exp(-np.abs(v))
+        return (np.float32(1.0) if v >= 0 else e) / (np.float32(1.0) + e)
+
+    @njit(cache=True, nogil=True)
+    def _GLU(gate: Any, up: Any, gelu: bool, out: Any) -> None:  # flat float32: act(gate) * up
+        c = np.float32(2.0 * math.sqrt(2.0 / math.pi))
+        for i in range(gate.shape[0]):
+            g = gate[i]
+            if gelu:  # tanh approximation, as sigmoid(2u)
+                out[i] = g * _sigmoid(c * (g + np.float32(0.044715) * g * g * g)) * up[i]
+            else:
+                out[i] = g * _sigmoid(g) * up[i]
+
+    @njit(cache=True, nogil=True)
+    def _ROPE(x: Any, pos: Any, inv: Any, neox: bool, n_rot: int, out: Any) -> None:  # x, out [T, heads, hd]
+        half = n_rot // 2
+        for t in range(x.shape[0]):
+            for i in range(half):
+                ang = np.float64(pos[t]) * inv[i]
+                c, s = np.float32(np.cos(ang)), np.float32(np.sin(ang))
+                a, b = (i, i + half) if neox else (2 * i, 2 * i + 1)
+                for h in range(x.shape[1]):
+                    x1, x2 = x[t, h, a], x[t, h, b]
+                    out[t, h, a] = x1 * c - x2 * s
+                    out[t, h, b] = x2 * c + x1 * s
+            for h in range(x.shape[1]):
+                for k in range(n_rot, x.shape[2]):
+                    out[t, h, k] = x[t, h, k]
+
+    @njit(cache=True, nogil=True, fastmath=True)
+    def _ATTEND(q: Any, ck: Any, cv: Any, pos: Any, scale: float, softcap: float, out: Any) -> None:
+        """Causal attention of a few queries q [T, H, D] over a position-indexed cache [ctx, KV, D] holding keys
+        0..max(pos): softmax(q k * scale) v per head, query head h reading KV head h // (H / KV)."""
+        group = q.shape[1] // ck.shape[1]
+        probs = np.empty(int(pos.max()) + 1, np.float32)
+        acc = np.empty(q.shape[2], np.float32)
+        for t in range(q.shape[0]):
+            seen = pos[t] + 1
+            for h in range(q.shape[1]):
+                kv = h // group
+                top = -np.inf
+                for j in range(seen):
+                    sc = np.float32(0.0)
+                    for d in range(q.shape[2]):
+                        sc += q[t, h, d] * ck[j, kv, d]
+                    sc *= np.float32(scale)
+                    if softcap:
+                        sc = np.float32(softcap) * np.tanh(sc / np.float32(softcap))
+                    probs[j] = sc
+                    top = max(top, sc)
+                total = np.float32(0.0)
+                for j in range(seen):
+                    probs[j] = np.exp(probs[j] - top)
+                    total += probs[j]
+                acc[:] = 0.0
+                for j in range(seen):
+                    for d in range(q.shape[2]):
+                        acc[d] += probs[j] * cv[j, kv, d]
+                for d in range(q.shape[2]):
+                    out[t, h, d] = acc[d] / total
+
+
+def _plain(*arrays: Any) -> bool:
+    """Whether the compiled small-op kernels take these: float32 host arrays, C-contiguous."""
+    return all(isinstance(a, np.ndarray) and a.dtype == np.float32 and a.flags.c_contiguous for a in arrays)
+
+
+def _k_rms_norm(xp: Any, out: Any, x: Any, w: Any = None, *, eps: float, plus_one: bool = False) -> None:
+    wf = np.zeros(0, np.float32) if w is None else w.astype(np.float32, copy=False) if isinstance(w, np.ndarray) else w
+    if _plain(out, x, wf) and out.shape == x.shape and x.ndim and x.shape[-1]:
+        _RMS_NORM(x.reshape(-1, x.shape[-1]), wf, eps, plus_one, out.reshape(-1, x.shape[-1]))
+    else:
+        OPS["rms_norm"].kernel(xp, out, x, w, eps=eps, plus_one=plus_one)
+
+
+def _glu_kernel(op: str) -> Callable[..., None]:
+    def kernel(xp: Any, out: Any, gate: Any, up: Any) -> None:
+        if _plain(out, gate, up) and out.shape == gate.shape == up.shape:
+            _GLU(gate.reshape(-1), up.reshape(-1), op == "geglu", out.reshape(-1))
+        else:
+            OPS[op].kernel(xp, out, gate, up)
+
+    return kernel
+
+
+def _k_rope(xp: Any, out: Any, x: Any, positions: Any, **attrs: Any) -> None:
+    n_rot = attrs.get("n_rot") or x.shape[2]
+    if _plain(out, x) and out.shape == x.shape and isinstance(positions, np.ndarray):
+        scaling = tuple(sorted((attrs.get("scaling") or {}).items()))
+        inv = _cached_inv_freq(n_rot, attrs.get("theta", 10000.0), scaling)
+        _ROPE(x, positions, inv, attrs.get("neox", True), n_rot, out)
+    else:
+        OPS["rope"].kernel(xp, out, x, positions, **attrs)
+
+
+def _k_attention(xp: Any, out: Any, *inputs: Any, **attrs: Any) -> None:
+    """Decode steps (a few tokens, position-indexed float32 cache, causal, no window or sinks) compiled; the rest by
+    core's reference."""
+    q, k, v, pos, ck, cv, _ = attention_inputs(inputs, attrs)
+    fast = attrs.get("cache") and not attrs.get("window") and not attrs.get("sinks") and attrs.get("causal", True)
+    fast = fast and _plain(out, q, k, v, ck, cv) and isinstance(pos, np.ndarray) and 0 < q.shape[0] <= FEW_ROWS
+    if fast:  # shapes the reference would reject or mask differently stay with it
+        fast = k.shape[1] > 0 and q.shape[1] % k.shape[1] == 0 and pos.min() >= 0 and pos.max() < ck.shape[0]
+    if not fast:
+        OPS["attention"].kernel(xp, out, *inputs, **attrs)
+        return
+    if attrs.get("write", True):
+        ck[pos] = k
+        cv[pos] = v
+    _ATTEND(q, ck, cv, pos, attrs["scale"], attrs.get("softcap") or 0.0, out)
+
+
 KERNELS: dict[str, Callable[..., Any]] = (
-    {"matmul": _k_matmul, "moe_ffn": moe_kernel(_matmul_t)} if numba is not None else {}
+    {
+        "matmul": _k_matmul,
+        "moe_ffn": moe_kernel(_matmul_t),
+        "rms_norm": _k_rms_norm,
+        "swiglu": _glu_kernel("swiglu"),
+        "geglu": _glu_kernel("geglu"),
+        "rope": _k_rope,
+        "attention": _k_attention,
+    }
+    if numba is not None
+    else {}
 )
 
 __all__ = ["FEW_ROWS", "KERNELS", "fast_linear", "rows_float32"]
