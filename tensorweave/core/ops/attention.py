@@ -1,5 +1,8 @@
 """Attention: softmax(q k^T * scale) v with grouped KV heads, causal and sliding-window masks, logit softcap,
-attention sinks, and a KV cache that is either position-indexed or, for a sliding window, a ring of slots."""
+attention sinks, and a KV cache that is either position-indexed or, for a sliding window, a ring of slots.
+
+The caches may be held narrower than q/k/v (a float16 or bfloat16 KV cache): keys and values are rounded once as
+they are written, read back widened to float32 (``_acc``), and scores and outputs accumulate in float32."""
 
 from __future__ import annotations
 
@@ -116,6 +119,10 @@ def _ring_cache(xp: Any, ck: Any, cv: Any, k: Any, v: Any, pos: Any, write: bool
         last = start + n_tok - 1
         now = last - (last - slots) % n_slots  # the latest position up to the step's last in each slot
         held = xp.where(now >= start, -1, now)  # slots this step wrote: their keys come as k/v
+    if ck.dtype != k.dtype or cv.dtype != v.dtype:
+        # a 16-bit cache (runtime/kvcache.py): attend over the step's keys as stored, as a kv cache does, so the
+        # result does not depend on how a context was cut into steps
+        k, v = k.astype(ck.dtype), v.astype(cv.dtype)
     keys, values = xp.concatenate([ck, k]), xp.concatenate([cv, v])
     keep = min(n_tok, n_slots) if write else 0
     if keep:
