@@ -116,7 +116,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from ..runtime.bench import plan_model
 
     args.devices = args.devices or "cpu-sim"
-    mp = plan_model(args.model, args.devices, args.tensor_split, args.dtype, args.ctx)
+    mp = plan_model(args.model, args.devices, args.tensor_split, args.dtype, args.ctx, args.cache_dtype)
     warn_beyond_trained(mp.ctx, mp.trained_ctx)
     p, host = mp.plan, mp.host
     text = "\n".join(
@@ -124,7 +124,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
             f"{mp.family} {mp.dtype}, {format_count(mp.params)} params, {errors.format_bytes(mp.weight_bytes)} of "
             f"weights, ctx {mp.ctx}, {p.world_size} device(s) ({args.devices}), split {split_text(p.ratios)}",
             table(
-                ["device", "weights", f"kv cache ({mp.ctx} tok)", "total", "memory", "fits"],
+                ["device", "weights", f"kv cache ({mp.ctx} tok, {mp.cache_types})", "total", "memory", "fits"],
                 memory_rows(mp.devices, with_capacity=True),
             ),
             *(  # a recurrent model's states are a fixed part of its "kv cache" column, whatever the context
@@ -171,7 +171,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
     ctx = args.ctx or need
     warn_beyond_trained(ctx, trained)
     args.devices = args.devices or "cpu-sim"
-    model = load(args.model, args.devices, args.tensor_split, args.dtype, communicator=args.communicator, ctx=ctx)
+    model = load(
+        args.model,
+        args.devices,
+        args.tensor_split,
+        args.dtype,
+        communicator=args.communicator,
+        ctx=ctx,
+        cache_dtype=args.cache_dtype,
+    )
     with model:
         res = bench(model, args.n_prompt, args.n_gen, args.repetitions, args.seed)
     model_name = f"{res.family} {res.dtype}"
@@ -192,7 +200,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     text = "\n\n".join(
         [
             table(["model", "weights", "size", "params", "devices", "split", "test", "t/s", "coll %"], rows),
-            table(["device", "weights", f"kv cache ({res.ctx} tok)", "total"], memory_rows(res.devices, False)),
+            table(
+                ["device", "weights", f"kv cache ({res.ctx} tok, {res.cache_types})", "total"],
+                memory_rows(res.devices, False),
+            ),
         ]
     )
     emit(args, res.to_dict(), text)
