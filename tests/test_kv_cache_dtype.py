@@ -312,3 +312,24 @@ def _last_error(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
     with pytest.raises(SystemExit):
         main(argv)
     return capsys.readouterr().err.splitlines()[-1]
+
+
+@pytest.mark.parametrize("window", [None, 4], ids=["kv", "ring"])
+@pytest.mark.parametrize("cache", SIXTEEN)
+def test_cpu_sim_attention_over_a_16bit_cache_is_the_reference_bit_for_bit(cache: str, window: int | None) -> None:
+    """cpu-sim widens 16-bit keys and values with a compiled conversion instead of numpy's: the same values."""
+    from tensorweave.backends.cpu_sim import KERNELS
+    from tensorweave.core.ops import OPS
+
+    if "attention" not in KERNELS:
+        pytest.skip("numba is not installed: cpu-sim runs the reference attention")
+    rng = np.random.default_rng(1)
+    q, k, v = (rng.standard_normal((3, h, 16)).astype(np.float32) for h in (4, 2, 2))
+    caches = [rng.standard_normal((window or 16, 2, 16)).astype(dtypes.to_dtype(cache)) for _ in "kv"]
+    pos = np.arange(9, 12, dtype=np.int32)
+    outs = []
+    for kernel in (OPS["attention"].kernel, KERNELS["attention"]):
+        out = np.empty(q.shape, np.float32)
+        kernel(np, out, q, k, v, pos, *(c.copy() for c in caches), scale=0.25, cache=True, window=window)
+        outs.append(out)
+    np.testing.assert_array_equal(outs[0], outs[1])

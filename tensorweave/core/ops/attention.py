@@ -2,11 +2,11 @@
 attention sinks, and a KV cache that is either position-indexed or, for a sliding window, a ring of slots.
 
 The caches may be held narrower than q/k/v (a float16 or bfloat16 KV cache): keys and values are rounded once as
-they are written, read back widened to float32 (``_acc``), and scores and outputs accumulate in float32."""
+they are written, read back widened to float32 (``as_float32``), and scores and outputs accumulate in float32."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from .. import dtypes
@@ -42,6 +42,11 @@ def _infer_attention(metas: list[Meta], attrs: dict[str, Any]) -> Meta:
     return qs, qd
 
 
+def as_float32(xp: Any, x: Any) -> Any:
+    """Keys or values as read from a cache, in float32 (a float16 or bfloat16 KV cache) or as they are."""
+    return _acc(x)
+
+
 def _k_attention(
     xp: Any,
     out: Any,
@@ -53,7 +58,10 @@ def _k_attention(
     cache: bool = False,
     sinks: bool = False,
     write: bool = True,
+    widen: Callable[[Any, Any], Any] = as_float32,
 ) -> None:
+    """``widen`` is no attribute: a backend with a faster 16-bit conversion than numpy's ``astype`` (which has no
+    SIMD path for float16) registers this kernel with its own (``functools.partial``)."""
     q, k, v, pos, ck, cv, sk = attention_inputs(inputs, {"cache": cache, "sinks": sinks})
     n_tok, n_head, hd = q.shape
     n_kv = k.shape[1]
@@ -75,7 +83,7 @@ def _k_attention(
     # Batched matmuls over KV heads (BLAS) rather than einsum: [kv, group * tokens, hd] @ [kv, hd, keys].
     qa = _acc(q).reshape(n_tok, n_kv, group, hd).transpose(1, 2, 0, 3).reshape(n_kv, group * n_tok, hd)
     n_keys = k.shape[0]
-    scores = xp.matmul(qa, _acc(k).transpose(1, 2, 0)).reshape(n_kv, group, n_tok, n_keys)
+    scores = xp.matmul(qa, widen(xp, k).transpose(1, 2, 0)).reshape(n_kv, group, n_tok, n_keys)
     scores *= scale
     if softcap:
         scores = softcap * xp.tanh(scores / softcap)
@@ -97,7 +105,7 @@ def _k_attention(
         probs = softmax(xp, scores)
     if not host or not bool(visible.any(axis=-1).all()):
         probs = xp.where(visible, probs, 0.0)  # rows with nothing visible give 0, not NaN
-    y = xp.matmul(probs.reshape(n_kv, group * n_tok, n_keys), _acc(v).transpose(1, 0, 2))  # [kv, group * tokens, hd]
+    y = xp.matmul(probs.reshape(n_kv, group * n_tok, n_keys), widen(xp, v).transpose(1, 0, 2))  # [kv, group*tok, hd]
     out[...] = y.reshape(n_kv, group, n_tok, hd).transpose(2, 0, 1, 3).reshape(n_tok, n_head, hd)
 
 
