@@ -24,7 +24,6 @@ RAM, threads to cores // COUNT when COUNT > 1, BLAS's default for one device).
 
 from __future__ import annotations
 
-import functools
 import os
 import threading
 import weakref
@@ -47,8 +46,7 @@ from ..core.device import (
     total_host_memory,
 )
 from ..core.hookspecs import hookimpl
-from ..core.ops import OPS
-from ..core.ops.attention import as_float32
+from ..core.ops.attention import as_float32, attention_kernel
 from ..errors import DeviceSpecError, OutOfMemoryError, PlacementError, ShapeError
 from . import cpu_kernels
 from ._worker import SerialWorker, walk
@@ -261,7 +259,7 @@ def _cache_float32(xp: Any, x: Any) -> Any:
 # compiled matmul/moe_ffn for 16-bit and quantized weights, attention over 16-bit KV caches (all need numba)
 KERNELS: dict[str, Callable[..., Any]] = {
     **cpu_kernels.KERNELS,
-    **({"attention": functools.partial(OPS["attention"].kernel, widen=_cache_float32)} if cpu_kernels.numba else {}),
+    **({"attention": attention_kernel(_cache_float32)} if cpu_kernels.numba else {}),
 }
 
 
