@@ -128,7 +128,7 @@ def _load_for_cli(args: argparse.Namespace) -> tuple[Model, bool]:
     from ..runtime.model import load
 
     spmd = SpmdEnv.detect()
-    common = {"tensor_split": args.tensor_split, "dtype": args.dtype, "ctx": args.ctx}
+    common = {"tensor_split": args.tensor_split, "dtype": args.dtype, "ctx": args.ctx, "cache_dtype": args.cache_dtype}
     if spmd is None:
         model = load(args.model, devices=args.devices or "cpu-sim", communicator=args.communicator, **common)
     else:  # started by `tensorweave launch` or mpiexec: this process is one rank with one device

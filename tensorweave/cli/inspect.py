@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .. import errors
 from ..core.device import Device
@@ -13,6 +13,9 @@ from ..core.plugins import open_devices, registry
 from ..format import format_count, memory_rows, split_text, table
 from .generate import warn_beyond_trained
 from .options import emit, model_args, positive_int
+
+if TYPE_CHECKING:
+    from ..runtime.kvcache import CacheTypes
 
 
 def cmd_plugins(args: argparse.Namespace) -> int:
@@ -116,7 +119,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from ..runtime.bench import plan_model
 
     args.devices = args.devices or "cpu-sim"
-    mp = plan_model(args.model, args.devices, args.tensor_split, args.dtype, args.ctx)
+    mp = plan_model(args.model, args.devices, args.tensor_split, args.dtype, args.ctx, args.cache_dtype)
     warn_beyond_trained(mp.ctx, mp.trained_ctx)
     p, host = mp.plan, mp.host
     text = "\n".join(
@@ -124,7 +127,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
             f"{mp.family} {mp.dtype}, {format_count(mp.params)} params, {errors.format_bytes(mp.weight_bytes)} of "
             f"weights, ctx {mp.ctx}, {p.world_size} device(s) ({args.devices}), split {split_text(p.ratios)}",
             table(
-                ["device", "weights", f"kv cache ({mp.ctx} tok)", "total", "memory", "fits"],
+                ["device", "weights", kv_header(mp.ctx, mp.cache_types, mp.dtype), "total", "memory", "fits"],
                 memory_rows(mp.devices, with_capacity=True),
             ),
             *(  # a recurrent model's states are a fixed part of its "kv cache" column, whatever the context
@@ -171,7 +174,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
     ctx = args.ctx or need
     warn_beyond_trained(ctx, trained)
     args.devices = args.devices or "cpu-sim"
-    model = load(args.model, args.devices, args.tensor_split, args.dtype, communicator=args.communicator, ctx=ctx)
+    model = load(
+        args.model,
+        args.devices,
+        args.tensor_split,
+        args.dtype,
+        communicator=args.communicator,
+        ctx=ctx,
+        cache_dtype=args.cache_dtype,
+    )
     with model:
         res = bench(model, args.n_prompt, args.n_gen, args.repetitions, args.seed)
     model_name = f"{res.family} {res.dtype}"
@@ -192,7 +203,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     text = "\n\n".join(
         [
             table(["model", "weights", "size", "params", "devices", "split", "test", "t/s", "coll %"], rows),
-            table(["device", "weights", f"kv cache ({res.ctx} tok)", "total"], memory_rows(res.devices, False)),
+            table(
+                ["device", "weights", kv_header(res.ctx, res.cache_types, res.dtype), "total"],
+                memory_rows(res.devices, False),
+            ),
         ]
     )
     emit(args, res.to_dict(), text)
@@ -214,6 +228,13 @@ A device spec is BACKEND[:ARGS][,key=value...]; several backends join with + int
   cpu-sim:1+cuda:0
       a group that mixes backends (its communicator must drive both).
 Sizes are like 256MiB, 8GiB, 1.5GB. Plugins add backends and their own spec grammar (tensorweave plugins)."""
+
+
+def kv_header(ctx: int, types: CacheTypes | None, compute: str) -> str:
+    """The KV-cache column's title: its length, and its types where -ctk/-ctv changed them (as llama-bench shows
+    type_k/type_v only then)."""
+    changed = types is not None and types.names != (compute, compute)
+    return f"kv cache ({ctx} tok{f', {types}' if changed else ''})"
 
 
 def format_mix(mix: dict[str, int]) -> str:

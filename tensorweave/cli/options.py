@@ -49,6 +49,23 @@ def compute_dtype(text: str) -> str:
     return name
 
 
+CACHE_TYPES = ["f32", "f16", "bf16"]  # llama.cpp's names for the float KV-cache types
+
+
+def cache_type(text: str) -> str:
+    """A -ctk/-ctv value: f32, f16, bf16 (or float32, float16, bfloat16 ...), as its canonical dtype name."""
+    from ..runtime.kvcache import CACHE_DTYPES
+
+    try:
+        name = dtypes.name(text)
+    except TensorweaveError:
+        name = ""
+    if name not in CACHE_DTYPES:
+        quantized = " (quantized KV caches are not supported)" if text.lower().startswith(("q", "iq")) else ""
+        raise argparse.ArgumentTypeError(f"expected one of {', '.join(CACHE_TYPES)}, got {text!r}{quantized}")
+    return name
+
+
 def model_args(
     p: argparse.ArgumentParser,
     devices: str = "device spec",
@@ -71,6 +88,15 @@ def model_args(
         "included; activations are float32)",
     )
     p.add_argument("-c", "--ctx-size", "--ctx", dest="ctx", type=positive_int, help=ctx)
+    for short, what in (("k", "keys"), ("v", "values")):
+        p.add_argument(
+            f"-ct{short}",
+            f"--cache-type-{short}",
+            type=cache_type,
+            metavar="{" + ",".join(CACHE_TYPES) + "}",
+            help=f"the KV cache's dtype for {what} (default: f32; f16/bf16 halve its memory, attention still "
+            "computes in float32)",
+        )
     p.add_argument(
         "-t", "--threads", type=positive_int, help="BLAS threads of each cpu-sim device (the spec's threads=N)"
     )
@@ -85,12 +111,14 @@ def model_args(
 
 
 def resolve_model_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
-    """After parsing: one model from MODEL or -m; -t into a cpu-sim spec; a note for -ngl."""
+    """After parsing: one model from MODEL or -m; -t into a cpu-sim spec; a note for -ngl; -ctk/-ctv into
+    ``args.cache_dtype``, the (k, v) pair ``tw.load`` takes."""
     if args.model and args.model_option:
         parser.error(f"the model is given twice: {args.model!r} and -m {args.model_option!r}")
     args.model = args.model or args.model_option
     if not args.model:
         parser.error("the model is required: MODEL or -m MODEL")
+    args.cache_dtype = (args.cache_type_k, args.cache_type_v)
     if args.gpu_layers is not None:
         print(
             "tensorweave: note: -ngl has no effect: every layer is split over --devices (tensor parallelism)",

@@ -33,6 +33,7 @@ from ..core.planner import Plan, plan
 from ..core.plugins import open_devices
 from ..errors import BackendUnavailableError
 from . import formats as weight_formats
+from . import kvcache
 from .model import check_weights, config_errors, open_checkpoint, runtime_config
 
 if TYPE_CHECKING:
@@ -128,6 +129,7 @@ class ModelPlan:
     trained_ctx: int = 0  # the context the model was trained for (config); ctx beyond it runs, degraded
     host: HostMemory | None = None  # the host memory devices share (cpu-sim), when some do
     formats: dict[str, int] = field(default_factory=dict)  # held format -> bytes of the model's weights in it
+    cache_types: kvcache.CacheTypes | None = None  # attention's K and V caches as held (None: the compute dtype)
 
     @property
     def tensor_split(self) -> tuple[float, ...]:
@@ -148,6 +150,7 @@ class ModelPlan:
             "params": self.params,
             "weight_bytes": self.weight_bytes,
             "weight_formats": self.formats,
+            **_cache_type_fields(self.cache_types, self.dtype),
             "notes": self.plan.notes,
             "world_size": self.plan.world_size,
             "host": None if self.host is None else self.host.to_dict(),
@@ -167,9 +170,10 @@ def plan_model(
     tensor_split: Sequence[float] | None = None,
     dtype: Any = None,
     ctx: int | None = None,
+    cache_dtype: Any = None,
 ) -> ModelPlan:
     """Plan ``path`` (a Hugging Face directory or .gguf file) over ``devices`` split by ``tensor_split``, reading
-    only metadata. Arguments as ``tw.load``'s.
+    only metadata. Arguments as ``tw.load``'s; the KV-cache bytes are those of ``cache_dtype``.
 
     A device spec whose backend is not available here (``cuda:0,1`` on a machine without GPUs) still plans when
     ``tensor_split`` gives one ratio per device; memory capacities are then unknown.
@@ -190,8 +194,10 @@ def plan_model(
     ckpt = open_checkpoint(path)
     try:
         config = runtime_config(ckpt, dtype, ctx)
+        types = kvcache.cache_types(cache_dtype, config.dtype)
+        kvcache.check_devices(devs or [], types, config.dtype)
         with config_errors(ckpt):
-            g = ckpt.family.build(config, 1)
+            g = kvcache.apply(ckpt.family.build(config, 1), types)
         check_weights(ckpt, g)
         held, _, notes = weight_formats.prepare(ckpt, g, devs or [], world, dtype)
         p = plan(g, world, tensor_split, held)
@@ -208,6 +214,7 @@ def plan_model(
             trained_ctx=ckpt.config.ctx,
             host=host_memory(rows, devs),
             formats=weight_formats.mix(held, g),
+            cache_types=types,
         )
     finally:
         ckpt.close()
@@ -269,6 +276,7 @@ class BenchResult:
     tensor_split: tuple[float, ...]
     tests: list[TestResult]
     formats: dict[str, int] = field(default_factory=dict)  # held format -> bytes of the model's weights in it
+    cache_types: kvcache.CacheTypes | None = None  # attention's K and V caches as held (None: the compute dtype)
 
     @property
     def weight_format(self) -> str:
@@ -282,6 +290,7 @@ class BenchResult:
             "dtype": self.dtype,
             "weight_format": self.weight_format,
             "weight_formats": self.formats,
+            **_cache_type_fields(self.cache_types, self.dtype),
             "ctx": self.ctx,
             "params": self.params,
             "weight_bytes": self.weight_bytes,
@@ -322,7 +331,14 @@ def bench(model: Model, n_prompt: int = 512, n_gen: int = 128, repetitions: int 
         p.ratios,
         tests,
         weight_formats.mix(model.formats, p.graph),
+        model.cache_types,
     )
+
+
+def _cache_type_fields(types: kvcache.CacheTypes | None, compute: str) -> dict[str, str]:
+    """The JSON fields naming the KV cache's dtypes, as llama.cpp's flags do (``cache_type_k``/``_v``)."""
+    k, v = (compute, compute) if types is None else types.names
+    return {"cache_type_k": k, "cache_type_v": v}
 
 
 def _run_test(model: Model, kind: str, ids: np.ndarray) -> float:

@@ -26,7 +26,7 @@ from ..core.model import Checkpoint, ModelFamily
 from ..core.planner import Plan
 from ..core.plugins import registry
 from ..errors import ModelFormatError, ShapeError, UnsupportedError
-from . import formats
+from . import formats, kvcache
 from .session import Generation, Session, TextStream
 from .state import read as read_state
 
@@ -45,11 +45,15 @@ class Model:
         communicator: Communicator | str | None = None,
         ctx: int | None = None,
         progress: bool | None = None,
+        cache_dtype: Any = None,
     ) -> None:
         self.checkpoint = checkpoint
         self.family = checkpoint.family
         self.config = runtime_config(checkpoint, dtype, ctx)
+        # attention's K/V caches as stored (runtime/kvcache.py); refused before any device is opened
+        self.cache_types = kvcache.cache_types(cache_dtype, self.config.dtype)
         self.executor = Executor(devices, communicator, tensor_split)
+        kvcache.check_devices(self.executor.devices, self.cache_types, self.config.dtype)
         self.units: dict[str, int] = {}  # split groups widened to whole quantization blocks (runtime/formats.py)
         self.graphs = GraphCache(self._build, maxsize=8)
         with config_errors(checkpoint):
@@ -75,7 +79,7 @@ class Model:
             g = self.family.build(self.config, tokens)
         else:
             g = self.family.build(self.config, tokens, n_logits)
-        return formats.apply_groups(g, self.units)
+        return formats.apply_groups(kvcache.apply(g, self.cache_types), self.units)
 
     @property
     def vocab(self) -> int:
@@ -143,7 +147,7 @@ class Model:
         return (
             f"<Model {self.family.name} {self.checkpoint.path.name} on {self.executor.world_size} device(s) "
             f"{self.config.dtype}, weights {'+'.join(sorted({f.name for f in self.formats.values()}))}, "
-            f"ctx {self.config.ctx}>"
+            f"ctx {self.config.ctx}, kv cache {self.cache_types}>"
         )
 
 
@@ -156,18 +160,22 @@ def load(
     communicator: Communicator | str | None = None,
     ctx: int | None = None,
     progress: bool | None = None,
+    cache_dtype: Any = None,
 ) -> Model:
     """Open a Hugging Face model directory or a .gguf file and place it on ``devices`` split by ``tensor_split``.
 
     ``dtype``: convert the weights to this float dtype (None: keep each weight as stored: float32, float16,
     bfloat16 or GGUF quantization blocks, where the devices' backend takes that format; see runtime/formats.py).
-    Activations and the KV cache are float32 (float64 with ``dtype="float64"``). ``ctx``: KV-cache length in
-    tokens (None: the model's maximum, at most 4096).
+    Activations are float32 (float64 with ``dtype="float64"``). ``ctx``: KV-cache length in tokens (None: the
+    model's maximum, at most 4096). ``cache_dtype``: how attention's key and value caches are stored, "float32",
+    "float16" or "bfloat16" (names as ``dtype=`` takes them, "f16", numpy dtypes...), or a ``(k, v)`` pair of
+    them, like llama.cpp's ``-ctk``/``-ctv``; None: the compute dtype. A 16-bit cache halves the KV cache's memory;
+    attention still reads it into float32 and accumulates in float32. Recurrent states stay in the compute dtype.
     ``progress``: a progress bar on stderr (None: only when stderr is a terminal).
     """
     ckpt = open_checkpoint(path)
     try:
-        return Model(ckpt, devices, tensor_split, dtype, communicator, ctx, progress)
+        return Model(ckpt, devices, tensor_split, dtype, communicator, ctx, progress, cache_dtype)
     except BaseException:
         ckpt.close()
         raise

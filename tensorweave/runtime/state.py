@@ -6,6 +6,9 @@ presence and the sampler's state; its tensors are the caches in the *unsplit* la
 logits. A kv cache is stored as [positions, all KV heads, head_dim] in position order; a ring as the positions it
 still holds (the last ``rows``) in position order; a recurrent state whole. Nothing in it depends on how the saving
 model was split: ``Session.load_state`` places each device's part from the whole, as loading places weights.
+Each cache is saved in the dtype it is held in (a float16 or bfloat16 KV cache as F16/BF16 tensors, half the
+bytes), so the file's tensor dtypes record the saver's cache dtype; a restore converts to the restoring model's
+(a 16-bit cache widens to float32 exactly; a float32 one rounds once into a 16-bit cache).
 
 Format version 1 (before caches had kinds) stored only each cache's first position; its caches were all kv or
 ring, so they read back with kind None (position-indexed, the restoring model's cache says which).
@@ -31,7 +34,7 @@ import numpy as np
 
 from .._version import __version__
 from ..errors import ModelFormatError, StateError
-from ..loaders.safetensors_io import SafetensorsFile, write_safetensors
+from ..loaders.safetensors_io import FLOATS, SafetensorsFile, write_safetensors
 
 FORMAT, VERSION = "tensorweave.state", 2
 KINDS = (None, "kv", "ring", "state")
@@ -145,7 +148,7 @@ def read(path: str | Path) -> SessionState:
         if name not in f.entries:
             raise StateError(f"{p}: cache {name!r} has no tensor in the file")
         values = f.get(name)
-        if values.dtype.kind != "f":
+        if values.dtype not in FLOATS:  # a 16-bit KV cache is saved as held (bfloat16's numpy kind is "V")
             raise bad(f"caches.{name}", f"tensor is {values.dtype}, not floating point")
         caches[name] = CacheState(kind, values, first)
     extra = sorted(set(f.entries) - set(caches) - {LOGITS})

@@ -1,9 +1,12 @@
 """Attention: softmax(q k^T * scale) v with grouped KV heads, causal and sliding-window masks, logit softcap,
-attention sinks, and a KV cache that is either position-indexed or, for a sliding window, a ring of slots."""
+attention sinks, and a KV cache that is either position-indexed or, for a sliding window, a ring of slots.
+
+The caches may be held narrower than q/k/v (a float16 or bfloat16 KV cache): keys and values are rounded once as
+they are written, read back widened to float32 (``as_float32``), and scores and outputs accumulate in float32."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from .. import dtypes
@@ -39,63 +42,80 @@ def _infer_attention(metas: list[Meta], attrs: dict[str, Any]) -> Meta:
     return qs, qd
 
 
-def _k_attention(
-    xp: Any,
-    out: Any,
-    *inputs: Any,
-    scale: float,
-    causal: bool = True,
-    window: int | None = None,
-    softcap: float | None = None,
-    cache: bool = False,
-    sinks: bool = False,
-    write: bool = True,
-) -> None:
-    q, k, v, pos, ck, cv, sk = attention_inputs(inputs, {"cache": cache, "sinks": sinks})
-    n_tok, n_head, hd = q.shape
-    n_kv = k.shape[1]
-    group = n_head // n_kv if n_kv else 0  # a device may hold zero heads
-    host = on_host(pos)  # see on_host: on an H200 the shortcuts cost 3 stream stalls per layer and step
-    if ck is not None and window:
-        k, v, kpos = _ring_cache(xp, ck, cv, k, v, pos, write)
-    elif ck is not None:  # append this step's keys/values, then attend over the cache up to the last position
-        if write:
-            ck[pos] = k
-            cv[pos] = v
-        if host:
-            length = int(pos.max()) + 1 if n_tok else 0
-            k, v, kpos = ck[:length], cv[:length], xp.arange(length)
-        else:  # the whole cache; the slots past the last position are masked below (zeroed or stale, never NaN)
-            k, v, kpos = ck, cv, xp.arange(ck.shape[0])
-    else:
-        kpos = pos
-    # Batched matmuls over KV heads (BLAS) rather than einsum: [kv, group * tokens, hd] @ [kv, hd, keys].
-    qa = _acc(q).reshape(n_tok, n_kv, group, hd).transpose(1, 2, 0, 3).reshape(n_kv, group * n_tok, hd)
-    n_keys = k.shape[0]
-    scores = xp.matmul(qa, _acc(k).transpose(1, 2, 0)).reshape(n_kv, group, n_tok, n_keys)
-    scores *= scale
-    if softcap:
-        scores = softcap * xp.tanh(scores / softcap)
-    visible = xp.ones((n_tok, kpos.shape[0]), dtype=bool)
-    if causal:
-        visible &= kpos[None, :] <= pos[:, None]
-    if cache and window:
-        visible &= kpos[None, :] >= 0
-    if window:
-        visible &= kpos[None, :] > pos[:, None] - window
-    if cache and not causal and not host and n_tok:
-        visible &= kpos[None, :] <= xp.max(pos)  # the whole cache was read: not past the last position
-    if not host or not bool(visible.all()):
-        scores = xp.where(visible, scores, -xp.inf)
-    if sk is not None:  # a learned per-head logit that only joins the softmax's denominator
-        sink = xp.broadcast_to(_acc(sk).reshape(n_kv, group, 1, 1), (*scores.shape[:3], 1))
-        probs = softmax(xp, xp.concatenate([scores, sink], axis=-1))[..., :-1]
-    else:
-        probs = softmax(xp, scores)
-    if not host or not bool(visible.any(axis=-1).all()):
-        probs = xp.where(visible, probs, 0.0)  # rows with nothing visible give 0, not NaN
-    y = xp.matmul(probs.reshape(n_kv, group * n_tok, n_keys), _acc(v).transpose(1, 0, 2))  # [kv, group * tokens, hd]
-    out[...] = y.reshape(n_kv, group, n_tok, hd).transpose(2, 0, 1, 3).reshape(n_tok, n_head, hd)
+def as_float32(xp: Any, x: Any) -> Any:
+    """Keys or values as read from a cache, in float32 (a float16 or bfloat16 KV cache) or as they are."""
+    return _acc(x)
+
+
+def attention_kernel(widen: Callable[[Any, Any], Any] = as_float32) -> Callable[..., None]:
+    """The attention kernel over ``widen(xp, x)``, which returns keys or values read from a cache in float32: a
+    backend with a faster 16-bit conversion than numpy's ``astype`` (no SIMD path for float16) builds its attention
+    from it, as a backend with a faster matmul builds its moe_ffn."""
+
+    def kernel(
+        xp: Any,
+        out: Any,
+        *inputs: Any,
+        scale: float,
+        causal: bool = True,
+        window: int | None = None,
+        softcap: float | None = None,
+        cache: bool = False,
+        sinks: bool = False,
+        write: bool = True,
+    ) -> None:
+        q, k, v, pos, ck, cv, sk = attention_inputs(inputs, {"cache": cache, "sinks": sinks})
+        n_tok, n_head, hd = q.shape
+        n_kv = k.shape[1]
+        group = n_head // n_kv if n_kv else 0  # a device may hold zero heads
+        host = on_host(pos)  # see on_host: on an H200 the shortcuts cost 3 stream stalls per layer and step
+        if ck is not None and window:
+            k, v, kpos = _ring_cache(xp, ck, cv, k, v, pos, write)
+        elif ck is not None:  # append this step's keys/values, then attend over the cache up to the last position
+            if write:
+                ck[pos] = k
+                cv[pos] = v
+            if host:
+                length = int(pos.max()) + 1 if n_tok else 0
+                k, v, kpos = ck[:length], cv[:length], xp.arange(length)
+            else:  # the whole cache; the slots past the last position are masked below (zeroed or stale, never NaN)
+                k, v, kpos = ck, cv, xp.arange(ck.shape[0])
+        else:
+            kpos = pos
+        # Batched matmuls over KV heads (BLAS) rather than einsum: [kv, group * tokens, hd] @ [kv, hd, keys].
+        qa = _acc(q).reshape(n_tok, n_kv, group, hd).transpose(1, 2, 0, 3).reshape(n_kv, group * n_tok, hd)
+        n_keys = k.shape[0]
+        scores = xp.matmul(qa, widen(xp, k).transpose(1, 2, 0)).reshape(n_kv, group, n_tok, n_keys)
+        scores *= scale
+        if softcap:
+            scores = softcap * xp.tanh(scores / softcap)
+        visible = xp.ones((n_tok, kpos.shape[0]), dtype=bool)
+        if causal:
+            visible &= kpos[None, :] <= pos[:, None]
+        if cache and window:
+            visible &= kpos[None, :] >= 0
+        if window:
+            visible &= kpos[None, :] > pos[:, None] - window
+        if cache and not causal and not host and n_tok:
+            visible &= kpos[None, :] <= xp.max(pos)  # the whole cache was read: not past the last position
+        if not host or not bool(visible.all()):
+            scores = xp.where(visible, scores, -xp.inf)
+        if sk is not None:  # a learned per-head logit that only joins the softmax's denominator
+            sink = xp.broadcast_to(_acc(sk).reshape(n_kv, group, 1, 1), (*scores.shape[:3], 1))
+            probs = softmax(xp, xp.concatenate([scores, sink], axis=-1))[..., :-1]
+        else:
+            probs = softmax(xp, scores)
+        if not host or not bool(visible.any(axis=-1).all()):
+            probs = xp.where(visible, probs, 0.0)  # rows with nothing visible give 0, not NaN
+        y = xp.matmul(
+            probs.reshape(n_kv, group * n_tok, n_keys), widen(xp, v).transpose(1, 0, 2)
+        )  # [kv, group*tok, hd]
+        out[...] = y.reshape(n_kv, group, n_tok, hd).transpose(2, 0, 1, 3).reshape(n_tok, n_head, hd)
+
+    return kernel
+
+
+_k_attention = attention_kernel()
 
 
 def _ring_cache(xp: Any, ck: Any, cv: Any, k: Any, v: Any, pos: Any, write: bool = True) -> tuple[Any, Any, Any]:
@@ -116,6 +136,10 @@ def _ring_cache(xp: Any, ck: Any, cv: Any, k: Any, v: Any, pos: Any, write: bool
         last = start + n_tok - 1
         now = last - (last - slots) % n_slots  # the latest position up to the step's last in each slot
         held = xp.where(now >= start, -1, now)  # slots this step wrote: their keys come as k/v
+    if ck.dtype != k.dtype or cv.dtype != v.dtype:
+        # a 16-bit cache (runtime/kvcache.py): attend over the step's keys as stored, as a kv cache does, so the
+        # result does not depend on how a context was cut into steps
+        k, v = k.astype(ck.dtype), v.astype(cv.dtype)
     keys, values = xp.concatenate([ck, k]), xp.concatenate([cv, v])
     keep = min(n_tok, n_slots) if write else 0
     if keep:
