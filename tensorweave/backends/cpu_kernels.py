@@ -242,7 +242,8 @@ if numba is not None:
                 xp = builder.bitcast(xs.data, ir.FloatType().as_pointer())
                 rp = builder.bitcast(rs.data, ir.IntType(8).as_pointer())
                 blocks = builder.udiv(builder.extract_value(rs.shape, 0), ir.Constant(_I64, block_bytes))
-                sums = [cgutils.alloca_once_value(builder, ir.Constant(_V8F, [0.0] * 8)) for _ in range(4)]
+                zero = ir.Constant(_V8F, [0.0] * 8)
+                sums = [cgutils.alloca_once_value(builder, zero) for _ in range(4)]  # type: ignore[no-untyped-call]
                 with cgutils.for_range(builder, blocks) as loop:  # mem2reg turns the sums into registers
                     values, scale = unpack(builder, rp, builder.mul(loop.index, ir.Constant(_I64, block_bytes)))
                     first = builder.mul(loop.index, ir.Constant(_I64, 8 * len(values)))
@@ -548,7 +549,7 @@ if numba is not None:
             seen = pos[t] + 1
             for h in range(q.shape[1]):
                 kv = h // group
-                top = -np.inf
+                top = np.float32(-np.inf)
                 for j in range(seen):
                     sc = np.float32(0.0)
                     for d in range(q.shape[2]):
@@ -557,7 +558,8 @@ if numba is not None:
                     if softcap:
                         sc = np.float32(softcap) * np.tanh(sc / np.float32(softcap))
                     probs[j] = sc
-                    top = max(top, sc)
+                    if sc > top:
+                        top = sc
                 total = np.float32(0.0)
                 for j in range(seen):
                     probs[j] = np.exp(probs[j] - top)
