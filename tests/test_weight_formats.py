@@ -7,6 +7,8 @@ file holds (tools/make_weight_fixtures.py), and the unsharded numpy graph on ``g
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +84,31 @@ def test_compiled_kernels_equal_the_reference(fmt: str, rows: int) -> None:
     np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
     empty = w[:0] if not isinstance(w, Packed) else Packed(w.data[:0], w.fmt, (0, k))
     assert fast_linear(np, x, empty).shape == (rows, 0)
+
+
+@pytest.mark.parametrize("fmt", ["f16", "q8_0"])
+def test_large_weights_split_their_rows_over_threads_in_a_fresh_process(fmt: str) -> None:
+    """A weight past PARALLEL_MIN runs the parallel kernel, also when both twins (parallel and one-thread) load from
+    numba's cache: they once shared a cache entry, and a fresh process then ran large weights on one thread."""
+    code = f"""
+import numpy as np, numba
+from tensorweave.backends import cpu_kernels as ck
+from tensorweave.core import dtypes
+from tensorweave.core.ops.weights import Packed
+numba.set_num_threads(2)
+x = np.ones((1, 512), np.float32)
+small, big = (np.zeros((n, 512), np.float16) for n in (8, 2 * ck.PARALLEL_MIN // 512))
+if "{fmt}" == "q8_0":
+    q8 = dtypes.FORMATS["q8_0"]
+    small, big = (Packed(np.zeros((w.shape[0], 16 * 34), np.uint8), q8, w.shape) for w in (small, big))
+ck.fast_linear(np, x, big)
+print(numba.threading_layer())  # raises where no parallel region ever ran
+ck.fast_linear(np, x, small)  # the one-thread twin saves to the cache last
+"""
+    for _ in range(2):  # the second run loads both twins from the cache the first one wrote
+        run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr
+        assert run.stdout.strip() in ("omp", "tbb"), run.stdout
 
 
 def write_quantized(path: Path, fmt: str) -> dict[str, np.ndarray]:

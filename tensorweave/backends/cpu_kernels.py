@@ -284,6 +284,7 @@ if numba is not None:
 
         @njit(parallel=parallel, fastmath=True, cache=True, nogil=True)
         def half(x: Any, w: Any, bf16: bool, out: Any) -> None:  # x [T, K] f32, w [N, K] 16-bit bits -> [T, N]
+            assert parallel in (True, False)  # a cell of the closure: numba's cache tells the twins apart by cells
             for n in prange(w.shape[0]):
                 row = w[n]
                 for t in range(x.shape[0]):
@@ -298,6 +299,7 @@ if numba is not None:
 
         @njit(parallel=parallel, cache=True, nogil=True)
         def blocks(x: Any, data: Any, kind: int, out: Any) -> None:  # kind: _BLOCKS's number of the format
+            assert parallel in (True, False)  # (not by compile options: both would load one cached build)
             for n in prange(data.shape[0]):
                 row = data[n]
                 for t in range(x.shape[0]):
