@@ -13,25 +13,26 @@ from other jobs on the machine hits all formats alike; the table has the medians
 warm-up, and ratios against F32 measured in the same rounds. Memory: the bytes the devices hold after loading
 (``memory_info().used``, summed over devices) over the file's size, at TP 1 and at TP 3 split 3,2,1.
 
-Measured on the 2-core development machine (AMD EPYC, AVX2 + F16C), shared with five other jobs, numba 0.68,
---runs 5, --threads 1 (load average 3-4 during the run; the ratios come from the same rounds):
+Measured on the 2-core development machine (AMD EPYC, Zen 3, AVX2 + F16C), quiet, numba 0.68, ratios from the
+same rounds. --threads 1 --runs 3:
 
     file    held as        pp64 t/s  tg32 t/s  pp x F32  tg x F32  MiB held
-    F32     f32            342.7     28.6      1.00      1.00      476
-    F16     f16+f32        358.6     39.9      1.05      1.39      238
-    BF16    bf16+f32       361.7     42.7      1.06      1.49      238
-    Q8_0    q8_0+f32       304.1     28.0      0.89      0.98      126
-    Q4_K_M  q6_k+q4_k+f32  191.6     22.1      0.56      0.77      78
+    F32     f32            392.1     33.1      1.00      1.00      476
+    F16     f16+f32        395.9     61.9      1.01      1.87      238
+    BF16    bf16+f32       396.9     55.2      1.01      1.67      238
+    Q8_0    q8_0+f32       394.9     67.9      1.01      2.05      126
+    Q4_K_M  q6_k+q4_k+f32  388.4     53.5      0.99      1.62      78
+
+--threads 2 --runs 5: F32 619.2 / 49.9 t/s; pp x 0.73 / 0.85 / 0.93 / 0.82 and tg x 1.43 / 1.51 / 1.78 / 1.28 for
+F16 / BF16 / Q8_0 / Q4_K_M (OpenBLAS's two threads speed F32 decode up more than the narrow kernels, which are
+bound by converting each weight to float32 in registers, not by memory).
 
     held / file size: 1.00 for every file, and 1.00 for Q4_K_M split 3,2,1 over three devices (78.4 / 78.2 MiB).
 
-With two threads on the loaded machine OpenBLAS's spinning pool collapses (F32 tg 6.1 t/s, pp 95) while the numba
-kernels, whose OpenMP threads wait passively, keep F16/BF16/Q8_0 decode at 38-42 t/s (6-7x F32 then); prompts
-with 16-bit weights go through BLAS too and collapse with it. Use --threads 1 for steady ratios on a busy machine.
-Decode with one thread is compute-bound in the kernels (int8/16-bit to float32 conversion per weight, no integer
-dot products, unlike llama.cpp, which also quantizes the activations). Prompts convert a chunk of rows at a time
-(compiled for every format) and multiply with BLAS; that took the Q4_K_M prompt from 185 to 424 t/s (0.32x to
-0.73x F32, --threads 2, quiet machine).
+On a loaded machine two-thread runs are mostly noise (OpenBLAS's spinning pool collapses); use --threads 1 there.
+Decode keeps activations float32 (no 8-bit rounding of activations, unlike llama.cpp): the quantized formats'
+kernels are row dot products in LLVM vector IR, the 16-bit ones numba loops (F16C's vcvtph2ps). Prompts convert a
+chunk of rows at a time (compiled for every format) and multiply with BLAS.
 """
 
 from __future__ import annotations
