@@ -12,14 +12,14 @@ against the reference's numpy conversions at 10-25x that; numba's float16 by bit
 7 ms.
 
 Every format has both: a fused decode kernel and a conversion of rows for prompts. For the quantized formats both
-are written in portable LLVM vector IR from one ``_unpack_*`` per format (a block's values as <8 x float>):
-``_row_dot`` keeps four <8 x float> sums in registers across a whole row, where numba's loops reduced every block
-horizontally or kept block-scaled sums in memory, and ``_row_values`` stores the values (Q8_0 rows convert 3x faster
-than numba's loop did). One token's matmuls of the 125M benchmark model on one core
-(loaded machine, medians), before -> after: Q8_0 19 -> 12 ms, Q4_0 59 -> 14, Q5_1 81 -> 20, Q4_K 40 -> 16,
-Q5_K 74 -> 22, Q6_K 53 -> 21, with float32 BLAS at 14-17 ms and float16 at 17-20. Everything is checked against
-core's reference (``ops.weights``) in tests/test_weight_formats.py. Without numba installed the backend runs the
-reference kernels alone.
+are written in portable LLVM vector IR from one ``_unpack_*`` per format (a block's values as <8 x float>) by
+``_row_kernel``: its dot products keep four <8 x float> sums in registers across a whole row, where numba's loops
+reduced every block horizontally or kept block-scaled sums in memory; its conversions store the values (Q8_0 rows
+3x faster than numba's loop). One token's matmuls of the 125M benchmark model on one core (loaded machine,
+medians), before -> after: Q8_0 19 -> 12 ms, Q4_0 59 -> 14, Q5_1 81 -> 20, Q4_K 40 -> 16, Q5_K 74 -> 22,
+Q6_K 53 -> 21, with float32 BLAS at 14-17 ms and float16 at 17-20. Everything is checked against core's reference
+(``ops.weights``) in tests/test_weight_formats.py. Without numba installed the backend runs the reference kernels
+alone.
 """
 
 from __future__ import annotations
@@ -222,20 +222,20 @@ if numba is not None:
                     )
         return values, None
 
-    def _row_dot(block_bytes: int, unpack: Callable[..., tuple[list[Any], Any]]) -> Any:
-        """An intrinsic ``dot(x, row) -> float32``: x (float32, C-contiguous) times one row of blocks (uint8,
-        C-contiguous), ``unpack`` giving each block's values as <8 x float> vectors and their common scale (None:
-        already scaled)."""
+    def _row_kernel(block_bytes: int, unpack: Callable[..., tuple[list[Any], Any]], dot: bool) -> Any:
+        """An intrinsic ``kernel(f, row)`` over one row of blocks (uint8) and a float32 row ``f`` (both
+        C-contiguous): with ``dot`` it returns f . row as float32; without, it writes the row's values into ``f``
+        (prompts convert chunks of rows so, then multiply with BLAS) and returns 0. ``unpack`` gives each block's
+        values as <8 x float> vectors and their common scale (None: already scaled)."""
 
         @intrinsic  # type: ignore[untyped-decorator]
-        def dot(typingctx: Any, x: Any, row: Any) -> Any:
-            if not (isinstance(x, types.Array) and isinstance(row, types.Array) and x.layout == row.layout == "C"):
-                raise errors.TypingError("row dot products take C-contiguous 1-D arrays")
+        def kernel(typingctx: Any, f: Any, row: Any) -> Any:
+            if not (isinstance(f, types.Array) and isinstance(row, types.Array) and f.layout == row.layout == "C"):
+                raise errors.TypingError("row kernels take C-contiguous 1-D arrays")
 
             def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
-                xs = context.make_array(sig.args[0])(context, builder, args[0])
-                rs = context.make_array(sig.args[1])(context, builder, args[1])
-                xp = builder.bitcast(xs.data, ir.FloatType().as_pointer())
+                fs, rs = (context.make_array(t)(context, builder, v) for t, v in zip(sig.args, args, strict=True))
+                fp = builder.bitcast(fs.data, ir.FloatType().as_pointer())
                 rp = builder.bitcast(rs.data, ir.IntType(8).as_pointer())
                 blocks = builder.udiv(builder.extract_value(rs.shape, 0), ir.Constant(_I64, block_bytes))
                 zero = ir.Constant(_V8F, [0.0] * 8)
@@ -244,55 +244,28 @@ if numba is not None:
                     values, scale = unpack(builder, rp, builder.mul(loop.index, ir.Constant(_I64, block_bytes)))
                     first = builder.mul(loop.index, ir.Constant(_I64, 8 * len(values)))
                     for g, v in enumerate(values):
-                        acc = sums[g % 4]
-                        prod = builder.fmul(
-                            _ir_load(builder, xp, _ir_at(builder, first, 8 * g), _V8F, 4), v, flags=("fast",)
-                        )
                         if scale is not None:
-                            prod = builder.fmul(prod, _ir_splat(builder, scale, _V8F), flags=("fast",))
-                        builder.store(builder.fadd(builder.load(acc), prod, flags=("fast",)), acc)
+                            v = builder.fmul(v, _ir_splat(builder, scale, _V8F), flags=("fast",))
+                        at = builder.bitcast(builder.gep(fp, [_ir_at(builder, first, 8 * g)]), _V8F.as_pointer())
+                        if dot:
+                            prod = builder.fmul(builder.load(at, align=4), v, flags=("fast",))
+                            builder.store(builder.fadd(builder.load(sums[g % 4]), prod, flags=("fast",)), sums[g % 4])
+                        else:
+                            builder.store(v, at, align=4)
+                if not dot:
+                    return ir.Constant(_I64, 0)
                 total = builder.load(sums[0])
                 for acc in sums[1:]:
                     total = builder.fadd(total, builder.load(acc), flags=("fast",))
                 out = builder.extract_element(total, ir.Constant(ir.IntType(32), 0))
                 for i in range(1, 8):
-                    out = builder.fadd(
-                        out, builder.extract_element(total, ir.Constant(ir.IntType(32), i)), flags=("fast",)
-                    )
+                    lane = builder.extract_element(total, ir.Constant(ir.IntType(32), i))
+                    out = builder.fadd(out, lane, flags=("fast",))
                 return out
 
-            return types.float32(x, row), codegen
+            return (types.float32 if dot else types.int64)(f, row), codegen
 
-        return dot
-
-    def _row_values(block_bytes: int, unpack: Callable[..., tuple[list[Any], Any]]) -> Any:
-        """An intrinsic ``values(row, out) -> 0``: one row of blocks (uint8) as float32 into ``out`` (prompts
-        convert a chunk of rows so, then multiply with BLAS); the same ``unpack`` as the dot products."""
-
-        @intrinsic  # type: ignore[untyped-decorator]
-        def values(typingctx: Any, row: Any, out: Any) -> Any:
-            if not (isinstance(row, types.Array) and isinstance(out, types.Array) and row.layout == out.layout == "C"):
-                raise errors.TypingError("row conversions take C-contiguous 1-D arrays")
-
-            def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
-                rs = context.make_array(sig.args[0])(context, builder, args[0])
-                os_ = context.make_array(sig.args[1])(context, builder, args[1])
-                rp = builder.bitcast(rs.data, ir.IntType(8).as_pointer())
-                op = builder.bitcast(os_.data, ir.FloatType().as_pointer())
-                blocks = builder.udiv(builder.extract_value(rs.shape, 0), ir.Constant(_I64, block_bytes))
-                with cgutils.for_range(builder, blocks) as loop:
-                    vals, scale = unpack(builder, rp, builder.mul(loop.index, ir.Constant(_I64, block_bytes)))
-                    first = builder.mul(loop.index, ir.Constant(_I64, 8 * len(vals)))
-                    for g, v in enumerate(vals):
-                        if scale is not None:
-                            v = builder.fmul(v, _ir_splat(builder, scale, _V8F), flags=("fast",))
-                        at = builder.gep(op, [_ir_at(builder, first, 8 * g)])
-                        builder.store(v, builder.bitcast(at, _V8F.as_pointer()), align=4)
-                return ir.Constant(ir.IntType(64), 0)
-
-            return types.int64(row, out), codegen
-
-        return values
+        return kernel
 
     _UNPACKS = [
         (34, _unpack_q8_0),
@@ -304,10 +277,10 @@ if numba is not None:
         (176, _unpack_qk(True)),
         (210, _unpack_q6_k),
     ]  # in _BLOCKS's order
-    _vals = [_row_values(size, unpack) for size, unpack in _UNPACKS]
+    _vals = [_row_kernel(size, unpack, dot=False) for size, unpack in _UNPACKS]
     _vals_q8_0, _vals_q4_0, _vals_q4_1, _vals_q5_0, _vals_q5_1, _vals_q4_k, _vals_q5_k, _vals_q6_k = _vals
 
-    _dots = [_row_dot(size, unpack) for size, unpack in _UNPACKS]
+    _dots = [_row_kernel(size, unpack, dot=True) for size, unpack in _UNPACKS]
     _dot_q8_0, _dot_q4_0, _dot_q4_1, _dot_q5_0, _dot_q5_1, _dot_q4_k, _dot_q5_k, _dot_q6_k = _dots
 
     @njit(parallel=True, cache=True, nogil=True)
@@ -315,21 +288,21 @@ if numba is not None:
         for n in prange(data.shape[0]):
             row, dst = data[n], out[n]
             if kind == 0:
-                _vals_q8_0(row, dst)
+                _vals_q8_0(dst, row)
             elif kind == 1:
-                _vals_q4_0(row, dst)
+                _vals_q4_0(dst, row)
             elif kind == 2:
-                _vals_q4_1(row, dst)
+                _vals_q4_1(dst, row)
             elif kind == 3:
-                _vals_q5_0(row, dst)
+                _vals_q5_0(dst, row)
             elif kind == 4:
-                _vals_q5_1(row, dst)
+                _vals_q5_1(dst, row)
             elif kind == 5:
-                _vals_q4_k(row, dst)
+                _vals_q4_k(dst, row)
             elif kind == 6:
-                _vals_q5_k(row, dst)
+                _vals_q5_k(dst, row)
             else:
-                _vals_q6_k(row, dst)
+                _vals_q6_k(dst, row)
 
     def _fused(parallel: bool) -> tuple[Any, Any]:
         """The fused kernels (16-bit, blocks), their rows split over threads or all on the calling thread (for
