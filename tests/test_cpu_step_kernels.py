@@ -3,6 +3,10 @@ numpy reference kernels on random inputs, and hand the cases they do not take ba
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -10,6 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import tensorweave
 from tensorweave.backends.cpu_kernels import FEW_ROWS, KERNELS
 from tensorweave.core import dtypes
 from tensorweave.core.ops import OPS
@@ -122,3 +127,17 @@ def test_attention_cases_the_compiled_kernel_does_not_take_go_to_the_reference(a
     OPS["attention"].kernel(np, ref, q, k, v, pos, ck.copy(), cv.copy(), *extra, **full)
     KERNELS["attention"](np, got, q, k, v, pos, ck.copy(), cv.copy(), *extra, **full)
     np.testing.assert_array_equal(got, ref)
+
+
+def test_compiled_kernels_cache_in_the_user_cache_directory_not_in_the_package(tmp_path: Path) -> None:
+    """numba's cache files beside an installed package outlive `pip uninstall`, and the leftover folder then shadows
+    an editable install as an empty namespace package; they go to $XDG_CACHE_HOME/tensorweave/numba instead."""
+    package = Path(tensorweave.__file__).parent
+    before = {p: p.stat().st_mtime_ns for p in package.rglob("*.nb[ic]")}
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_CACHE_DIR"} | {"XDG_CACHE_HOME": str(tmp_path)}
+    code = "import numpy as np; from tensorweave.backends.cpu_kernels import KERNELS as K; " + (
+        "x = np.ones((1, 8), np.float32); K['rms_norm'](np, np.empty_like(x), x, None, eps=1e-6)"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=300)
+    assert list((tmp_path / "tensorweave" / "numba").rglob("*_RMS_NORM*.nbi"))
+    assert {p: p.stat().st_mtime_ns for p in package.rglob("*.nb[ic]")} == before

@@ -62,6 +62,13 @@ if numba is not None:
     # 2-core machine a tiny model decoded at 8 tok/s spinning and 134 passive (190 on one thread). Passive waiting
     # costs a wake-up per kernel instead. Read when numba first loads its OpenMP layer; the user's setting wins.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # Compiled kernels cache in the user's cache directory, not beside the installed source: numba's files in
+    # site-packages outlive `pip uninstall`, and the leftover tensorweave/ folder (no __init__.py) then shadows an
+    # editable install as an empty namespace package (`pip install .` + `tensorweave demo`, then `pip install -e .`:
+    # every subprocess found no tensorweave.load). The user's NUMBA_CACHE_DIR wins.
+    if not numba.config.CACHE_DIR:
+        home = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        numba.config.CACHE_DIR = os.path.join(home, "tensorweave", "numba")
 
     @intrinsic  # type: ignore[untyped-decorator]
     def _f16(typingctx: Any, bits: Any) -> Any:
