@@ -61,6 +61,8 @@ if numba is not None:
     # OpenMP threads that spin after a parallel region starve BLAS's and the other devices' threads: on a loaded
     # 2-core machine a tiny model decoded at 8 tok/s spinning and 134 passive (190 on one thread). Passive waiting
     # costs a wake-up per kernel instead. Read when numba first loads its OpenMP layer; the user's setting wins.
+    # On a dedicated machine a bounded spin pays (GOMP_SPINCOUNT=100000, 125M model, 2 threads: Q8_0 decode
+    # 103 -> 122 t/s, F16 79 -> 91); with one other busy process it cost 3x (Q8_0 63 -> 24), so it is opt-in.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     # Compiled kernels cache in the user's cache directory, not beside the installed source: numba's files in
     # site-packages outlive `pip uninstall`, and the leftover tensorweave/ folder (no __init__.py) then shadows an
