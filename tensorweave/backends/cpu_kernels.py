@@ -433,7 +433,7 @@ def _matmul_t(xp: Any, x: Any, w: Any) -> Any:
 # Once matmuls stream narrow weights, numpy's per-call overhead on one token's norms, activations and rotations was
 # a quarter of a decode step (8-15 array operations each, a few microseconds apiece). These compiled twins take the
 # common case (float32, C-contiguous, same shapes) and leave everything else to core's reference kernels, whose
-# math they follow (rope's angles in float64; float32 elsewhere). tests/test_weight_formats.py holds them to it.
+# math they follow (rope's angles in float64; float32 elsewhere). tests/test_cpu_step_kernels.py holds them to it.
 
 if numba is not None:
 
