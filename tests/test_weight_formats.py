@@ -7,6 +7,8 @@ file holds (tools/make_weight_fixtures.py), and the unsharded numpy graph on ``g
 
 from __future__ import annotations
 
+import importlib.metadata
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -272,3 +274,23 @@ def test_a_split_that_cannot_keep_whole_blocks_names_the_tensor() -> None:
         formats.block_groups(g, {"blk.0.attn_output": dtypes.FORMATS["q4_k"]}, world=2)
     units, notes = formats.block_groups(g, {"blk.0.attn_output": dtypes.FORMATS["q8_0"]}, world=2)
     assert units == {} and not notes  # 32 columns per group: already whole Q8_0 blocks
+
+
+def test_kernels_run_on_tbb_where_the_tbb_wheel_is_installed() -> None:
+    """The tbb wheel (a dependency on Linux x86_64) keeps its library where the loader does not look; cpu_kernels
+    loads it by path so numba's TBB layer starts instead of OpenMP (no waiting for workers to wake per kernel)."""
+    try:
+        importlib.metadata.distribution("tbb")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("the tbb wheel is not installed here (a dependency on Linux x86_64 only)")
+    code = """
+import numpy as np, numba
+from tensorweave.backends import cpu_kernels as ck
+numba.set_num_threads(2)
+ck.fast_linear(np, np.ones((1, 512), np.float32), np.zeros((2 * ck.PARALLEL_MIN // 512, 512), np.float16))
+print(numba.threading_layer())
+"""
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_THREADING_LAYER"}
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "tbb", run.stdout

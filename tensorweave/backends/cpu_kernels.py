@@ -25,8 +25,11 @@ alone.
 
 from __future__ import annotations
 
+import ctypes
 import math
 import os
+import site
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -54,16 +57,40 @@ except ImportError:  # pragma: no cover - numba is a dependency; a trimmed insta
 
 intrinsic: Any = _intrinsic if numba is not None else None  # typed loosely: the decorated are called from numba
 
+
+def _load_tbb() -> None:
+    """Make the ``tbb`` wheel's library (a dependency on Linux x86_64) loadable for numba's TBB layer.
+
+    TBB suits decode better than OpenMP: its callers start on the work at once and steal what sleeping workers have
+    not begun, so a kernel never waits for a thread to wake, and idle workers yield before they sleep. 125M model,
+    2 threads, decode t/s, OpenMP passive / TBB / OpenMP spinning: quiet F16 94 / 102 / 108, Q8_0 120 / 132 / 136;
+    beside one busy process F16 59 / 62 / 28, Q8_0 69 / 64 / 36. The wheel puts libtbb.so.12 in the environment's
+    lib/, which the loader does not search, so it is loaded here by path (numba then finds it by name); without it,
+    numba falls back to OpenMP."""
+    if sys.platform != "linux":
+        return
+    for prefix in (sys.prefix, site.getuserbase()):  # `pip install` / `pip install --user`
+        path = os.path.join(prefix, "lib", "libtbb.so.12")
+        if os.path.exists(path):
+            try:
+                ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+                return
+            except OSError:  # a broken or foreign build: OpenMP it is
+                pass
+
+
 if numba is not None:
     # cpu-sim's devices call kernels from a thread each: only a thread-safe layer (OpenMP, TBB) may run them; the
     # default picks workqueue when those are missing, which aborts on concurrent calls
     if numba.config.THREADING_LAYER == "default":
-        numba.config.THREADING_LAYER = "threadsafe"
+        numba.config.THREADING_LAYER = "threadsafe"  # TBB where it loads, else OpenMP
+        _load_tbb()
     # OpenMP threads that spin after a parallel region starve BLAS's and the other devices' threads: on a loaded
     # 2-core machine a tiny model decoded at 8 tok/s spinning and 134 passive (190 on one thread). Passive waiting
     # costs a wake-up per kernel instead. Read when numba first loads its OpenMP layer; the user's setting wins.
     # On a dedicated machine a bounded spin pays (GOMP_SPINCOUNT=100000, 125M model, 2 threads: Q8_0 decode
     # 103 -> 122 t/s, F16 79 -> 91); with one other busy process it cost 3x (Q8_0 63 -> 24), so it is opt-in.
+    # TBB, where installed, needs neither: see _load_tbb.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     # Compiled kernels cache in the user's cache directory, not beside the installed source: numba's files in
     # site-packages outlive `pip uninstall`, and the leftover tensorweave/ folder (no __init__.py) then shadows an
