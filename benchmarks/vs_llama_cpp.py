@@ -32,22 +32,23 @@ bytes: right for speed, meaningless as a model.
 
 Measured on the 2-core development machine (AMD EPYC Zen 3, AVX2 + F16C), llama-cpp-python 0.3.36 (vendored
 llama.cpp: ggml 0.25.3, commit 0c1e570; OpenMP, REPACK), numba 0.68, default arguments (--threads 2), --runs 3, on a
-quiet moment, after tensorweave's IR dot-product kernels (the first run, before them, is kept below):
+quiet moment, with tensorweave's IR dot-product kernels scaling per group and its kernels on numba's TBB layer
+(the runs before are kept below):
 
     file    llama.cpp pp64  tensorweave pp64  pp64 x  llama.cpp tg32  tensorweave tg32  tg32 x  max |dlogit|  rel
-    F32     621.1           616.3             0.99    60.4            50.2              0.83    3.4e-03       8.7e-04
-    F16     747.1           470.9             0.63    106.5           78.7              0.74    5.4e-03       1.4e-03
-    Q8_0    705.3           564.5             0.80    166.7           93.0              0.56    1.4e-01       3.5e-02
-    Q4_K_M  729.1           550.8             0.76    220.8           66.2              0.30    9.1e-02       1.2e-02
+    F32     643.3           522.3             0.81    71.9            58.9              0.82    3.4e-03       8.7e-04
+    F16     732.8           571.9             0.78    123.0           88.1              0.72    5.4e-03       1.4e-03
+    Q8_0    645.2           459.2             0.71    180.4           107.9             0.60    1.4e-01       3.5e-02
+    Q4_K_M  839.2           537.6             0.64    238.1           82.7              0.35    9.1e-02       1.2e-02
 
-Before them (--runs 5): tg32 x 0.78 / 0.58 / 0.35 / 0.15 and pp64 x 0.91 / 0.69 / 0.61 / 0.55. The aim of issue 14,
->= 0.5x llama.cpp at F32, F16 and Q8_0, now holds for prompts and decode; Q4_K_M decode is at 0.30x. llama.cpp
-quantizes the activations and uses integer dot products (and repacks the Q4_K matrices as q4_K_8x8; Q8_0 is used
-as stored), while tensorweave keeps activations float32 and converts every weight to float32 in registers. F32
-logits agree to 8.7e-4 of the largest logit with llama.cpp's float16 KV cache and to 7.3e-6 absolute with a float32
-one: both engines read the file alike (Q/K row order, rope, norms). Q8_0's 3.5e-2 is llama.cpp's Q8_0 rounding of
-the activations, of the size of the weights' own rounding (Q8_0 against F32: 4.2e-2 in tensorweave, 5.6e-2 in
-llama.cpp).
+With the IR kernels scaling every value, on OpenMP: tg32 x 0.83 / 0.74 / 0.56 / 0.30, pp64 x 0.99 / 0.63 / 0.80 / 0.76.
+Before the IR kernels (--runs 5): tg32 x 0.78 / 0.58 / 0.35 / 0.15 and pp64 x 0.91 / 0.69 / 0.61 / 0.55. The aim of
+issue 14, >= 0.5x llama.cpp at F32, F16 and Q8_0, holds for prompts and decode; Q4_K_M decode is at 0.35x. llama.cpp
+quantizes the activations and uses integer dot products (and repacks the Q4_K matrices as q4_K_8x8; Q8_0 is used as
+stored), while tensorweave keeps activations float32 and converts every weight to float32 in registers. F32 logits agree
+to 8.7e-4 of the largest logit with llama.cpp's float16 KV cache and to 7.3e-6 absolute with a float32 one: both engines
+read the file alike (Q/K row order, rope, norms). Q8_0's 3.5e-2 is llama.cpp's Q8_0 rounding of the activations, of the
+size of the weights' own rounding (Q8_0 against F32: 4.2e-2 in tensorweave, 5.6e-2 in llama.cpp).
 
 On a loaded machine (other jobs taking a core) both engines' two-thread runs collapse at random moments (llama.cpp
 tg 3-40 t/s in single rounds, tensorweave's F32 pp through OpenBLAS 55 t/s), so medians of few rounds there are

@@ -13,19 +13,20 @@ from other jobs on the machine hits all formats alike; the table has the medians
 warm-up, and ratios against F32 measured in the same rounds. Memory: the bytes the devices hold after loading
 (``memory_info().used``, summed over devices) over the file's size, at TP 1 and at TP 3 split 3,2,1.
 
-Measured on the 2-core development machine (AMD EPYC, Zen 3, AVX2 + F16C), quiet, numba 0.68, ratios from the
-same rounds. --threads 1 --runs 3:
+Measured on the 2-core development machine (AMD EPYC, Zen 3, AVX2 + F16C), quiet, numba 0.68 on TBB, ratios from
+the same rounds. --threads 2 --runs 5:
 
     file    held as        pp64 t/s  tg32 t/s  pp x F32  tg x F32  MiB held
-    F32     f32            392.1     33.1      1.00      1.00      476
-    F16     f16+f32        395.9     61.9      1.01      1.87      238
-    BF16    bf16+f32       396.9     55.2      1.01      1.67      238
-    Q8_0    q8_0+f32       394.9     67.9      1.01      2.05      126
-    Q4_K_M  q6_k+q4_k+f32  388.4     53.5      0.99      1.62      78
+    F32     f32            664.3     57.5      1.00      1.00      476
+    F16     f16+f32        582.7     89.3      0.88      1.55      238
+    BF16    bf16+f32       557.5     87.3      0.84      1.52      238
+    Q8_0    q8_0+f32       544.3     110.1     0.82      1.92      126
+    Q4_K_M  q4_k+q6_k+f32  483.4     80.1      0.73      1.39      78
 
---threads 2 --runs 5: F32 619.2 / 49.9 t/s; pp x 0.73 / 0.85 / 0.93 / 0.82 and tg x 1.43 / 1.51 / 1.78 / 1.28 for
-F16 / BF16 / Q8_0 / Q4_K_M (OpenBLAS's two threads speed F32 decode up more than the narrow kernels, which are
-bound by converting each weight to float32 in registers, not by memory).
+--threads 1 --runs 3: F32 408.4 / 40.3 t/s; pp x 0.94 / 0.97 / 1.00 / 0.95 and tg x 1.64 / 1.57 / 2.16 / 1.35 for
+F16 / BF16 / Q8_0 / Q4_K_M. One core streams about 16 GB/s here, float32 BLAS and the 16-bit kernels alike, and a
+decode step spends ~2 ms outside its matmuls, so F16 cannot reach 2x F32 on one thread (at most ~1.85x); Q8_0's
+kernel is bound by converting int8 to float32 in registers (~12 G values/s per core), not by memory.
 
     held / file size: 1.00 for every file, and 1.00 for Q4_K_M split 3,2,1 over three devices (78.4 / 78.2 MiB).
 
