@@ -259,71 +259,56 @@ if numba is not None:
         sc = [_ir_load(builder, rp, _ir_at(builder, off, 192 + k), ir.IntType(8), 1) for k in range(16)]
         return values, [builder.fmul(d, builder.sitofp(c, ir.FloatType())) for c in sc], None
 
-    def _row_kernel(block_bytes: int, unpack: Callable[..., Unpacked], dot: bool) -> Any:
-        """An intrinsic ``kernel(f, row)`` over one row of blocks (uint8) and a float32 row ``f`` (both
-        C-contiguous): with ``dot`` it returns f . row as float32; without, it writes the row's values into ``f``
-        (prompts convert chunks of rows so, then multiply with BLAS) and returns 0."""
+    def _row_ir(builder: Any, fp: Any, rp: Any, nbytes: Any, block_bytes: int, unpack: Any, dot: bool) -> Any:
+        """One row of one format: with ``dot``, the float32 row at ``fp`` dotted with the row of blocks at ``rp``
+        (``nbytes`` long); without, the row's values written to ``fp`` (then 0)."""
+        blocks = builder.udiv(nbytes, ir.Constant(_I64, block_bytes))
+        zero = ir.Constant(_V8F, [0.0] * 8)
+        sums = [cgutils.alloca_once_value(builder, zero) for _ in range(4)]  # type: ignore[no-untyped-call]
 
-        @intrinsic  # type: ignore[untyped-decorator]
-        def kernel(typingctx: Any, f: Any, row: Any) -> Any:
-            if not (isinstance(f, types.Array) and isinstance(row, types.Array) and f.layout == row.layout == "C"):
-                raise errors.TypingError("row kernels take C-contiguous 1-D arrays")
+        def fast(op: str, a: Any, b: Any) -> Any:
+            return getattr(builder, op)(a, b, flags=("fast",))
 
-            def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
-                fs, rs = (context.make_array(t)(context, builder, v) for t, v in zip(sig.args, args, strict=True))
-                fp = builder.bitcast(fs.data, ir.FloatType().as_pointer())
-                rp = builder.bitcast(rs.data, ir.IntType(8).as_pointer())
-                blocks = builder.udiv(builder.extract_value(rs.shape, 0), ir.Constant(_I64, block_bytes))
-                zero = ir.Constant(_V8F, [0.0] * 8)
-                sums = [cgutils.alloca_once_value(builder, zero) for _ in range(4)]  # type: ignore[no-untyped-call]
+        def add_to(acc: Any, v: Any) -> None:
+            builder.store(fast("fadd", builder.load(acc), v), acc)
 
-                def fast(op: str, a: Any, b: Any) -> Any:
-                    return getattr(builder, op)(a, b, flags=("fast",))
-
-                def add_to(acc: Any, v: Any) -> None:
-                    builder.store(fast("fadd", builder.load(acc), v), acc)
-
-                with cgutils.for_range(builder, blocks) as loop:  # mem2reg turns the sums into registers
-                    q, scales, mins = unpack(builder, rp, builder.mul(loop.index, ir.Constant(_I64, block_bytes)))
-                    first, size = builder.mul(loop.index, ir.Constant(_I64, 8 * len(q))), len(q) // len(scales)
-                    at = [
-                        builder.bitcast(builder.gep(fp, [_ir_at(builder, first, 8 * k)]), _V8F.as_pointer())
-                        for k in range(len(q))
-                    ]
-                    for j, scale in enumerate(scales):
-                        group = range(j * size, (j + 1) * size)
-                        sc = _ir_splat(builder, scale, _V8F)
-                        mn = _ir_splat(builder, mins[j], _V8F) if mins else None
-                        if not dot:
-                            for k in group:
-                                v = fast("fmul", q[k], sc)
-                                builder.store(fast("fadd", v, mn) if mn else v, at[k], align=4)
-                            continue
-                        xs = [builder.load(at[k], align=4) for k in group]
-                        part = fast("fmul", xs[0], q[group[0]])
-                        for x, k in zip(xs[1:], group[1:], strict=True):
-                            part = fast("fadd", part, fast("fmul", x, q[k]))
-                        add_to(sums[j % 2], fast("fmul", part, sc))
-                        if mn:  # sum(x * (scale q + min)) = scale sum(x q) + min sum(x)
-                            total = xs[0]
-                            for x in xs[1:]:
-                                total = fast("fadd", total, x)
-                            add_to(sums[2 + j % 2], fast("fmul", total, mn))
+        with cgutils.for_range(builder, blocks) as loop:  # mem2reg turns the sums into registers
+            q, scales, mins = unpack(builder, rp, builder.mul(loop.index, ir.Constant(_I64, block_bytes)))
+            first, size = builder.mul(loop.index, ir.Constant(_I64, 8 * len(q))), len(q) // len(scales)
+            at = [
+                builder.bitcast(builder.gep(fp, [_ir_at(builder, first, 8 * k)]), _V8F.as_pointer())
+                for k in range(len(q))
+            ]
+            for j, scale in enumerate(scales):
+                group = range(j * size, (j + 1) * size)
+                sc = _ir_splat(builder, scale, _V8F)
+                mn = _ir_splat(builder, mins[j], _V8F) if mins else None
                 if not dot:
-                    return ir.Constant(_I64, 0)
-                total = builder.load(sums[0])
-                for acc in sums[1:]:
-                    total = fast("fadd", total, builder.load(acc))
-                out = builder.extract_element(total, ir.Constant(ir.IntType(32), 0))
-                for i in range(1, 8):
-                    out = fast("fadd", out, builder.extract_element(total, ir.Constant(ir.IntType(32), i)))
-                return out
+                    for k in group:
+                        v = fast("fmul", q[k], sc)
+                        builder.store(fast("fadd", v, mn) if mn else v, at[k], align=4)
+                    continue
+                xs = [builder.load(at[k], align=4) for k in group]
+                part = fast("fmul", xs[0], q[group[0]])
+                for x, k in zip(xs[1:], group[1:], strict=True):
+                    part = fast("fadd", part, fast("fmul", x, q[k]))
+                add_to(sums[j % 2], fast("fmul", part, sc))
+                if mn:  # sum(x * (scale q + min)) = scale sum(x q) + min sum(x)
+                    total = xs[0]
+                    for x in xs[1:]:
+                        total = fast("fadd", total, x)
+                    add_to(sums[2 + j % 2], fast("fmul", total, mn))
+        if not dot:
+            return ir.Constant(ir.FloatType(), 0.0)
+        total = builder.load(sums[0])
+        for acc in sums[1:]:
+            total = fast("fadd", total, builder.load(acc))
+        out = builder.extract_element(total, ir.Constant(ir.IntType(32), 0))
+        for i in range(1, 8):
+            out = fast("fadd", out, builder.extract_element(total, ir.Constant(ir.IntType(32), i)))
+        return out
 
-            return (types.float32 if dot else types.int64)(f, row), codegen
-
-        return kernel
-
-    _UNPACKS = [
+    _UNPACKS = [  # by _BLOCKS's number of the format: (block bytes, unpack)
         (34, _unpack_q8_0),
         (18, _unpack_q45(False, False)),
         (20, _unpack_q45(False, True)),
@@ -332,33 +317,49 @@ if numba is not None:
         (144, _unpack_qk(False)),
         (176, _unpack_qk(True)),
         (210, _unpack_q6_k),
-    ]  # in _BLOCKS's order
-    _vals = [_row_kernel(size, unpack, dot=False) for size, unpack in _UNPACKS]
-    _vals_q8_0, _vals_q4_0, _vals_q4_1, _vals_q5_0, _vals_q5_1, _vals_q4_k, _vals_q5_k, _vals_q6_k = _vals
+    ]
 
-    _dots = [_row_kernel(size, unpack, dot=True) for size, unpack in _UNPACKS]
-    _dot_q8_0, _dot_q4_0, _dot_q4_1, _dot_q5_0, _dot_q5_1, _dot_q4_k, _dot_q5_k, _dot_q6_k = _dots
+    def _row_kernel(dot: bool) -> Any:
+        """An intrinsic ``kernel(kind, f, row)`` over one row of blocks (uint8) of format number ``kind`` and a
+        float32 row ``f`` (both C-contiguous): with ``dot`` it returns f . row as float32; without, it writes the
+        row's values into ``f`` (prompts convert chunks of rows so, then multiply with BLAS) and returns 0. The
+        format is a switch in the IR, each case one format's loop, so callers name no format."""
+
+        @intrinsic  # type: ignore[untyped-decorator]
+        def kernel(typingctx: Any, kind: Any, f: Any, row: Any) -> Any:
+            arrays = isinstance(f, types.Array) and isinstance(row, types.Array) and f.layout == row.layout == "C"
+            if not (arrays and isinstance(kind, types.Integer)):
+                raise errors.TypingError("row kernels take a format number and C-contiguous 1-D arrays")
+
+            def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
+                fs, rs = (
+                    context.make_array(t)(context, builder, v) for t, v in zip(sig.args[1:], args[1:], strict=True)
+                )
+                fp = builder.bitcast(fs.data, ir.FloatType().as_pointer())
+                rp = builder.bitcast(rs.data, ir.IntType(8).as_pointer())
+                nbytes = builder.extract_value(rs.shape, 0)
+                result = cgutils.alloca_once(builder, ir.FloatType())  # type: ignore[no-untyped-call]
+                cases = [builder.append_basic_block(f"format{k}") for k in range(len(_UNPACKS))]
+                merge = builder.append_basic_block("formats_done")
+                switch = builder.switch(context.cast(builder, args[0], sig.args[0], types.int64), cases[-1])
+                for number, (block, (size, unpack)) in enumerate(zip(cases, _UNPACKS, strict=True)):
+                    switch.add_case(ir.Constant(_I64, number), block)
+                    builder.position_at_end(block)
+                    builder.store(_row_ir(builder, fp, rp, nbytes, size, unpack, dot), result)
+                    builder.branch(merge)
+                builder.position_at_end(merge)
+                return builder.load(result)
+
+            return types.float32(kind, f, row), codegen
+
+        return kernel
+
+    _dot, _vals = _row_kernel(dot=True), _row_kernel(dot=False)
 
     @njit(parallel=True, cache=True, nogil=True)
     def _BLOCKS_ROWS(data: Any, kind: int, out: Any) -> None:  # rows of blocks -> out [N, K] float32
         for n in prange(data.shape[0]):
-            row, dst = data[n], out[n]
-            if kind == 0:
-                _vals_q8_0(dst, row)
-            elif kind == 1:
-                _vals_q4_0(dst, row)
-            elif kind == 2:
-                _vals_q4_1(dst, row)
-            elif kind == 3:
-                _vals_q5_0(dst, row)
-            elif kind == 4:
-                _vals_q5_1(dst, row)
-            elif kind == 5:
-                _vals_q4_k(dst, row)
-            elif kind == 6:
-                _vals_q5_k(dst, row)
-            else:
-                _vals_q6_k(dst, row)
+            _vals(kind, out[n], data[n])
 
     def _fused(parallel: bool) -> tuple[Any, Any]:
         """The fused kernels (16-bit, blocks), their rows split over threads or all on the calling thread (for
@@ -385,29 +386,14 @@ if numba is not None:
             for n in prange(data.shape[0]):
                 row = data[n]
                 for t in range(x.shape[0]):
-                    if kind == 0:
-                        out[t, n] = _dot_q8_0(x[t], row)
-                    elif kind == 1:
-                        out[t, n] = _dot_q4_0(x[t], row)
-                    elif kind == 2:
-                        out[t, n] = _dot_q4_1(x[t], row)
-                    elif kind == 3:
-                        out[t, n] = _dot_q5_0(x[t], row)
-                    elif kind == 4:
-                        out[t, n] = _dot_q5_1(x[t], row)
-                    elif kind == 5:
-                        out[t, n] = _dot_q4_k(x[t], row)
-                    elif kind == 6:
-                        out[t, n] = _dot_q5_k(x[t], row)
-                    else:
-                        out[t, n] = _dot_q6_k(x[t], row)
+                    out[t, n] = _dot(kind, x[t], row)
 
         return half, blocks
 
     (_HALF_FEW, _BLOCKS_FEW), (_HALF_ONE, _BLOCKS_ONE) = _fused(True), _fused(False)
 
 
-_BLOCKS = {"q8_0": 0, "q4_0": 1, "q4_1": 2, "q5_0": 3, "q5_1": 4, "q4_k": 5, "q5_k": 6, "q6_k": 7}  # _BLOCKS_FEW's
+_BLOCKS = {"q8_0": 0, "q4_0": 1, "q4_1": 2, "q5_0": 3, "q5_1": 4, "q4_k": 5, "q5_k": 6, "q6_k": 7}  # _UNPACKS order
 
 
 def set_threads(n: int | None) -> None:
