@@ -335,20 +335,23 @@ def test_cpu_sim_attention_over_a_16bit_cache_is_the_reference_bit_for_bit(cache
     np.testing.assert_array_equal(outs[0], outs[1])
 
 
-def test_cpu_sim_attention_over_a_float32_cache_stays_with_cpu_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Only 16-bit caches take the widening path: a float32 cache goes to cpu_kernels' attention (its compiled
-    decode step) as before."""
+def test_cpu_sim_attention_widens_16bit_caches_and_keeps_the_compiled_step_for_float32(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Only 16-bit caches take the widening path (core's kernel through the compiled row conversion): a float32
+    cache goes to the compiled decode step as before."""
     from tensorweave.backends import cpu_kernels
     from tensorweave.backends.cpu_sim import KERNELS
 
     if "attention" not in KERNELS:
         pytest.skip("numba is not installed: cpu-sim runs the reference attention")
-    calls: list[np.dtype[Any]] = []
-    monkeypatch.setitem(cpu_kernels.KERNELS, "attention", lambda xp, out, *ins, **kw: calls.append(ins[4].dtype))
+    calls: list[str] = []
+    monkeypatch.setattr(cpu_kernels, "_ATTEND", lambda *args: calls.append("compiled"))
+    monkeypatch.setattr(cpu_kernels, "_attend_16bit", lambda xp, out, *ins, **kw: calls.append(ins[4].dtype.name))
     q, k, v = (np.ones((1, h, 8), np.float32) for h in (2, 1, 1))
     for cache in ("float32", "float16", "bfloat16"):
         ck, cv = (np.zeros((4, 1, 8), dtypes.to_dtype(cache)) for _ in "kv")
         KERNELS["attention"](
             np, np.empty(q.shape, np.float32), q, k, v, np.zeros(1, np.int32), ck, cv, scale=1.0, cache=True
         )
-    assert calls == [np.dtype(np.float32)]
+    assert calls == ["compiled", "float16", "bfloat16"]

@@ -10,9 +10,8 @@ It behaves like a strict GPU so placement bugs show up in CI instead of on someo
 - weights held as float16, bfloat16 or Q8_0 multiply through compiled kernels (``cpu_kernels``, numba) that use
   the same per-device thread count as BLAS; other formats run core's reference kernels;
 - attention over a float16 or bfloat16 KV cache (``tw.load(cache_dtype=...)``) widens keys and values through the
-  same compiled row conversion (``_cache_float32``) and runs core's kernel: numpy's float16 ``astype`` has no SIMD
-  path here (one decode step's attention over 1024 positions of 12 heads x 64: float32 0.38 ms, float16 through
-  numpy 3.5 ms, compiled 0.57 ms; bfloat16 1.2 ms and 0.59 ms); over a float32 cache, ``cpu_kernels``' own;
+  same compiled row conversion and runs core's kernel; over a float32 cache, a compiled decode step (both in
+  ``cpu_kernels``);
 - the devices share this machine's cores: in a group of N > 1 devices, each device's worker runs BLAS with
   cores // N threads (``threads=K`` overrides; ``threads=0`` leaves BLAS alone), so N concurrent BLAS pools do
   not oversubscribe the cores: OpenBLAS threads spin while they wait, and on a loaded 2-core machine a decode step
@@ -47,7 +46,6 @@ from ..core.device import (
     total_host_memory,
 )
 from ..core.hookspecs import hookimpl
-from ..core.ops.attention import as_float32, attention_inputs, attention_kernel
 from ..errors import DeviceSpecError, OutOfMemoryError, PlacementError, ShapeError
 from . import cpu_kernels
 from ._worker import SerialWorker, walk
@@ -248,32 +246,9 @@ class SimDevice(Device):
         self._worker.drain()
 
 
-def _cache_float32(xp: Any, x: Any) -> Any:
-    """Keys or values read from a 16-bit KV cache, as float32 through cpu_kernels' compiled row conversion."""
-    kind = {dtypes.float16: "f16", dtypes.bfloat16: "bf16"}.get(x.dtype)
-    if kind is None or not x.flags.c_contiguous or not x.size:
-        return as_float32(xp, x)
-    rows = x.reshape(x.shape[0], -1)
-    return cpu_kernels.rows_float32(rows, 0, rows.shape[0], kind).reshape(x.shape)
-
-
-_attend_16bit = attention_kernel(_cache_float32)
-_NARROW = (dtypes.float16, dtypes.bfloat16)
-
-
-def _k_attention(xp: Any, out: Any, *inputs: Any, **attrs: Any) -> None:
-    """Attention over a 16-bit KV cache: core's kernel widening through ``_cache_float32``; over anything else,
-    cpu_kernels' (its compiled decode step over a float32 cache, or the reference)."""
-    _, _, _, _, ck, cv, _ = attention_inputs(inputs, attrs)
-    narrow = ck is not None and (ck.dtype in _NARROW or cv.dtype in _NARROW)
-    (_attend_16bit if narrow else cpu_kernels.KERNELS["attention"])(xp, out, *inputs, **attrs)
-
-
-# compiled kernels for 16-bit and quantized weights and a decode step's small ops, and attention that also reads
-# 16-bit KV caches compiled (all need numba; without it every op runs core's reference)
-KERNELS: dict[str, Callable[..., Any]] = (
-    {**cpu_kernels.KERNELS, "attention": _k_attention} if "attention" in cpu_kernels.KERNELS else {}
-)
+# compiled kernels for 16-bit and quantized weights, a decode step's small ops and attention (also over 16-bit KV
+# caches); all need numba: without it every op runs core's reference
+KERNELS: dict[str, Callable[..., Any]] = cpu_kernels.KERNELS
 
 
 class CpuSimBackend(Backend):
