@@ -13,10 +13,10 @@ against the reference's numpy conversions at 10-25x that; numba's float16 by bit
 
 Every format has both: a fused decode kernel and a conversion of rows for prompts. For the quantized formats both
 are written in portable LLVM vector IR from one ``_unpack_*`` per format (a block's values as <8 x float>) by
-``_row_kernel``: its dot products keep <8 x float> sums in registers across a whole row and scale a group's
-partial sum once, where numba's loops reduced every block horizontally or kept block-scaled sums in memory; its
-conversions store the values (Q8_0 rows
-3x faster than numba's loop). One token's matmuls of the 125M benchmark model on one core (loaded machine,
+``_row_ir`` (``_dot`` and ``_vals`` switch on the format in the IR): its dot products keep <8 x float> sums in
+registers across a whole row and scale a group's partial sum once, where numba's loops reduced every block
+horizontally or kept block-scaled sums in memory; its conversions store the values (Q8_0 rows 3x faster than
+numba's loop). One token's matmuls of the 125M benchmark model on one core (loaded machine,
 medians), before -> after: Q8_0 19 -> 12 ms, Q4_0 59 -> 14, Q5_1 81 -> 20, Q4_K 40 -> 16, Q5_K 74 -> 22,
 Q6_K 53 -> 21, with float32 BLAS at 14-17 ms and float16 at 17-20. Everything is checked against core's reference
 (``ops.weights``) in tests/test_weight_formats.py. Without numba installed the backend runs the reference kernels
@@ -143,6 +143,9 @@ if numba is not None:
         mask = ir.Constant(ir.VectorType(ir.IntType(32), ty.count), [0] * ty.count)
         return builder.shuffle_vector(vec, ir.Constant(ty, ir.Undefined), mask)
 
+    def _ir_lanes(builder: Any, v: Any, n: int) -> list[Any]:  # lanes 0..n-1 of vector v, each splat to <8 x float>
+        return [builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(ir.IntType(32), 8), [j] * 8)) for j in range(n)]
+
     def _ir_f16(builder: Any, rp: Any, off: Any) -> Any:  # the little-endian float16 at byte ``off``, as float
         bits = _ir_load(builder, rp, off, ir.IntType(16), 1)
         return builder.fpext(builder.bitcast(bits, ir.HalfType()), ir.FloatType())
@@ -151,11 +154,14 @@ if numba is not None:
         return builder.add(off, ir.Constant(_I64, k))
 
     # An unpacked block: (q, scales, mins): its values as <8 x float> vectors in order, unscaled, and per group (an
-    # equal run of vectors sharing a scale) a float scale and an offset (mins None: no offsets), value = scale * q
-    # + min. Dot products then scale a group's partial sum once instead of every value, and sum the activations
-    # once for the offset: one core, a [2048, 768] weight times one row, 156 -> 135 us for Q8_0, 291 -> 242 Q5_0,
-    # 294 -> 263 Q6_K (F16 86, float32 BLAS 80-145).
-    Unpacked = tuple[list[Any], list[Any], list[Any] | None]
+    # equal run of vectors sharing a scale) a scale, value = scale * q + min. A scale is a float or already an
+    # <8 x float> splat; mins are None (no offsets), a float per group, or one vector with a lane per group (the
+    # K-quants decode their eight sub-block scales and mins in vector lanes, not one byte at a time). Dot products
+    # scale a group's partial sum once instead of every value, and take the offsets from the activations' sums
+    # over 32 values (``_sums32``, once per call, not once per weight row). One core, a [2048, 768] weight times one
+    # row: 156 -> 135 us for Q8_0, 291 -> 242 Q5_0, 294 -> 263 Q6_K by group scaling; then 236 -> 173 Q4_K, 207 ->
+    # 167 Q4_1, 281 -> 237 Q5_K by the offsets' sums and vector scales (F16 86, float32 BLAS 80-145).
+    Unpacked = tuple[list[Any], list[Any], Any]
 
     def _unpack_q8_0(builder: Any, rp: Any, off: Any) -> Unpacked:
         """A Q8_0 block at byte ``off``: d (float16), 32 int8."""
@@ -210,18 +216,23 @@ if numba is not None:
 
         def unpack(builder: Any, rp: Any, off: Any) -> Unpacked:
             d, dmin = _ir_f16(builder, rp, off), _ir_f16(builder, rp, _ir_at(builder, off, 2))
-            s = [_ir_byte(builder, rp, off, 4 + k) for k in range(12)]
-            c63, c15 = ir.Constant(ir.IntType(32), 63), ir.Constant(ir.IntType(32), 15)
-            c4, c6 = ir.Constant(ir.IntType(32), 4), ir.Constant(ir.IntType(32), 6)
-            scales, mins = [], []
-            for j in range(8):  # ggml's get_scale_min_k4
-                if j < 4:
-                    sc, m = builder.and_(s[j], c63), builder.and_(s[j + 4], c63)
-                else:
-                    sc = builder.or_(builder.and_(s[j + 4], c15), builder.shl(builder.lshr(s[j - 4], c6), c4))
-                    m = builder.or_(builder.lshr(s[j + 4], c4), builder.shl(builder.lshr(s[j], c6), c4))
-                scales.append(builder.fmul(d, builder.uitofp(sc, ir.FloatType())))
-                mins.append(builder.fneg(builder.fmul(dmin, builder.uitofp(m, ir.FloatType()))))
+            s = _ir_load(builder, rp, _ir_at(builder, off, 4), ir.VectorType(ir.IntType(8), 16), 1)  # 12 used
+
+            def pick(*idx: int) -> Any:  # lane j: byte idx[j] of the scales
+                return builder.shuffle_vector(s, s, ir.Constant(ir.VectorType(ir.IntType(32), 8), list(idx)))
+
+            # ggml's get_scale_min_k4 for the 8 sub-blocks at once: j < 4 six bits of bytes j (scale) and j + 4
+            # (min); j >= 4 the nibbles of byte j + 4 under the top two bits of bytes j - 4 (scale) and j (min)
+            first = ir.Constant(ir.VectorType(ir.IntType(1), 8), [1, 1, 1, 1, 0, 0, 0, 0])
+            a, b = pick(0, 1, 2, 3, 8, 9, 10, 11), pick(4, 5, 6, 7, 8, 9, 10, 11)
+            top_a, top_b = (
+                builder.shl(_ir_vbits(builder, t, 6, 3), ir.Constant(i8x8, [4] * 8))
+                for t in (pick(0, 1, 2, 3, 0, 1, 2, 3), pick(4, 5, 6, 7, 4, 5, 6, 7))
+            )
+            sc = builder.select(first, _ir_vbits(builder, a, 0, 63), builder.or_(_ir_vbits(builder, a, 0, 15), top_a))
+            m = builder.select(first, _ir_vbits(builder, b, 0, 63), builder.or_(_ir_vbits(builder, b, 4, 15), top_b))
+            scales = _ir_lanes(builder, builder.fmul(builder.uitofp(sc, _V8F), _ir_splat(builder, d, _V8F)), 8)
+            mins = builder.fneg(builder.fmul(builder.uitofp(m, _V8F), _ir_splat(builder, dmin, _V8F)))
             values: list[Any] = [None] * 32
             for i in range(4):
                 for lane in range(4):
@@ -256,21 +267,27 @@ if numba is not None:
                     q = builder.sub(q, ir.Constant(i8x8, [32] * 8))
                     values[16 * h + 4 * g + lane] = builder.sitofp(q, _V8F)
         # vector i = 16h + 4g + lane is in group i // 2 = 8h + 2g + lane // 2: scale byte 192 + i // 2
-        sc = [_ir_load(builder, rp, _ir_at(builder, off, 192 + k), ir.IntType(8), 1) for k in range(16)]
-        return values, [builder.fmul(d, builder.sitofp(c, ir.FloatType())) for c in sc], None
+        sc = _ir_load(builder, rp, _ir_at(builder, off, 192), ir.VectorType(ir.IntType(8), 16), 1)
+        v16 = ir.VectorType(ir.FloatType(), 16)
+        return values, _ir_lanes(builder, builder.fmul(builder.sitofp(sc, v16), _ir_splat(builder, d, v16)), 16), None
 
-    def _row_ir(builder: Any, fp: Any, rp: Any, nbytes: Any, block_bytes: int, unpack: Any, dot: bool) -> Any:
-        """One row of one format: with ``dot``, the float32 row at ``fp`` dotted with the row of blocks at ``rp``
-        (``nbytes`` long); without, the row's values written to ``fp`` (then 0)."""
+    def _row_ir(builder: Any, fp: Any, rp: Any, gp: Any, nbytes: Any, block_bytes: int, unpack: Any) -> Any:
+        """One row of one format: with group sums ``gp`` (dot products), the float32 row at ``fp`` dotted with the row
+        of blocks at ``rp`` (``nbytes`` long); with ``gp`` None, the row's values written to ``fp`` (then 0)."""
+        dot = gp is not None
         blocks = builder.udiv(nbytes, ir.Constant(_I64, block_bytes))
         zero = ir.Constant(_V8F, [0.0] * 8)
-        sums = [cgutils.alloca_once_value(builder, zero) for _ in range(4)]  # type: ignore[no-untyped-call]
+        sums = [cgutils.alloca_once_value(builder, zero) for _ in range(3)]  # type: ignore[no-untyped-call]
+        offsets = cgutils.alloca_once_value(builder, ir.Constant(ir.FloatType(), 0.0))  # type: ignore[no-untyped-call]
 
         def fast(op: str, a: Any, b: Any) -> Any:
             return getattr(builder, op)(a, b, flags=("fast",))
 
         def add_to(acc: Any, v: Any) -> None:
             builder.store(fast("fadd", builder.load(acc), v), acc)
+
+        def splat(v: Any) -> Any:
+            return v if isinstance(v.type, ir.VectorType) else _ir_splat(builder, v, _V8F)
 
         with cgutils.for_range(builder, blocks) as loop:  # mem2reg turns the sums into registers
             q, scales, mins = unpack(builder, rp, builder.mul(loop.index, ir.Constant(_I64, block_bytes)))
@@ -279,32 +296,34 @@ if numba is not None:
                 builder.bitcast(builder.gep(fp, [_ir_at(builder, first, 8 * k)]), _V8F.as_pointer())
                 for k in range(len(q))
             ]
-            for j, scale in enumerate(scales):
-                group = range(j * size, (j + 1) * size)
-                sc = _ir_splat(builder, scale, _V8F)
-                mn = _ir_splat(builder, mins[j], _V8F) if mins else None
-                if not dot:
-                    for k in group:
+            if not dot:
+                lanes = _ir_lanes(builder, mins, len(scales)) if isinstance(mins, ir.Value) else mins
+                for j, scale in enumerate(scales):
+                    sc, mn = splat(scale), splat(lanes[j]) if lanes else None
+                    for k in range(j * size, (j + 1) * size):
                         v = fast("fmul", q[k], sc)
                         builder.store(fast("fadd", v, mn) if mn else v, at[k], align=4)
-                    continue
-                xs = [builder.load(at[k], align=4) for k in group]
-                part = fast("fmul", xs[0], q[group[0]])
-                for x, k in zip(xs[1:], group[1:], strict=True):
-                    part = fast("fadd", part, fast("fmul", x, q[k]))
-                add_to(sums[j % 2], fast("fmul", part, sc))
-                if mn:  # sum(x * (scale q + min)) = scale sum(x q) + min sum(x)
-                    total = xs[0]
-                    for x in xs[1:]:
-                        total = fast("fadd", total, x)
-                    add_to(sums[2 + j % 2], fast("fmul", total, mn))
+            else:
+                for j, scale in enumerate(scales):
+                    group = range(j * size, (j + 1) * size)
+                    xs = [builder.load(at[k], align=4) for k in group]
+                    part = fast("fmul", xs[0], q[group[0]])
+                    for x, k in zip(xs[1:], group[1:], strict=True):
+                        part = fast("fadd", part, fast("fmul", x, q[k]))
+                    add_to(sums[j % 2], fast("fmul", part, splat(scale)))
+                # sum(x (scale q + min)) = scale sum(x q) + min sum(x): the caller sums x once per 32 values (a
+                # group with an offset is 32 values) for all the weight's rows; unpacking the groups' x again cost
+                # a third of Q4_K's time
+                g0 = builder.mul(loop.index, ir.Constant(_I64, len(scales)))
+                if isinstance(mins, ir.Value):  # one lane per group
+                    add_to(sums[2], fast("fmul", mins, _ir_load(builder, gp, g0, mins.type, 4)))
+                for j, m in enumerate(mins if isinstance(mins, list) else []):
+                    add_to(offsets, fast("fmul", m, _ir_load(builder, gp, _ir_at(builder, g0, j), ir.FloatType(), 4)))
         if not dot:
             return ir.Constant(ir.FloatType(), 0.0)
-        total = builder.load(sums[0])
-        for acc in sums[1:]:
-            total = fast("fadd", total, builder.load(acc))
-        out = builder.extract_element(total, ir.Constant(ir.IntType(32), 0))
-        for i in range(1, 8):
+        total = fast("fadd", fast("fadd", builder.load(sums[0]), builder.load(sums[1])), builder.load(sums[2]))
+        out = builder.load(offsets)
+        for i in range(8):
             out = fast("fadd", out, builder.extract_element(total, ir.Constant(ir.IntType(32), i)))
         return out
 
@@ -319,42 +338,57 @@ if numba is not None:
         (210, _unpack_q6_k),
     ]
 
-    def _row_kernel(dot: bool) -> Any:
-        """An intrinsic ``kernel(kind, f, row)`` over one row of blocks (uint8) of format number ``kind`` and a
-        float32 row ``f`` (both C-contiguous): with ``dot`` it returns f . row as float32; without, it writes the
-        row's values into ``f`` (prompts convert chunks of rows so, then multiply with BLAS) and returns 0. The
-        format is a switch in the IR, each case one format's loop, so callers name no format."""
+    def _row_codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
+        """``_row_ir`` for the format numbered ``args[0]``: a switch in the IR, each case one format's loop."""
+        f, row, *xsums = (
+            context.make_array(t)(context, builder, v) for t, v in zip(sig.args[1:], args[1:], strict=True)
+        )
+        fp = builder.bitcast(f.data, ir.FloatType().as_pointer())
+        rp = builder.bitcast(row.data, ir.IntType(8).as_pointer())
+        gp = builder.bitcast(xsums[0].data, ir.FloatType().as_pointer()) if xsums else None
+        nbytes = builder.extract_value(row.shape, 0)
+        result = cgutils.alloca_once(builder, ir.FloatType())  # type: ignore[no-untyped-call]
+        cases = [builder.append_basic_block(f"format{k}") for k in range(len(_UNPACKS))]
+        merge = builder.append_basic_block("formats_done")
+        switch = builder.switch(context.cast(builder, args[0], sig.args[0], types.int64), cases[-1])
+        for number, (block, (size, unpack)) in enumerate(zip(cases, _UNPACKS, strict=True)):
+            switch.add_case(ir.Constant(_I64, number), block)
+            builder.position_at_end(block)
+            builder.store(_row_ir(builder, fp, rp, gp, nbytes, size, unpack), result)
+            builder.branch(merge)
+        builder.position_at_end(merge)
+        return builder.load(result)
 
-        @intrinsic  # type: ignore[untyped-decorator]
-        def kernel(typingctx: Any, kind: Any, f: Any, row: Any) -> Any:
-            arrays = isinstance(f, types.Array) and isinstance(row, types.Array) and f.layout == row.layout == "C"
-            if not (arrays and isinstance(kind, types.Integer)):
-                raise errors.TypingError("row kernels take a format number and C-contiguous 1-D arrays")
+    def _check_row_args(kind: Any, *arrays: Any) -> None:
+        if not (
+            isinstance(kind, types.Integer) and all(isinstance(a, types.Array) and a.layout == "C" for a in arrays)
+        ):
+            raise errors.TypingError("row kernels take a format number and C-contiguous 1-D arrays")
 
-            def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
-                fs, rs = (
-                    context.make_array(t)(context, builder, v) for t, v in zip(sig.args[1:], args[1:], strict=True)
-                )
-                fp = builder.bitcast(fs.data, ir.FloatType().as_pointer())
-                rp = builder.bitcast(rs.data, ir.IntType(8).as_pointer())
-                nbytes = builder.extract_value(rs.shape, 0)
-                result = cgutils.alloca_once(builder, ir.FloatType())  # type: ignore[no-untyped-call]
-                cases = [builder.append_basic_block(f"format{k}") for k in range(len(_UNPACKS))]
-                merge = builder.append_basic_block("formats_done")
-                switch = builder.switch(context.cast(builder, args[0], sig.args[0], types.int64), cases[-1])
-                for number, (block, (size, unpack)) in enumerate(zip(cases, _UNPACKS, strict=True)):
-                    switch.add_case(ir.Constant(_I64, number), block)
-                    builder.position_at_end(block)
-                    builder.store(_row_ir(builder, fp, rp, nbytes, size, unpack, dot), result)
-                    builder.branch(merge)
-                builder.position_at_end(merge)
-                return builder.load(result)
+    @intrinsic  # type: ignore[untyped-decorator]
+    def _dot(typingctx: Any, kind: Any, f: Any, row: Any, xsums: Any) -> Any:
+        """f . row as float32 for a float32 row ``f`` and a row of blocks (uint8) of format number ``kind``;
+        ``xsums``: f summed over each run of 32 values (formats with offsets use it)."""
+        _check_row_args(kind, f, row, xsums)
+        return types.float32(kind, f, row, xsums), _row_codegen
 
-            return types.float32(kind, f, row), codegen
+    @intrinsic  # type: ignore[untyped-decorator]
+    def _vals(typingctx: Any, kind: Any, f: Any, row: Any) -> Any:
+        """A row of blocks of format number ``kind`` written into the float32 row ``f`` as values (prompts convert
+        chunks of rows so, then multiply with BLAS); returns 0."""
+        _check_row_args(kind, f, row)
+        return types.float32(kind, f, row), _row_codegen
 
-        return kernel
-
-    _dot, _vals = _row_kernel(dot=True), _row_kernel(dot=False)
+    @njit(cache=True, nogil=True)
+    def _sums32(x: Any) -> Any:  # x [T, K] -> [T, K // 32]: the sum of each run of 32 values
+        out = np.empty((x.shape[0], x.shape[1] // 32), np.float32)
+        for t in range(x.shape[0]):
+            for g in range(out.shape[1]):
+                acc = np.float32(0.0)
+                for k in range(32 * g, 32 * g + 32):
+                    acc += x[t, k]
+                out[t, g] = acc
+        return out
 
     @njit(parallel=True, cache=True, nogil=True)
     def _BLOCKS_ROWS(data: Any, kind: int, out: Any) -> None:  # rows of blocks -> out [N, K] float32
@@ -383,10 +417,11 @@ if numba is not None:
         @njit(parallel=parallel, cache=True, nogil=True)
         def blocks(x: Any, data: Any, kind: int, out: Any) -> None:  # kind: _BLOCKS's number of the format
             _ = parallel  # (by compile options alone, both twins would load one cached build)
+            xsums = _sums32(x)
             for n in prange(data.shape[0]):
                 row = data[n]
                 for t in range(x.shape[0]):
-                    out[t, n] = _dot(kind, x[t], row)
+                    out[t, n] = _dot(kind, x[t], row, xsums[t])
 
         return half, blocks
 
