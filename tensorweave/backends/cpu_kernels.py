@@ -146,6 +146,13 @@ if numba is not None:
     def _ir_lanes(builder: Any, v: Any, n: int) -> list[Any]:  # lanes 0..n-1 of vector v, each splat to <8 x float>
         return [builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(ir.IntType(32), 8), [j] * 8)) for j in range(n)]
 
+    def _ir_eights(builder: Any, v: Any) -> list[Any]:  # vector v in runs of 8 lanes
+        runs = range(0, v.type.count, 8)
+        return [
+            builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(ir.IntType(32), 8), list(range(k, k + 8))))
+            for k in runs
+        ]
+
     def _ir_f16(builder: Any, rp: Any, off: Any) -> Any:  # the little-endian float16 at byte ``off``, as float
         bits = _ir_load(builder, rp, off, ir.IntType(16), 1)
         return builder.fpext(builder.bitcast(bits, ir.HalfType()), ir.FloatType())
@@ -160,7 +167,8 @@ if numba is not None:
     # scale a group's partial sum once instead of every value, and take the offsets from the activations' sums
     # over 32 values (``_sums32``, once per call, not once per weight row). One core, a [2048, 768] weight times one
     # row: 156 -> 135 us for Q8_0, 291 -> 242 Q5_0, 294 -> 263 Q6_K by group scaling; then 236 -> 173 Q4_K, 207 ->
-    # 167 Q4_1, 281 -> 237 Q5_K by the offsets' sums and vector scales (F16 86, float32 BLAS 80-145).
+    # 167 Q4_1, 281 -> 237 Q5_K by the offsets' sums and vector scales; then 246 -> 200 Q6_K, 237 -> 188 Q5_K by
+    # doing the K-quants' bit work on 32 bytes at once (F16 86, float32 BLAS 80-145).
     Unpacked = tuple[list[Any], list[Any], Any]
 
     def _unpack_q8_0(builder: Any, rp: Any, off: Any) -> Unpacked:
@@ -207,12 +215,13 @@ if numba is not None:
         return builder.zext(_ir_load(builder, rp, _ir_at(builder, off, k), ir.IntType(8), 1), ir.IntType(32))
 
     def _ir_vbits(builder: Any, v: Any, shift: int, mask: int) -> Any:  # (v >> shift) & mask, lane-wise
-        return builder.and_(builder.lshr(v, ir.Constant(v.type, [shift] * 8)), ir.Constant(v.type, [mask] * 8))
+        n = v.type.count
+        return builder.and_(builder.lshr(v, ir.Constant(v.type, [shift] * n)), ir.Constant(v.type, [mask] * n))
 
     def _unpack_qk(five: bool) -> Callable[..., Unpacked]:
         """Q4_K (144 bytes) / Q5_K (176): d, dmin, 12 bytes of six-bit scales and mins, [qh 32 bytes,] 128 bytes
         of nibbles; sub-blocks 2i and 2i + 1 are the low and high nibbles of qs bytes 32i.., d * sc * q - dmin * m."""
-        i8x8, qs_at = ir.VectorType(ir.IntType(8), 8), 48 if five else 16
+        i8x8, i8x32, qs_at = ir.VectorType(ir.IntType(8), 8), ir.VectorType(ir.IntType(8), 32), 48 if five else 16
 
         def unpack(builder: Any, rp: Any, off: Any) -> Unpacked:
             d, dmin = _ir_f16(builder, rp, off), _ir_f16(builder, rp, _ir_at(builder, off, 2))
@@ -233,18 +242,17 @@ if numba is not None:
             m = builder.select(first, _ir_vbits(builder, b, 0, 63), builder.or_(_ir_vbits(builder, b, 4, 15), top_b))
             scales = _ir_lanes(builder, builder.fmul(builder.uitofp(sc, _V8F), _ir_splat(builder, d, _V8F)), 8)
             mins = builder.fneg(builder.fmul(builder.uitofp(m, _V8F), _ir_splat(builder, dmin, _V8F)))
-            values: list[Any] = [None] * 32
-            for i in range(4):
-                for lane in range(4):
-                    v = _ir_load(builder, rp, _ir_at(builder, off, qs_at + 32 * i + 8 * lane), i8x8, 1)
-                    qh = _ir_load(builder, rp, _ir_at(builder, off, 16 + 8 * lane), i8x8, 1) if five else None
-                    for part in range(2):  # low nibbles: sub-block 2i, high: 2i + 1
-                        j = 2 * i + part
-                        q = _ir_vbits(builder, v, 4 * part, 15)
-                        if qh is not None:
-                            high = _ir_vbits(builder, qh, j, 1)
-                            q = builder.or_(q, builder.shl(high, ir.Constant(i8x8, [4] * 8)))
-                        values[4 * j + lane] = builder.uitofp(q, _V8F)
+            values: list[Any] = []
+            qh = _ir_load(builder, rp, _ir_at(builder, off, 16), i8x32, 1) if five else None
+            for i in range(4):  # bit work on 32 bytes at once (a ymm), then 8 values at a time to float
+                v = _ir_load(builder, rp, _ir_at(builder, off, qs_at + 32 * i), i8x32, 1)
+                for part in range(2):  # low nibbles: sub-block 2i, high: 2i + 1
+                    q = _ir_vbits(builder, v, 4 * part, 15)
+                    if qh is not None:
+                        q = builder.or_(
+                            q, builder.shl(_ir_vbits(builder, qh, 2 * i + part, 1), ir.Constant(i8x32, [4] * 32))
+                        )
+                    values += [builder.uitofp(part8, _V8F) for part8 in _ir_eights(builder, q)]
             return values, scales, mins
 
         return unpack
@@ -252,20 +260,20 @@ if numba is not None:
     def _unpack_q6_k(builder: Any, rp: Any, off: Any) -> Unpacked:
         """Q6_K (210 bytes): ql 128, qh 64, 16 int8 scales, d; value 128h + 32g + l is d * sc[8h + 2g + l // 16] *
         (q - 32), q the nibble g // 2 of ql[64h + 32 (g % 2) + l] with bits 2g.. of qh[32h + l] above it."""
-        i8x8 = ir.VectorType(ir.IntType(8), 8)
+        i8x32 = ir.VectorType(ir.IntType(8), 32)
         d = _ir_f16(builder, rp, _ir_at(builder, off, 208))
         values: list[Any] = [None] * 32
-        for h in range(2):
-            for lane in range(4):  # l = 8 lane ..
-                qh = _ir_load(builder, rp, _ir_at(builder, off, 128 + 32 * h + 8 * lane), i8x8, 1)
-                for g in range(4):
-                    ql = _ir_load(builder, rp, _ir_at(builder, off, 64 * h + 32 * (g % 2) + 8 * lane), i8x8, 1)
-                    q = builder.or_(
-                        _ir_vbits(builder, ql, 4 * (g // 2), 15),
-                        builder.shl(_ir_vbits(builder, qh, 2 * g, 3), ir.Constant(i8x8, [4] * 8)),
-                    )
-                    q = builder.sub(q, ir.Constant(i8x8, [32] * 8))
-                    values[16 * h + 4 * g + lane] = builder.sitofp(q, _V8F)
+        for h in range(2):  # bit work on 32 bytes at once (a ymm), then 8 values at a time to float
+            qh = _ir_load(builder, rp, _ir_at(builder, off, 128 + 32 * h), i8x32, 1)
+            ql = [_ir_load(builder, rp, _ir_at(builder, off, 64 * h + 32 * p), i8x32, 1) for p in range(2)]
+            for g in range(4):
+                q = builder.or_(
+                    _ir_vbits(builder, ql[g % 2], 4 * (g // 2), 15),
+                    builder.shl(_ir_vbits(builder, qh, 2 * g, 3), ir.Constant(i8x32, [4] * 32)),
+                )
+                q = builder.sub(q, ir.Constant(i8x32, [32] * 32))
+                for lane, part8 in enumerate(_ir_eights(builder, q)):  # l = 8 lane ..
+                    values[16 * h + 4 * g + lane] = builder.sitofp(part8, _V8F)
         # vector i = 16h + 4g + lane is in group i // 2 = 8h + 2g + lane // 2: scale byte 192 + i // 2
         sc = _ir_load(builder, rp, _ir_at(builder, off, 192), ir.VectorType(ir.IntType(8), 16), 1)
         v16 = ir.VectorType(ir.FloatType(), 16)
