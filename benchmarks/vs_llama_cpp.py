@@ -31,24 +31,28 @@ the activations to F16 / Q8_0 for its dot products, so those differ more. The Q4
 bytes: right for speed, meaningless as a model.
 
 Measured on the 2-core development machine (AMD EPYC Zen 3, AVX2 + F16C), llama-cpp-python 0.3.36 (vendored
-llama.cpp: ggml 0.25.3, commit 0c1e570; OpenMP, REPACK), numba 0.68, default arguments (--threads 2), --runs 3, on a
-quiet moment, with tensorweave's IR dot-product kernels scaling per group and its kernels on numba's TBB layer
-(the runs before are kept below):
+llama.cpp: ggml 0.25.3, commit 0c1e570; OpenMP, REPACK), numba 0.68 on TBB, default arguments (--threads 2),
+--runs 5, on a quiet moment, with tensorweave's quantized kernels taking offsets from the activations' group sums,
+decoding K-quant scales in vector lanes and cutting nibbles after widening (the runs before are kept below):
 
     file    llama.cpp pp64  tensorweave pp64  pp64 x  llama.cpp tg32  tensorweave tg32  tg32 x  max |dlogit|  rel
-    F32     643.3           522.3             0.81    71.9            58.9              0.82    3.4e-03       8.7e-04
-    F16     732.8           571.9             0.78    123.0           88.1              0.72    5.4e-03       1.4e-03
-    Q8_0    645.2           459.2             0.71    180.4           107.9             0.60    1.4e-01       3.5e-02
-    Q4_K_M  839.2           537.6             0.64    238.1           82.7              0.35    9.1e-02       1.2e-02
+    F32     691.1           668.7             0.97    75.4            67.8              0.90    3.4e-03       8.7e-04
+    F16     802.0           595.0             0.74    124.4           95.0              0.76    5.4e-03       1.4e-03
+    Q8_0    680.4           551.7             0.81    194.6           119.2             0.61    1.4e-01       3.5e-02
+    Q4_K_M  796.6           500.9             0.63    246.4           111.6             0.45    9.1e-02       1.2e-02
 
+--threads 1 --runs 3: tg32 x 0.91 / 0.88 / 0.77 / 0.52, pp64 x 1.16 / 0.87 / 1.06 / 0.79 (llama.cpp tg 47 / 75 /
+117 / 151 t/s). llama.cpp's own ratios between formats bound what float32 activations can reach here: its F16
+decode is 1.65x its F32 (2 threads), its prompts 1.16x (F16), 0.98x (Q8_0) and 1.15x (Q4_K_M) its F32.
+Before that kernel work (TBB, --runs 3): tg32 x 0.82 / 0.72 / 0.60 / 0.35, pp64 x 0.81 / 0.78 / 0.71 / 0.64.
 With the IR kernels scaling every value, on OpenMP: tg32 x 0.83 / 0.74 / 0.56 / 0.30, pp64 x 0.99 / 0.63 / 0.80 / 0.76.
 Before the IR kernels (--runs 5): tg32 x 0.78 / 0.58 / 0.35 / 0.15 and pp64 x 0.91 / 0.69 / 0.61 / 0.55. The aim of
-issue 14, >= 0.5x llama.cpp at F32, F16 and Q8_0, holds for prompts and decode; Q4_K_M decode is at 0.35x. llama.cpp
-quantizes the activations and uses integer dot products (and repacks the Q4_K matrices as q4_K_8x8; Q8_0 is used as
-stored), while tensorweave keeps activations float32 and converts every weight to float32 in registers. F32 logits agree
-to 8.7e-4 of the largest logit with llama.cpp's float16 KV cache and to 7.3e-6 absolute with a float32 one: both engines
-read the file alike (Q/K row order, rope, norms). Q8_0's 3.5e-2 is llama.cpp's Q8_0 rounding of the activations, of the
-size of the weights' own rounding (Q8_0 against F32: 4.2e-2 in tensorweave, 5.6e-2 in llama.cpp).
+issue 14, >= 0.5x llama.cpp at F32, F16 and Q8_0, holds for prompts and decode; Q4_K_M decode is at 0.45x (0.52x on one
+thread). llama.cpp quantizes the activations and uses integer dot products (and repacks the Q4_K matrices as q4_K_8x8;
+Q8_0 is used as stored), while tensorweave keeps activations float32 and converts every weight to float32 in registers.
+F32 logits agree to 8.7e-4 of the largest logit with llama.cpp's float16 KV cache and to 7.3e-6 absolute with a float32
+one: both engines read the file alike (Q/K row order, rope, norms). Q8_0's 3.5e-2 is llama.cpp's Q8_0 rounding of the
+activations, of the size of the weights' own rounding (Q8_0 against F32: 4.2e-2 in tensorweave, 5.6e-2 in llama.cpp).
 
 On a loaded machine (other jobs taking a core) both engines' two-thread runs collapse at random moments (llama.cpp
 tg 3-40 t/s in single rounds, tensorweave's F32 pp through OpenBLAS 55 t/s), so medians of few rounds there are
