@@ -143,8 +143,11 @@ if numba is not None:
         mask = ir.Constant(ir.VectorType(ir.IntType(32), ty.count), [0] * ty.count)
         return builder.shuffle_vector(vec, ir.Constant(ty, ir.Undefined), mask)
 
-    def _ir_lanes(builder: Any, v: Any, n: int) -> list[Any]:  # lanes 0..n-1 of vector v, each splat to <8 x float>
-        return [builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(ir.IntType(32), 8), [j] * 8)) for j in range(n)]
+    def _ir_pick(builder: Any, v: Any, idx: Any) -> Any:  # lanes idx of vector v, as a vector of len(idx)
+        return builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(ir.IntType(32), len(idx)), list(idx)))
+
+    def _ir_lanes(builder: Any, v: Any, n: int) -> list[Any]:  # lanes 0..n-1 of vector v, each splat to 8 lanes
+        return [_ir_pick(builder, v, [j] * 8) for j in range(n)]
 
     def _ir_widen(builder: Any, rp: Any, off: Any) -> Any:
         """The 8 bytes at ``off`` as <8 x i32>. Nibbles are cut after widening: one widening (straight from memory)
@@ -155,11 +158,7 @@ if numba is not None:
         )
 
     def _ir_eights(builder: Any, v: Any) -> list[Any]:  # vector v in runs of 8 lanes
-        runs = range(0, v.type.count, 8)
-        return [
-            builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(ir.IntType(32), 8), list(range(k, k + 8))))
-            for k in runs
-        ]
+        return [_ir_pick(builder, v, range(k, k + 8)) for k in range(0, v.type.count, 8)]
 
     def _ir_f16(builder: Any, rp: Any, off: Any) -> Any:  # the little-endian float16 at byte ``off``, as float
         bits = _ir_load(builder, rp, off, ir.IntType(16), 1)
@@ -214,9 +213,6 @@ if numba is not None:
 
         return unpack
 
-    def _ir_byte(builder: Any, rp: Any, off: Any, k: int) -> Any:  # byte k of the block at ``off``, as i32
-        return builder.zext(_ir_load(builder, rp, _ir_at(builder, off, k), ir.IntType(8), 1), ir.IntType(32))
-
     def _ir_vbits(builder: Any, v: Any, shift: int, mask: int) -> Any:  # (v >> shift) & mask, lane-wise
         n = v.type.count
         return builder.and_(builder.lshr(v, ir.Constant(v.type, [shift] * n)), ir.Constant(v.type, [mask] * n))
@@ -231,7 +227,7 @@ if numba is not None:
             s = _ir_load(builder, rp, _ir_at(builder, off, 4), ir.VectorType(ir.IntType(8), 16), 1)  # 12 used
 
             def pick(*idx: int) -> Any:  # lane j: byte idx[j] of the scales
-                return builder.shuffle_vector(s, s, ir.Constant(ir.VectorType(ir.IntType(32), 8), list(idx)))
+                return _ir_pick(builder, s, idx)
 
             # ggml's get_scale_min_k4 for the 8 sub-blocks at once: j < 4 six bits of bytes j (scale) and j + 4
             # (min); j >= 4 the nibbles of byte j + 4 under the top two bits of bytes j - 4 (scale) and j (min)
@@ -332,7 +328,7 @@ if numba is not None:
                     add_to(sums[j % 2], fast("fmul", part, splat(scale)))
                 # sum(x (scale q + min)) = scale sum(x q) + min sum(x): the caller sums x once per 32 values (a
                 # group with an offset is 32 values) for all the weight's rows; unpacking the groups' x again cost
-                # a third of Q4_K's time
+                # a quarter of Q4_K's time
                 g0 = builder.mul(loop.index, ir.Constant(_I64, len(scales)))
                 if isinstance(mins, ir.Value):  # one lane per group
                     add_to(sums[2], fast("fmul", mins, _ir_load(builder, gp, g0, mins.type, 4)))
