@@ -7,8 +7,9 @@ It behaves like a strict GPU so placement bugs show up in CI instead of on someo
 - peer topology (``peer=all|none|ring|0-1,2-3``): copies between devices without enabled peer access are staged
   through host memory and counted in ``Device.stats``;
 - each device runs submitted work on a worker thread of its own, so devices progress concurrently;
-- weights held as float16, bfloat16 or Q8_0 multiply through compiled kernels (``cpu_kernels``, numba) that use
-  the same per-device thread count as BLAS; other formats run core's reference kernels;
+- weights held as float16, bfloat16 or any GGUF quant format it holds (Q8_0, Q4_0/1, Q5_0/1, Q4_K, Q5_K, Q6_K)
+  multiply through compiled kernels (``cpu_kernels``, numba) that use the same per-device thread count as BLAS;
+  float32 and float64 weights go to BLAS through core's reference kernels;
 - attention over a float16 or bfloat16 KV cache (``tw.load(cache_dtype=...)``) widens keys and values through the
   same compiled row conversion and runs core's kernel; over a float32 cache, a compiled decode step (both in
   ``cpu_kernels``);
